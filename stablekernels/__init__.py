@@ -1,0 +1,28 @@
+"""stablekernels: fused, numerically stable softmax, log-softmax and log-sum-exp for PyTorch.
+
+    import stablekernels as sk
+    sk.softmax(x, dim=-1)             sk.log_softmax(x, dim=-1)
+    sk.logsumexp(x, dim=-1)           sk.nn.Softmax(dim), sk.nn.LogSoftmax(dim)
+    sk.available_backends()           with sk.use_backend("torch"): ...
+    sk.naive.softmax(x)               the unstable textbook formula, for comparison
+
+The ops are ``torch.ops.stablekernels.*`` custom ops with autograd and fake kernels, so they
+work under ``torch.compile(fullgraph=True)``.
+"""
+
+from . import naive, nn
+from ._api import available_backends, log_softmax, logsumexp, softmax, use_backend
+from .backends import BackendUnavailableError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "log_softmax",
+    "logsumexp",
+    "naive",
+    "nn",
+    "softmax",
+    "use_backend",
+]

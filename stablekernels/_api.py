@@ -1,0 +1,211 @@
+"""The public functions: argument checks, dtype rules, dim handling and backend choice.
+
+Each function checks its arguments the way torch does (same exception types), turns them into
+the arguments of one custom op of :mod:`stablekernels._library`, and picks the backend:
+
+1. ``backend=`` given to the call;
+2. else the innermost :func:`use_backend` block of this thread;
+3. else the ``STABLEKERNELS_BACKEND`` environment variable (read when stablekernels is
+   imported);
+4. else automatically from the tensor's device: CUDA -> cuda, triton, torch;
+   CPU -> cpp, torch; any other device -> torch (the first that can serve it).
+
+A backend named by 1-3 that cannot serve the call raises
+:class:`~stablekernels.BackendUnavailableError` naming the backend, the device and the
+reason; only the automatic choice falls back, silently. An unknown name raises ValueError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from . import backends
+from ._library import check_floating, ops, wrap_dim
+
+_overrides = threading.local()
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine (on at least one of its devices),
+    e.g. ``['torch']`` or ``['cpp', 'cuda', 'triton', 'torch']``."""
+    return backends.available_backends()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every stablekernels call of this thread inside the block on backend ``name``
+    (unless the call names its own ``backend=``). Blocks nest; the innermost wins.
+
+    Raises ValueError at once for an unknown name; a known backend that cannot serve a call
+    raises BackendUnavailableError at that call.
+    """
+    backends.get_backend(name)
+    stack = getattr(_overrides, "stack", None)
+    if stack is None:
+        stack = _overrides.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The name of the backend that runs a call on ``device`` (rules in the module doc)."""
+    name = backend
+    if name is None:
+        stack = getattr(_overrides, "stack", None)
+        name = stack[-1] if stack else None
+    if name is None and backends.ENV_BACKEND is not None:
+        name = backends.ENV_BACKEND
+        if name not in backends.BACKENDS:
+            raise ValueError(
+                f"{backends.ENV_VAR}={name!r} names no stablekernels backend; known backends: "
+                f"{', '.join(backends.BACKENDS)}"
+            )
+    if name is None:
+        return backends.automatic_backend(device)
+    backends.check_serves(name, device)
+    return name
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_tensor(op: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}(): argument 'input' must be Tensor, not {type(x).__name__}")
+    if x.is_complex():
+        raise NotImplementedError(f"{op}(): complex input ({x.dtype}) is not supported")
+    return x
+
+
+def _check_int(op: str, name: str, value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{op}(): argument '{name}' must be int, not {type(value).__name__}"
+        ) from None
+
+
+def _check_dtype(op: str, dtype) -> torch.dtype | None:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{op}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
+    if dtype is not None:
+        check_floating(op, "the requested dtype", dtype)
+    return dtype
+
+
+def _softmax_inputs(op: str, x, dim, dtype):
+    x = _check_tensor(op, x)
+    dim = _check_int(op, "dim", dim)
+    dtype = _check_dtype(op, dtype)
+    if not x.is_floating_point():
+        if dtype is None:
+            # torch raises NotImplementedError (a RuntimeError) here too.
+            raise NotImplementedError(
+                f"{op}(): input of dtype {x.dtype} needs dtype= set to a floating dtype"
+            )
+        # Integers become the requested dtype first, as torch's dtype= does.
+        x, dtype = x.to(dtype), None
+    return x, dim, dtype
+
+
+# ----------------------------------------------------------------------------------------
+# Public functions.
+
+
+def softmax(
+    x: torch.Tensor,
+    dim: int = -1,
+    *,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Softmax of ``x`` along ``dim``: ``exp(x_j - max) / (1 + s')`` with
+    ``s' = sum_{i != argmax} exp(x_i - max)``.
+
+    Shapes: any (0-dim included); the output has x's shape and is contiguous.
+    Dtypes: float16/bfloat16/float32/float64 in; the output has ``dtype`` if given (the
+    input is read in its own dtype and rounded once to ``dtype``), else x's dtype. Integer
+    inputs need ``dtype=``. Halves are computed in fp32, fp64 in fp64.
+    Guarantees: never overflows (softmax([1000, 1000]) is [0.5, 0.5]); special values as
+    torch (a row with +inf or NaN is all NaN; all -inf is all NaN); each row independent.
+    Differentiable twice.
+    """
+    x, dim, dtype = _softmax_inputs("softmax", x, dim, dtype)
+    return ops.softmax(x, dim, dtype, resolve_backend(backend, x.device))
+
+
+def log_softmax(
+    x: torch.Tensor,
+    dim: int = -1,
+    *,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Log-softmax of ``x`` along ``dim``: ``(x_j - max) - log1p(s')``.
+
+    Shapes, dtypes and special values as :func:`softmax`. The log1p form keeps entries
+    near 0 accurate to relative precision: ``log_softmax([0., -20.])[0]`` is
+    -2.0611536e-09, where ``log(sum(exp))`` gives 0. Differentiable twice.
+    """
+    x, dim, dtype = _softmax_inputs("log_softmax", x, dim, dtype)
+    return ops.log_softmax(x, dim, dtype, resolve_backend(backend, x.device))
+
+
+def _reduce_dims(x: torch.Tensor, dim) -> tuple[int, ...]:
+    """``dim`` (int or sequence of ints) as sorted, wrapped, distinct dims of ``x``."""
+    if isinstance(dim, Sequence) and not isinstance(dim, str):
+        raw = [_check_int("logsumexp", "dim", d) for d in dim]
+    else:
+        raw = [_check_int("logsumexp", "dim", dim)]
+    wrapped = [wrap_dim("logsumexp", d, x.dim()) for d in raw]
+    for i, d in enumerate(wrapped):
+        if d in wrapped[:i]:
+            raise RuntimeError(f"logsumexp(): dim {d} appears multiple times in the list of dims")
+    return tuple(sorted(wrapped))
+
+
+def logsumexp(
+    x: torch.Tensor,
+    dim: int | Sequence[int] = -1,
+    keepdim: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``log(sum(exp(x)))`` over ``dim`` (an int or a tuple of ints), as ``max + log1p(s')``.
+
+    Shapes: reduced dims removed, or kept as size 1 with ``keepdim=True``; an empty reduced
+    dim gives -inf. Dtypes: the output has x's dtype (integer and bool inputs give the
+    default float dtype, as torch); halves are accumulated in fp32 and rounded once, so a
+    float16 row of 70000 zeros gives log(70000) = 11.16, not inf. Special values as torch:
+    all -inf -> -inf, any +inf -> +inf, any NaN -> NaN. Differentiable twice.
+    """
+    x = _check_tensor("logsumexp", x)
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    keepdim = bool(keepdim)
+    dims = _reduce_dims(x, dim)
+    name = resolve_backend(backend, x.device)
+    if len(dims) == 1 or x.dim() == 0:
+        return ops.logsumexp(x, dims[0] if dims else 0, keepdim, name)
+    if not dims:
+        # torch.logsumexp rejects an empty dim list on a tensor with dims, as do we.
+        raise RuntimeError(
+            f"logsumexp(): dim=() reduces nothing on a {x.dim()}-dim tensor; name the dims"
+        )
+    # Several dims: move them last and flatten them into one row (a view when x allows).
+    kept = [d for d in range(x.dim()) if d not in dims]
+    rows = x.permute(*kept, *dims).flatten(start_dim=len(kept))
+    result = ops.logsumexp(rows, -1, False, name)
+    if keepdim:
+        result = result.reshape([1 if d in dims else n for d, n in enumerate(x.shape)])
+    return result

@@ -1,0 +1,121 @@
+"""Wall-clock timing of a callable on CPU or GPU, and a one-line progress display.
+
+Used by the demo and by the benchmark suite. CPU: the callable runs ``warmup`` times
+untimed, then is timed call by call. CUDA: each call is timed with CUDA events after an L2
+flush (a write of a buffer larger than the cache), so every call reads from memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median and the 20th/80th percentiles over ``samples`` calls."""
+
+    median: float
+    p20: float
+    p80: float
+    samples: int
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def summarize(seconds: list[float]) -> Timing:
+    values = sorted(seconds)
+    return Timing(
+        statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values)
+    )
+
+
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    buffer = _L2_FLUSH.get(device)
+    if buffer is None:
+        # 256 MiB: larger than the L2 of any current GPU (H100: 50 MiB).
+        buffer = _L2_FLUSH[device] = torch.empty(64 * 2**20, dtype=torch.int32, device=device)
+    buffer.zero_()
+
+
+def _time_cpu_call(fn: Callable[[], object], device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _time_cuda_call(fn: Callable[[], object], device: torch.device) -> float:
+    _flush_l2(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device | str = "cpu",
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_seconds: float = 0.0,
+    max_seconds: float = 2.0,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then timed calls until there are ``repeats``
+    of them and ``min_seconds`` have passed, or ``max_seconds`` have passed (with at least
+    3 samples)."""
+    device = torch.device(device)
+    time_call = _time_cuda_call if device.type == "cuda" else _time_cpu_call
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while True:
+        samples.append(time_call(fn, device))
+        elapsed = time.perf_counter() - start
+        if len(samples) >= repeats and elapsed >= min_seconds:
+            break
+        if elapsed >= max_seconds and len(samples) >= 3:
+            break
+    return summarize(samples)
+
+
+class Progress:
+    """``[ 3/12] label`` rewritten in place on stderr while work goes on; erased by
+    :meth:`close`. On a stream that is not a terminal it prints one line per step."""
+
+    def __init__(self, total: int, stream=None) -> None:
+        self.total, self.done = total, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self._width = 0
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        line = f"[{self.done:>{len(str(self.total))}}/{self.total}] {label}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = max(self._width, len(line))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
