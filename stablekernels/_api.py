@@ -196,7 +196,7 @@ def logsumexp(
     dims = _reduce_dims(x, dim)
     name = resolve_backend(backend, x.device)
     if len(dims) == 1 or x.dim() == 0:
-        return ops.logsumexp(x, dims[0] if dims else 0, keepdim, name)
+        return ops.logsumexp(x, dims[0] if dims else 0, keepdim, name)[0]
     if not dims:
         # torch.logsumexp rejects an empty dim list on a tensor with dims, as do we.
         raise RuntimeError(
@@ -205,7 +205,7 @@ def logsumexp(
     # Several dims: move them last and flatten them into one row (a view when x allows).
     kept = [d for d in range(x.dim()) if d not in dims]
     rows = x.permute(*kept, *dims).flatten(start_dim=len(kept))
-    result = ops.logsumexp(rows, -1, False, name)
+    result = ops.logsumexp(rows, -1, False, name)[0]
     if keepdim:
         result = result.reshape([1 if d in dims else n for d, n in enumerate(x.shape)])
     return result

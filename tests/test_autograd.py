@@ -102,3 +102,16 @@ def test_gradients_of_modules(backend):
     expected = -torch.softmax(x.detach(), 1)
     expected[:, 0] += 1
     torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logsumexp_gradient_uses_the_unrounded_lse(backend, dtype):
+    # dx = dy * exp(x - lse): an lse rounded to the half dtype (ulp 0.5 at 100 in bf16)
+    # would put its rounding error into every gradient entry; the backward uses the fp32
+    # lse, so only the final rounding of dx remains.
+    x = (torch.randn(8, 300, dtype=torch.float64) * 3 + 100).to(dtype)
+    dy = torch.randn(8, dtype=torch.float64).to(dtype)
+    ours = _grad(_fn("logsumexp", backend, 1), x, dy)
+    ref = reference.backward("logsumexp", x, dy, 1)
+    err = ((ours.double() - ref).abs() / ref.abs().clamp(min=torch.finfo(dtype).tiny)).max()
+    assert err.item() <= eps(dtype)

@@ -5,7 +5,7 @@ A backend is a module of six kernel functions with the signatures of
 :mod:`stablekernels.backends.torch_ref`::
 
     softmax(x, dim, out_dtype)             log_softmax(x, dim, out_dtype)
-    logsumexp(x, dim, keepdim)
+    logsumexp(x, dim, keepdim) -> (out in x.dtype, lse in the accumulation dtype)
     softmax_backward(grad, output, dim, input_dtype)
     log_softmax_backward(grad, output, dim, input_dtype)
     logsumexp_backward(grad, x, result, dim, keepdim)

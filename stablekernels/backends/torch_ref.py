@@ -78,8 +78,8 @@ def log_softmax(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> torch.Tens
     return torch.sub(_nan_where_max_not_finite(shifted, m), s.log1p_(), out=out)
 
 
-def logsumexp(x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
-    """logsumexp = max + log1p(s'), in x.dtype."""
+def logsumexp(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp = max + log1p(s'): returned in x.dtype, and in the accumulation dtype."""
     xf = x.to(accumulation_dtype(x.dtype))
     m, _, _, s = _row_stats(xf, dim)
     lse = m + s.log1p_()
@@ -90,7 +90,8 @@ def logsumexp(x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
         lse = torch.where(infinite, m, lse)
     if not keepdim:
         lse = lse.squeeze(dim)
-    return lse.to(x.dtype).contiguous()
+    lse = lse.contiguous()
+    return lse.to(x.dtype, copy=True), lse
 
 
 def softmax_backward(
