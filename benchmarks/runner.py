@@ -1,0 +1,283 @@
+"""How it is measured: the roofs, timed calls with cold inputs, first-call (compile) time,
+peak memory, and the correctness of every output.
+
+Timing: the first call of each provider and case is timed on its own and reported as
+``first_call_s`` (torch.compile and Triton compile there); more warm-up calls follow; then
+the median with p20/p80 of the timed calls. CPU: inputs smaller than four times the last-level
+cache are rotated among copies, so every call reads from memory. GPU: CUDA events, with the
+L2 cache flushed before every call (stablekernels._timing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+
+from stablekernels import _timing
+
+from .cases import Case, check, make_grad, make_input, reference
+from .providers import Provider
+
+
+@dataclass
+class Row:
+    """One line of the results."""
+
+    op: str
+    direction: str
+    shape: str
+    dim: int
+    n: int
+    rows: int
+    dtype: str
+    provider: str
+    median_us: float = math.nan
+    p20_us: float = math.nan
+    p80_us: float = math.nan
+    gbs: float = math.nan
+    roof_gbs: float = math.nan
+    roof_fraction: float = math.nan
+    speedup_vs_torch: float = math.nan
+    first_call_s: float = math.nan
+    peak_mem_mib: float = math.nan
+    correct: bool | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Roofs:
+    """Measured bandwidths in bytes/s: a large device copy (read + write) and a large
+    read-only reduction."""
+
+    copy: float
+    read: float
+
+
+@dataclass
+class RoofLog:
+    """Every roof measured in a run: one pair per case, since a shared machine's bandwidth
+    drifts over minutes and each case is compared with the roof measured just before it."""
+
+    measured: list[Roofs]
+
+    def summary(self) -> Roofs:
+        """The median of each roof over the run."""
+        copies = sorted(r.copy for r in self.measured)
+        reads = sorted(r.read for r in self.measured)
+        return Roofs(copies[len(copies) // 2], reads[len(reads) // 2])
+
+    def span(self) -> str:
+        copies = [r.copy / 1e9 for r in self.measured]
+        reads = [r.read / 1e9 for r in self.measured]
+        return (
+            f"copy {min(copies):,.1f}-{max(copies):,.1f} GB/s, "
+            f"read {min(reads):,.1f}-{max(reads):,.1f} GB/s, {len(copies)} measurements"
+        )
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (from sysfs), or 32 MiB when unknown."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for entry in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 * 2**20)
+
+
+def measure_roofs(device: torch.device, repeats: int) -> Roofs:
+    """Copy and read bandwidth over a buffer far larger than any cache."""
+    elements = 2**28 if device.type == "cuda" else 2**25  # 1 GiB / 128 MiB of fp32
+    src = torch.randn(elements, device=device)
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * src.element_size()
+    copy = _timing.measure(lambda: dst.copy_(src), device, repeats=repeats)
+    read = _timing.measure(lambda: src.sum(), device, repeats=repeats)
+    return Roofs(copy=2 * nbytes / copy.median, read=nbytes / read.median)
+
+
+def copies_for_cold_cache(case: Case, device: torch.device) -> int:
+    """How many input copies to rotate through so each call misses the caches: enough to
+    cycle through four times the last-level cache (twice was not enough on a VM whose
+    reported L3 is smaller than what it can hit)."""
+    if device.type != "cpu":
+        return 1
+    need = 4 * last_level_cache_bytes()
+    return max(1, min(64, math.ceil(need / max(1, case.bytes_moved()))))
+
+
+def timed_callable(case: Case, forward, x: torch.Tensor, dy: torch.Tensor, copies: int):
+    """The function to time: forward on x, or the backward alone (autograd.grad of a kept
+    graph, as a training step runs it), rotating among ``copies`` inputs."""
+    if case.direction == "forward":
+        inputs = [x] + [x.clone() for _ in range(copies - 1)]
+        state = {"i": 0}
+
+        def call():
+            state["i"] = (state["i"] + 1) % copies
+            return forward(inputs[state["i"]])
+
+        return call
+    graphs = []
+    for i in range(copies):
+        leaf = (x if i == 0 else x.clone()).detach().requires_grad_()
+        graphs.append((forward(leaf), leaf, dy if i == 0 else dy.clone()))
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % copies
+        out, leaf, grad = graphs[state["i"]]
+        return torch.autograd.grad(out, leaf, grad, retain_graph=True)[0]
+
+    return call
+
+
+def run_once(case: Case, forward, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    if case.direction == "forward":
+        return forward(x)
+    leaf = x.detach().requires_grad_()  # shares x's storage: no copy counted
+    return torch.autograd.grad(forward(leaf), leaf, dy)[0]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2: the profiler's C++ side logs every start and stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_bytes(fn, device: torch.device) -> float:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before (the
+    outputs included). CUDA: the caching allocator's statistics. CPU: the profiler's memory
+    events (every tensor allocation and free), summed in time order."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return float(peak)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return float(peak)
+
+
+def measure_case(
+    case: Case, provider: Provider, device: torch.device, x, dy, ref, repeats: int, warmup: int
+) -> Row:
+    row = Row(
+        case.op,
+        case.direction,
+        case.shape_label,
+        case.dim,
+        case.n,
+        case.rows,
+        str(case.dtype).removeprefix("torch."),
+        provider.name,
+    )
+    try:
+        forward = provider.forward(case.op, case.dim)
+        start = time.perf_counter()
+        out = run_once(case, forward, x, dy)
+        _synchronize(device)
+        row.first_call_s = time.perf_counter() - start
+        row.correct, row.note = check(case, out, ref)
+        del out
+        row.peak_mem_mib = peak_memory_bytes(lambda: run_once(case, forward, x, dy), device) / 2**20
+        call = timed_callable(case, forward, x, dy, copies_for_cold_cache(case, device))
+        timing = _timing.measure(call, device, warmup=warmup, repeats=repeats)
+        row.median_us, row.p20_us, row.p80_us = (
+            timing.median * 1e6,
+            timing.p20 * 1e6,
+            timing.p80 * 1e6,
+        )
+        row.gbs = case.bytes_moved() / timing.median / 1e9
+    except Exception as exc:  # a provider failing on a case is a result, not a crash
+        row.correct = False
+        row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        if os.environ.get("STABLEKERNELS_BENCH_DEBUG"):
+            traceback.print_exc()
+    return row
+
+
+def run(
+    cases: list[Case],
+    providers: list[Provider],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup: int,
+    progress: _timing.Progress | None = None,
+) -> tuple[list[Row], RoofLog]:
+    """Measure every case with every provider that serves it; returns the rows and the
+    roofs measured in the same run, one pair just before each case."""
+    log = RoofLog([])
+    rows: list[Row] = []
+    for case in cases:
+        roofs = measure_roofs(device, repeats)
+        log.measured.append(roofs)
+        x = make_input(case, device)
+        dy = make_grad(case, device) if case.direction == "backward" else None
+        ref = reference(case, x, dy)
+        case_rows = []
+        for provider in providers:
+            if not provider.serves(case.op, case.shape, case.dim, device.type):
+                continue
+            if progress is not None:
+                progress.step(f"{case.label} {provider.name}")
+            case_rows.append(measure_case(case, provider, device, x, dy, ref, repeats, warmup))
+        roof = roofs.read if case.read_only else roofs.copy
+        eager = next((r for r in case_rows if r.provider == "torch"), None)
+        for r in case_rows:
+            r.roof_gbs = roof / 1e9
+            r.roof_fraction = r.gbs * 1e9 / roof
+            if eager is not None and eager.median_us > 0:
+                r.speedup_vs_torch = eager.median_us / r.median_us
+        rows.extend(case_rows)
+        del x, dy, ref
+    return rows, log
+
+
+def count_steps(cases: list[Case], providers: list[Provider], device: torch.device) -> int:
+    return sum(p.serves(c.op, c.shape, c.dim, device.type) for c in cases for p in providers)
