@@ -18,8 +18,8 @@ import stablekernels as sk
 from . import reference
 from .conftest import FLOAT_DTYPES, eps, lse_error, rel_error, softmax_condition
 
-# (shape, dim): 1-D, ragged N around powers of two, more than 64k columns, 3-D along
-# every dim.
+# (shape, dim): 1-D, ragged N around powers of two, more than 64k columns (several chunks
+# of the CPU kernels; one row split across threads), 3-D along every dim.
 SHAPES = [
     ((1,), 0),
     ((7,), -1),
@@ -27,6 +27,7 @@ SHAPES = [
     ((3, 1025), 1),
     ((2, 4097), -1),
     ((2, 70000), -1),
+    ((1, 300000), -1),  # one long row: split across threads, merged
     ((3, 5, 33), 0),
     ((3, 5, 33), 1),
     ((3, 5, 33), 2),
@@ -188,6 +189,8 @@ def _layouts():
         "strided": base[:, ::3],
         "expanded": base[:1].expand(5, 40),
         "sliced": base[2:6, 5:37],
+        "row_slice": base[:, :31],
+        "batched_row_slice": torch.randn(3, 4, 40)[:, :, 3:33],
         "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
     }
 
@@ -199,7 +202,7 @@ def test_non_contiguous_inputs(backend, layout, dim):
     for name in ("softmax", "log_softmax", "logsumexp"):
         ours = getattr(sk, name)(x, dim, backend=backend)
         theirs = getattr(torch, name)(x, dim)
-        assert ours.is_contiguous()
+        assert ours.is_contiguous() and theirs.is_contiguous()
         torch.testing.assert_close(ours, theirs)
 
 

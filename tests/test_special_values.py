@@ -102,3 +102,31 @@ def test_single_element_rows(backend):
     poison_compare(sk.softmax(x, 1, backend=backend), torch.ones(5, 1))
     poison_compare(sk.log_softmax(x, 1, backend=backend), torch.zeros(5, 1))
     poison_compare(sk.logsumexp(x, 1, backend=backend), x[:, 0])
+
+
+def _long_row(n=300000):
+    return torch.randn(n) * 3
+
+
+LONG_ROW_CASES = {
+    # Special values far apart in long rows land in different chunks and, for a single row,
+    # in segments computed by different threads.
+    "+inf late": lambda r: r.index_fill_(0, torch.tensor([250000]), INF),
+    "nan late": lambda r: r.index_fill_(0, torch.tensor([299999]), NAN),
+    "-inf early half": lambda r: r.index_fill_(0, torch.arange(0, 150000), -INF),
+    "all -inf": lambda r: r.fill_(-INF),
+    "max in the last chunk": lambda r: r.index_fill_(0, torch.tensor([299990]), 50.0),
+    "ties across chunks": lambda r: r.index_fill_(0, torch.tensor([5, 100000, 290000]), 40.0),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG_ROW_CASES))
+@pytest.mark.parametrize("rows", [1, 3])
+def test_special_values_in_long_rows(backend, case, rows):
+    x = torch.stack([LONG_ROW_CASES[case](_long_row()) for _ in range(rows)])
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        ours = getattr(sk, name)(x, -1, backend=backend)
+        theirs = getattr(torch, name)(x.double(), -1).float()
+        torch.testing.assert_close(
+            ours, theirs, equal_nan=True, atol=1e-6, rtol=1e-5, msg=f"{name} {case}"
+        )

@@ -5,7 +5,7 @@ A backend is a module of six kernel functions with the signatures of
 :mod:`stablekernels.backends.torch_ref`::
 
     softmax(x, dim, out_dtype)             log_softmax(x, dim, out_dtype)
-    logsumexp(x, dim, keepdim) -> (out in x.dtype, lse in the accumulation dtype)
+    logsumexp(x, dim, keepdim) -> (out in x.dtype, the same in float64)
     softmax_backward(grad, output, dim, input_dtype)
     log_softmax_backward(grad, output, dim, input_dtype)
     logsumexp_backward(grad, x, result, dim, keepdim)
@@ -39,16 +39,28 @@ class BackendUnavailableError(RuntimeError):
 def _probe_extension() -> str | None:
     """None if ``stablekernels._C`` is importable, else why not."""
     if importlib.util.find_spec("stablekernels._C") is None:
-        return "stablekernels._C is not built (this version ships no C++/CUDA kernels yet)"
+        return (
+            "stablekernels._C is not built (install with `pip install --no-build-isolation .`; "
+            "STABLEKERNELS_NO_EXTENSION=1 skips it)"
+        )
     try:
         importlib.import_module("stablekernels._C")
     except ImportError as exc:  # built against another torch, missing symbols, ...
-        return f"the compiled extension stablekernels._C failed to import: {exc}"
+        return f"stablekernels._C failed to import: {exc}"
     return None
 
 
 _EXTENSION_PROBLEM = _probe_extension()
 _CUDA_PRESENT = torch.cuda.is_available()
+
+
+def _extension_has_kernels(dispatch_key: str) -> bool:
+    return _EXTENSION_PROBLEM is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "stablekernels::fused_softmax", dispatch_key
+    )
+
+
+_EXTENSION_HAS_CUDA = _extension_has_kernels("CUDA")
 
 
 def _serves_any_device(device_type: str) -> str | None:
@@ -66,7 +78,9 @@ def _cuda_reason(device_type: str) -> str | None:
         return "the cuda backend runs CUDA tensors only"
     if _EXTENSION_PROBLEM is not None:
         return _EXTENSION_PROBLEM
-    return "this build of stablekernels._C has no CUDA kernels"
+    if not _EXTENSION_HAS_CUDA:
+        return "this build of stablekernels._C has no CUDA kernels (built without CUDA)"
+    return None
 
 
 def _triton_reason(device_type: str) -> str | None:
@@ -116,14 +130,14 @@ BACKENDS: dict[str, Backend] = {
             "cpp",
             "C++ kernels in stablekernels._C, CPU tensors",
             "cpu",
-            "stablekernels.backends.cpp",
+            "stablekernels.backends.extension",
             _cpp_reason,
         ),
         Backend(
             "cuda",
             "CUDA kernels in stablekernels._C, CUDA tensors",
             "cuda",
-            "stablekernels.backends.cuda",
+            "stablekernels.backends.extension",
             _cuda_reason,
         ),
         Backend(

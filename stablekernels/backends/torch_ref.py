@@ -17,7 +17,7 @@ relative precision when s' is tiny ([0, -20] gives -2.0611536e-09, not 0): s' is
 with the argmax term zeroed, never as sum(exp) - 1, which would cancel.
 
 Inputs of fp16/bf16/fp32 are computed in fp32, fp64 in fp64, and rounded once to the output
-dtype. Every kernel here returns a new contiguous tensor. Callers (``_library``) guarantee
+dtype. Every kernel returns a new contiguous tensor. Callers (``_library``) guarantee
 a floating input with at least one dimension, no zero-size dimension, and a wrapped ``dim``.
 """
 
@@ -79,15 +79,15 @@ def log_softmax(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> torch.Tens
 
 
 def logsumexp(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """logsumexp = max + log1p(s'): returned in x.dtype, and in the accumulation dtype."""
+    """logsumexp = max + log1p(s'): returned in x.dtype, and in float64 (for the backward)."""
     xf = x.to(accumulation_dtype(x.dtype))
     m, _, _, s = _row_stats(xf, dim)
-    lse = m + s.log1p_()
+    lse = m.double() + torch.log1p(s.double())
     # Rows with an infinite max: torch gives -inf (all -inf) and +inf (any +inf, no NaN);
     # here s' is NaN on them. A NaN max stays NaN.
     infinite = m.isinf()
     if infinite.any():
-        lse = torch.where(infinite, m, lse)
+        lse = torch.where(infinite, m.double(), lse)
     if not keepdim:
         lse = lse.squeeze(dim)
     lse = lse.contiguous()
@@ -119,10 +119,18 @@ def log_softmax_backward(
 def logsumexp_backward(
     grad: torch.Tensor, x: torch.Tensor, result: torch.Tensor, dim: int, keepdim: bool
 ) -> torch.Tensor:
-    """dx = dy * exp(x - lse), dy and lse broadcast along ``dim``; returned in x.dtype."""
-    acc = accumulation_dtype(grad.dtype, x.dtype, result.dtype)
-    g, lse = grad.to(acc), result.to(acc)
+    """dx = dy * exp(x - lse), dy and lse broadcast along ``dim``; returned in x.dtype.
+
+    ``result`` is the float64 lse. It is split into hi + lo in the accumulation dtype, and
+    x - lse taken as (x - hi) - lo: x - hi is exact for the entries near lse (the ones whose
+    gradient is not negligible), so exp(x - lse) keeps its precision at any offset.
+    """
+    acc = accumulation_dtype(grad.dtype, x.dtype)
+    g = grad.to(acc)
+    lse = result.double()
+    hi = lse.to(acc)
+    lo = torch.where(lse.isfinite(), lse - hi.double(), 0.0).to(acc)
     if not keepdim:
-        g, lse = g.unsqueeze(dim), lse.unsqueeze(dim)
+        g, hi, lo = g.unsqueeze(dim), hi.unsqueeze(dim), lo.unsqueeze(dim)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return torch.mul(g, torch.exp(x.to(acc) - lse), out=out)
+    return torch.mul(g, torch.exp((x.to(acc) - hi) - lo), out=out)

@@ -1,0 +1,792 @@
+// The CPU kernels, written once and compiled once per CPU capability: kernels_default.cpp,
+// kernels_avx2.cpp and kernels_avx512.cpp include this file with SK_CAPABILITY_NAMESPACE
+// set and the capability's compiler flags and CPU_CAPABILITY macros, so at::vec::Vectorized
+// is 128/256/512 bits wide in each (as in ATen's own kernels).
+//
+// Numerics (see stablekernels/online_softmax.h): a row is processed in chunks of kChunk
+// elements. Per chunk, pass 1 takes the max m and where it is, pass 2 (the chunk is still in
+// L1/L2) sums exp(x - m) over the chunk with that one max term left out, in fp32 blocks of
+// kBlock vectors added into a double: the chunk's (m, s'), with no cancellation. Chunk
+// states merge by the rule of the header, in double. So the row is read from memory once
+// for its statistics, and s' carries the error of short fp32 sums only. Outputs are
+// exp(x_j - m) / (1 + s') by division, or (x_j - m) - log1p(s'). A row of one chunk keeps
+// the exps of pass 2 (in the output when it is fp32/fp64, else in a per-thread buffer) and
+// divides them in place; longer rows compute them again in the write pass. Halves are read
+// as fp32 and rounded once on store; fp64 is computed in fp64.
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <stablekernels/online_softmax.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+
+#ifndef SK_CAPABILITY_NAMESPACE
+#error "define SK_CAPABILITY_NAMESPACE before including kernels_impl.h"
+#endif
+
+namespace stablekernels::cpu::SK_CAPABILITY_NAMESPACE {
+namespace {
+
+using at::vec::Vectorized;
+using c10::BFloat16;
+using c10::Half;
+
+constexpr int64_t kChunk = 16384;          // elements per chunk of the row statistics
+constexpr int64_t kLaneChunk = 1024;       // rows steps per chunk in the strided kernels
+constexpr int64_t kBlock = 16;             // vectors summed in fp32 before joining the double
+constexpr int64_t kGrainElements = 32768;  // at least this many elements per parallel task
+constexpr int64_t kSplitMin = 65536;       // shortest segment of a row split across threads
+
+using State = RowState<double>;
+
+template <typename T>
+constexpr bool kIsDouble = std::is_same_v<T, double>;
+
+// The accumulation type of a kernel reading T and writing U: fp64 if either is fp64.
+template <typename T, typename U = T>
+using acc_of = std::conditional_t<kIsDouble<T> || kIsDouble<U>, double, float>;
+
+template <typename acc_t>
+acc_t infinity() {
+  return std::numeric_limits<acc_t>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------
+// Loads and stores of Vectorized<acc_t>::size() elements of T, as acc_t. Lanes past
+// `count` load as 0.
+
+template <typename T, typename acc_t>
+struct IO {  // mixed precision with fp64 (rare): through a buffer
+  using V = Vectorized<acc_t>;
+  static constexpr int64_t kVec = V::size();
+  static V load(const T* p, int64_t count = kVec) {
+    alignas(64) acc_t buf[kVec];
+    for (int64_t i = 0; i < kVec; ++i) buf[i] = i < count ? static_cast<acc_t>(p[i]) : acc_t(0);
+    return V::loadu(buf);
+  }
+  static void store(T* p, V v, int64_t count = kVec) {
+    alignas(64) acc_t buf[kVec];
+    v.store(buf);
+    for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(buf[i]);
+  }
+};
+
+template <typename T>
+struct IO<T, T> {  // fp32 as fp32, fp64 as fp64
+  using V = Vectorized<T>;
+  static constexpr int64_t kVec = V::size();
+  static V load(const T* p, int64_t count = kVec) {
+    return count == kVec ? V::loadu(p) : V::loadu(p, count);
+  }
+  static void store(T* p, V v, int64_t count = kVec) { v.store(p, count); }
+};
+
+template <typename H>
+struct ReducedIO {  // bf16 and fp16 as fp32
+  using V = Vectorized<float>;
+  static constexpr int64_t kVec = V::size();
+  static V load(const H* p, int64_t count = kVec) {
+    if (count == kVec) {
+      V out;
+      at::vec::load_to_float(p, out);
+      return out;
+    }
+    return std::get<0>(at::vec::convert_to_float<H>(Vectorized<H>::loadu(p, count)));
+  }
+  static void store(H* p, V v, int64_t count = kVec) {
+    at::vec::convert_from_float<H>(v, v).store(p, count);  // rounds once, to nearest even
+  }
+};
+template <>
+struct IO<BFloat16, float> : ReducedIO<BFloat16> {};
+template <>
+struct IO<Half, float> : ReducedIO<Half> {};
+
+// exp of a vector whose lanes are never NaN. fp32: ATen's inline polynomial exp_u20 (the
+// one torch's softmax uses), within 2 ulp on [-10, 0] and 4.5 ulp on [-80, -40] (measured
+// against double over every float there), and inlined, where Sleef's 1-ulp expf is an
+// out-of-line call that costs the kernels a quarter of their throughput. Below -87 (results
+// under 2^-126) it flushes to 0, as torch's does. It maps NaN to a finite value, hence
+// exp_nan_safe where a NaN can arrive. fp64: Sleef's exp (1 ulp, NaN-propagating).
+template <typename acc_t>
+Vectorized<acc_t> exp_of(Vectorized<acc_t> t) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return t.exp_u20();
+  } else {
+    return t.exp();
+  }
+}
+
+template <typename acc_t>
+Vectorized<acc_t> exp_nan_safe(Vectorized<acc_t> t) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return Vectorized<acc_t>::blendv(t.exp_u20(), t, t != t);
+  } else {
+    return t.exp();
+  }
+}
+
+// Horizontal max (NaN-propagating) and sum (in double) of a vector: shuffle trees, not
+// dependent chains of lane operations.
+template <typename acc_t>
+acc_t hmax(Vectorized<acc_t> v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t> a, Vectorized<acc_t> b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename acc_t>
+double hsum(Vectorized<acc_t> v) {
+  // A shuffle tree (log2 of the lanes deep), not a dependent chain of lane adds.
+  return static_cast<double>(at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t> a, Vectorized<acc_t> b) { return a + b; }, v));
+}
+
+// a / b, as the correctly rounded quotient in all but rare cases (at most 1 ulp off), from
+// r = 1/b: q = a * r, then one refinement q + (a - q * b) * r with fused multiply-adds (the
+// remainder a - q * b is exact). Vector division costs 5 or more cycles per vector where
+// these cost 1 or 2. neg_b is -b.
+template <typename acc_t>
+Vectorized<acc_t> divide(Vectorized<acc_t> a, Vectorized<acc_t> r, Vectorized<acc_t> neg_b) {
+  const Vectorized<acc_t> q = a * r;
+  return at::vec::fmadd(at::vec::fmadd(q, neg_b, a), r, q);
+}
+
+// Adds kBlock-sized fp32 partial sums into a double, lane by lane or in total.
+template <typename acc_t>
+struct BlockSum {
+  using V = Vectorized<acc_t>;
+  V block = V(acc_t(0));
+  int64_t count = 0;
+  double total = 0;
+  void add(V v) {
+    block += v;
+    if (++count == kBlock) flush();
+  }
+  void flush() {
+    total += hsum(block);
+    block = V(acc_t(0));
+    count = 0;
+  }
+  double result() {
+    flush();
+    return total;
+  }
+};
+
+template <typename acc_t>
+struct LaneSum {
+  using V = Vectorized<acc_t>;
+  static constexpr int64_t kVec = V::size();
+  V block = V(acc_t(0));
+  int64_t count = 0;
+  double total[kVec] = {};
+  void add(V v) {
+    block += v;
+    if (++count == kBlock) flush();
+  }
+  void flush() {
+    alignas(64) acc_t buf[kVec];
+    block.store(buf);
+    for (int64_t i = 0; i < kVec; ++i) total[i] += buf[i];
+    block = V(acc_t(0));
+    count = 0;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Row statistics (m, s') of a chunk, and of a contiguous segment chunk by chunk.
+//
+// Pass 1 finds the chunk's max m and the position of its first occurrence (per-lane max,
+// plus the index of the vector it came from). Pass 2 sums exp(x - m) with exactly that one
+// term (which is 1) left out; every other tie adds its exact 1. This needs m finite: a chunk
+// whose max is +-inf or NaN takes the careful pass 2, which counts the elements equal to m
+// apart (exp(m - m) is NaN for an infinite m) and leaves one of them out.
+
+template <typename acc_t>
+struct MaxAndPlace {
+  acc_t m;
+  int64_t vec;   // index of the vector holding the first max
+  int64_t lane;  // its lane
+};
+
+template <typename T, typename acc_t>
+MaxAndPlace<acc_t> chunk_max(const T* p, int64_t len) {
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const V neg_inf(-infinity<acc_t>()), one(acc_t(1));
+  V vmax = neg_inf, where = V(acc_t(0)), here = V(acc_t(0));
+  for (int64_t j = 0; j < len; j += kVec) {
+    const int64_t count = std::min(kVec, len - j);
+    V v = io::load(p + j, count);
+    if (count < kVec) v = V::set(neg_inf, v, count);
+    where = V::blendv(where, here, v > vmax);
+    vmax = at::vec::maximum(vmax, v);  // propagates NaN
+    here = here + one;
+  }
+  const acc_t m = hmax(vmax);
+  // The first lane holding m (any lane when m is NaN: the caller does not use it then).
+  const int mask = (vmax - V(m)).zero_mask();
+  const int64_t lane = mask == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(mask));
+  alignas(64) acc_t w_lanes[kVec];
+  where.store(w_lanes);
+  return {m, static_cast<int64_t>(w_lanes[lane]), lane};
+}
+
+// s' of a chunk whose max m is finite: sum of exp(x - m) over the chunk but the max at
+// `place`. With `e_out`, also stores exp(x - m) (all of them) there.
+template <typename T, typename acc_t>
+double chunk_rest(const T* p, int64_t len, MaxAndPlace<acc_t> place, acc_t* e_out) {
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const V vm(place.m), zero(acc_t(0));
+  alignas(64) acc_t lane_is_max[kVec] = {};
+  lane_is_max[place.lane] = acc_t(1);
+  const V max_lane = V::loadu(lane_is_max) == V(acc_t(1));
+  BlockSum<acc_t> sum;
+  for (int64_t j = 0, k = 0; j < len; j += kVec, ++k) {
+    const int64_t count = std::min(kVec, len - j);
+    V e = exp_of(io::load(p + j, count) - vm);
+    if (e_out != nullptr) e.store(e_out + j, count);
+    if (count < kVec) e = V::set(zero, e, count);
+    if (k == place.vec) e = V::blendv(e, zero, max_lane);
+    sum.add(e);
+  }
+  return sum.result();
+}
+
+// s' of a chunk whose max m is +-inf or NaN: elements equal to m are counted, not
+// exponentiated.
+template <typename T, typename acc_t>
+double chunk_rest_careful(const T* p, int64_t len, acc_t m) {
+  if (std::isnan(m)) return std::numeric_limits<double>::quiet_NaN();
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const V vm(m), zero(acc_t(0)), one(acc_t(1));
+  BlockSum<acc_t> sum, ties;
+  for (int64_t j = 0; j < len; j += kVec) {
+    const int64_t count = std::min(kVec, len - j);
+    const V v = io::load(p + j, count);
+    const V eq = v == vm;
+    V e = V::blendv(exp_of(v - vm), zero, eq);
+    V t = eq & one;
+    if (count < kVec) {
+      e = V::set(zero, e, count);
+      t = V::set(zero, t, count);
+    }
+    sum.add(e);
+    ties.add(t);
+  }
+  // (ties - 1) first: it is exact, and adding it last keeps a tiny sum's precision.
+  return sum.result() + (ties.result() - 1.0);
+}
+
+template <typename T, typename acc_t>
+State chunk_stats(const T* p, int64_t len, acc_t* e_out = nullptr) {
+  const MaxAndPlace<acc_t> place = chunk_max<T, acc_t>(p, len);
+  const double rest = std::isfinite(place.m) ? chunk_rest<T, acc_t>(p, len, place, e_out)
+                                             : chunk_rest_careful<T, acc_t>(p, len, place.m);
+  return State{static_cast<double>(place.m), rest};
+}
+
+template <typename T, typename acc_t>
+State segment_stats(const T* x, int64_t len) {
+  if (len <= kChunk) return chunk_stats<T, acc_t>(x, len);
+  State total = State::empty();
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    total = merge(total, chunk_stats<T, acc_t>(x + c0, std::min(kChunk, len - c0)));
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row kernels (inner == 1) and the driver that spreads rows, or segments of rows, over
+// threads.
+
+template <typename T, typename U>
+void softmax_write(const T* x, U* y, int64_t len, State st, bool log) {
+  using acc_t = acc_of<T, U>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  if (!std::isfinite(st.m)) {
+    // torch: a row with a +inf (inf - inf), a NaN, or nothing but -inf is NaN throughout.
+    const V nan(std::numeric_limits<acc_t>::quiet_NaN());
+    for (int64_t j = 0; j < len; j += kVec)
+      IO<U, acc_t>::store(y + j, nan, std::min(kVec, len - j));
+    return;
+  }
+  const V vm(static_cast<acc_t>(st.m));
+  if (log) {
+    const V log_sum(static_cast<acc_t>(std::log1p(st.s)));
+    for (int64_t j = 0; j < len; j += kVec) {
+      const int64_t count = std::min(kVec, len - j);
+      IO<U, acc_t>::store(y + j, (IO<T, acc_t>::load(x + j, count) - vm) - log_sum, count);
+    }
+  } else {
+    const acc_t denominator = static_cast<acc_t>(1.0 + st.s);
+    const V r(acc_t(1) / denominator), neg_den(-denominator);
+    for (int64_t j = 0; j < len; j += kVec) {
+      const int64_t count = std::min(kVec, len - j);
+      const V e = exp_of(IO<T, acc_t>::load(x + j, count) - vm);
+      IO<U, acc_t>::store(y + j, divide(e, r, neg_den), count);
+    }
+  }
+}
+
+// softmax or log_softmax of a row of at most kChunk elements, in one go. softmax keeps the
+// exps of the statistics pass (in y itself when y has the accumulation dtype, else in a
+// per-thread buffer) and divides them in place: one exp per element.
+template <typename T, typename U>
+void softmax_short_row(const T* x, U* y, int64_t n, bool log) {
+  using acc_t = acc_of<T, U>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const MaxAndPlace<acc_t> place = chunk_max<T, acc_t>(x, n);
+  if (log || !std::isfinite(place.m)) {
+    const double rest = std::isfinite(place.m) ? chunk_rest<T, acc_t>(x, n, place, nullptr)
+                                               : chunk_rest_careful<T, acc_t>(x, n, place.m);
+    softmax_write(x, y, n, State{static_cast<double>(place.m), rest}, log);
+    return;
+  }
+  acc_t* e;
+  if constexpr (std::is_same_v<U, acc_t>) {
+    e = y;
+  } else {
+    thread_local std::vector<acc_t> buffer;
+    if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+    e = buffer.data();
+  }
+  const double rest = chunk_rest<T, acc_t>(x, n, place, e);
+  const acc_t denominator = static_cast<acc_t>(1.0 + rest);
+  const V r(acc_t(1) / denominator), neg_den(-denominator);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const int64_t count = std::min(kVec, n - j);
+    IO<U, acc_t>::store(y + j, divide(V::loadu(e + j, count), r, neg_den), count);
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// For each of `rows` rows of n elements: total = combine over segments of reduce(r, b, e),
+// then map(r, b, e, total) over the same segments. Rows are spread over threads; when
+// there are fewer rows than threads and rows are long, each row is split into segments
+// that run on different threads.
+template <typename Partial, typename Reduce, typename Combine, typename Map>
+void run_rows(int64_t rows, int64_t n, Reduce reduce, Combine combine, Map map) {
+  const int64_t threads = at::get_num_threads();
+  if (rows >= threads || n < 2 * kSplitMin) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) map(r, 0, n, reduce(r, 0, n));
+    });
+    return;
+  }
+  // Segments start on chunk boundaries, so a segment's chunks are the row's chunks.
+  const int64_t wanted = std::min(ceil_div(threads, rows), n / kSplitMin);
+  const int64_t seg_len = ceil_div(ceil_div(n, wanted), kChunk) * kChunk;
+  const int64_t segments = ceil_div(n, seg_len);
+  std::vector<Partial> parts(rows * segments);
+  at::parallel_for(0, rows * segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / segments, b = (i % segments) * seg_len;
+      parts[i] = reduce(r, b, std::min(n, b + seg_len));
+    }
+  });
+  std::vector<Partial> totals(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    Partial t = parts[r * segments];
+    for (int64_t k = 1; k < segments; ++k) t = combine(t, parts[r * segments + k]);
+    totals[r] = t;
+  }
+  at::parallel_for(0, rows * segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / segments, b = (i % segments) * seg_len;
+      map(r, b, std::min(n, b + seg_len), totals[r]);
+    }
+  });
+}
+
+State merge_states(State a, State b) { return merge(a, b); }
+double add_doubles(double a, double b) { return a + b; }
+
+// softmax of rows longer than a chunk, into y of the accumulation dtype: the statistics
+// pass stores exp(x - m_c) into y, m_c being its chunk's max, and records m_c; the write
+// pass divides each chunk by (1 + s') * exp(m - m_c), the row's denominator seen from that
+// chunk (computed in double, rounded once). One exp per element, and x is read once.
+template <typename T, typename acc_t>
+void softmax_long_rows(const T* x, acc_t* y, const Layout& L) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const int64_t chunks = ceil_div(L.n, kChunk);
+  std::vector<acc_t> chunk_maxima(L.outer * chunks);
+  run_rows<State>(
+      L.outer, L.n,
+      [&](int64_t r, int64_t b, int64_t e) {
+        State total = State::empty();
+        for (int64_t c0 = b; c0 < e; c0 += kChunk) {
+          const int64_t len = std::min(kChunk, e - c0);
+          const T* p = x + r * L.x_stride + c0;
+          const MaxAndPlace<acc_t> place = chunk_max<T, acc_t>(p, len);
+          const double rest = std::isfinite(place.m)
+                                  ? chunk_rest<T, acc_t>(p, len, place, y + r * L.n + c0)
+                                  : chunk_rest_careful<T, acc_t>(p, len, place.m);
+          chunk_maxima[r * chunks + c0 / kChunk] = place.m;
+          total = merge(total, State{static_cast<double>(place.m), rest});
+        }
+        return total;
+      },
+      merge_states,
+      [&](int64_t r, int64_t b, int64_t e, State st) {
+        acc_t* row = y + r * L.n;
+        if (!std::isfinite(st.m) || std::isnan(st.s)) {
+          // +inf, NaN, or nothing but -inf in the row: NaN throughout, as in torch.
+          const V nan(std::numeric_limits<acc_t>::quiet_NaN());
+          for (int64_t j = b; j < e; j += kVec) nan.store(row + j, std::min(kVec, e - j));
+          return;
+        }
+        for (int64_t c0 = b; c0 < e; c0 += kChunk) {
+          const int64_t end = std::min(c0 + kChunk, e);
+          const acc_t m_c = chunk_maxima[r * chunks + c0 / kChunk];
+          if (m_c == -infinity<acc_t>()) {  // a chunk of -inf only: exactly 0
+            const V zero(acc_t(0));
+            for (int64_t j = c0; j < end; j += kVec) zero.store(row + j, std::min(kVec, end - j));
+            continue;
+          }
+          const acc_t denominator =
+              static_cast<acc_t>((1.0 + st.s) * std::exp(st.m - static_cast<double>(m_c)));
+          const V rcp(acc_t(1) / denominator), neg_den(-denominator);
+          for (int64_t j = c0; j < end; j += kVec) {
+            const int64_t count = std::min(kVec, end - j);
+            divide(V::loadu(row + j, count), rcp, neg_den).store(row + j, count);
+          }
+        }
+      });
+}
+
+// ---------------------------------------------------------------------------------------
+// Strided kernels (inner > 1): the lanes of a vector are kVec neighbouring rows, so loads
+// stay contiguous without a transpose. Statistics go chunk by chunk along n (the chunk of
+// kLaneChunk steps stays in L2 for the second pass) and merge lane by lane.
+
+template <typename T, typename acc_t>
+void lane_stats(const T* x, int64_t n, int64_t inner, int64_t count, State* out) {
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const V zero(acc_t(0)), one(acc_t(1));
+  for (int64_t l = 0; l < kVec; ++l) out[l] = State::empty();
+  for (int64_t c0 = 0; c0 < n; c0 += kLaneChunk) {
+    const int64_t c1 = std::min(n, c0 + kLaneChunk);
+    V vmax(-infinity<acc_t>());
+    for (int64_t j = c0; j < c1; ++j) vmax = at::vec::maximum(vmax, io::load(x + j * inner, count));
+    LaneSum<acc_t> sum, ties;
+    for (int64_t j = c0; j < c1; ++j) {
+      const V v = io::load(x + j * inner, count);
+      const V eq = v == vmax;
+      sum.add(V::blendv(exp_of(v - vmax), zero, eq));
+      ties.add(eq & one);
+    }
+    sum.flush();
+    ties.flush();
+    alignas(64) acc_t m[kVec];
+    vmax.store(m);
+    for (int64_t l = 0; l < count; ++l) {
+      // (ties - 1) first: it is exact, and adding it last keeps a tiny sum's precision.
+      out[l] =
+          merge(out[l], State{static_cast<double>(m[l]), sum.total[l] + (ties.total[l] - 1.0)});
+    }
+  }
+}
+
+template <typename T, typename U>
+void lane_softmax_write(const T* x, U* y, int64_t n, int64_t inner, int64_t count, const State* st,
+                        bool log) {
+  using acc_t = acc_of<T, U>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  alignas(64) acc_t m[kVec] = {}, c[kVec] = {};
+  for (int64_t l = 0; l < count; ++l) {
+    m[l] = static_cast<acc_t>(st[l].m);
+    c[l] = static_cast<acc_t>(log ? std::log1p(st[l].s) : 1.0 + st[l].s);
+  }
+  const V vm = V::loadu(m), vc = V::loadu(c);
+  // Rows with a +inf, a NaN or nothing but -inf are NaN throughout, as in torch.
+  const V bad_rows = vm.abs() == V(infinity<acc_t>()) | (vm != vm);
+  const V nan(std::numeric_limits<acc_t>::quiet_NaN());
+  for (int64_t j = 0; j < n; ++j) {
+    const V v = IO<T, acc_t>::load(x + j * inner, count);
+    const V r = log ? (v - vm) - vc : exp_of(v - vm) / vc;
+    IO<U, acc_t>::store(y + j * inner, V::blendv(r, nan, bad_rows), count);
+  }
+}
+
+// Runs f(o, i0, count) over every block of up to kVec rows (o, i0 ... i0 + count - 1).
+template <int64_t kVec, typename F>
+void run_lanes(const Layout& L, F f) {
+  const int64_t blocks = ceil_div(L.inner, kVec);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (L.n * kVec));
+  at::parallel_for(0, L.outer * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / blocks, i0 = (t % blocks) * kVec;
+      f(o, i0, std::min(kVec, L.inner - i0));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// The four kernels, for one pair of dtypes.
+
+template <typename T, typename U>
+void softmax_forward_typed(const T* x, U* y, Layout L, bool log) {
+  using acc_t = acc_of<T, U>;
+  if (L.inner == 1 && L.n <= kChunk) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / L.n);
+    at::parallel_for(0, L.outer, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        softmax_short_row(x + r * L.x_stride, y + r * L.n, L.n, log);
+    });
+    return;
+  }
+  if constexpr (std::is_same_v<U, acc_t>) {
+    if (L.inner == 1 && !log) {
+      softmax_long_rows(x, y, L);
+      return;
+    }
+  }
+  if (L.inner == 1) {  // log_softmax, or an output in another dtype: exp again on writing
+    run_rows<State>(
+        L.outer, L.n,
+        [&](int64_t r, int64_t b, int64_t e) {
+          return segment_stats<T, acc_t>(x + r * L.x_stride + b, e - b);
+        },
+        merge_states,
+        [&](int64_t r, int64_t b, int64_t e, State st) {
+          softmax_write(x + r * L.x_stride + b, y + r * L.n + b, e - b, st, log);
+        });
+    return;
+  }
+  constexpr int64_t kVec = Vectorized<acc_t>::size();
+  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
+    const T* xb = x + o * L.x_stride + i0;
+    State st[kVec];
+    lane_stats<T, acc_t>(xb, L.n, L.inner, count, st);
+    lane_softmax_write(xb, y + o * L.block() + i0, L.n, L.inner, count, st, log);
+  });
+}
+
+template <typename T>
+void logsumexp_forward_typed(const T* x, T* out, double* lse, Layout L) {
+  using acc_t = acc_of<T>;
+  auto store = [&](int64_t row, State st) {
+    const double value = st.logsumexp();
+    lse[row] = value;
+    out[row] = static_cast<T>(static_cast<acc_t>(value));  // halves: round once, from fp32
+  };
+  if (L.inner == 1) {
+    run_rows<State>(
+        L.outer, L.n,
+        [&](int64_t r, int64_t b, int64_t e) {
+          return segment_stats<T, acc_t>(x + r * L.x_stride + b, e - b);
+        },
+        merge_states,
+        [&](int64_t r, int64_t b, int64_t, State st) {
+          if (b == 0) store(r, st);
+        });
+    return;
+  }
+  constexpr int64_t kVec = Vectorized<acc_t>::size();
+  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
+    State st[kVec];
+    lane_stats<T, acc_t>(x + o * L.x_stride + i0, L.n, L.inner, count, st);
+    for (int64_t l = 0; l < count; ++l) store(o * L.inner + i0 + l, st[l]);
+  });
+}
+
+// softmax:     reduce sum(grad * y),  dx = y * (grad - dot)
+// log_softmax: reduce sum(grad),      dx = grad - exp(y) * total
+// grad, y and dx are contiguous here (L.x_stride == L.block()).
+template <typename T, typename U>
+void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log) {
+  using acc_t = acc_of<T, U>;
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  auto term = [log](V g, V yv) { return log ? g : g * yv; };
+  auto result = [log](V g, V yv, V total) {
+    return log ? g - exp_nan_safe(yv) * total : yv * (g - total);
+  };
+  if (L.inner == 1) {
+    run_rows<double>(
+        L.outer, L.n,
+        [&](int64_t r, int64_t b, int64_t e) {
+          const int64_t off = r * L.n;
+          BlockSum<acc_t> sum;
+          for (int64_t j = b; j < e; j += kVec) {
+            const int64_t count = std::min(kVec, e - j);
+            // lanes past count load as 0, so they add nothing
+            sum.add(term(io::load(grad + off + j, count), io::load(y + off + j, count)));
+          }
+          return sum.result();
+        },
+        add_doubles,
+        [&](int64_t r, int64_t b, int64_t e, double total) {
+          const int64_t off = r * L.n;
+          const V vt(static_cast<acc_t>(total));
+          for (int64_t j = b; j < e; j += kVec) {
+            const int64_t count = std::min(kVec, e - j);
+            IO<U, acc_t>::store(
+                dx + off + j,
+                result(io::load(grad + off + j, count), io::load(y + off + j, count), vt), count);
+          }
+        });
+    return;
+  }
+  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
+    const int64_t base = o * L.n * L.inner + i0;
+    LaneSum<acc_t> sum;
+    for (int64_t j = 0; j < L.n; ++j) {
+      const int64_t at = base + j * L.inner;
+      sum.add(term(io::load(grad + at, count), io::load(y + at, count)));
+    }
+    sum.flush();
+    alignas(64) acc_t totals[kVec] = {};
+    for (int64_t l = 0; l < count; ++l) totals[l] = static_cast<acc_t>(sum.total[l]);
+    const V vt = V::loadu(totals);
+    for (int64_t j = 0; j < L.n; ++j) {
+      const int64_t at = base + j * L.inner;
+      IO<U, acc_t>::store(dx + at, result(io::load(grad + at, count), io::load(y + at, count), vt),
+                          count);
+    }
+  });
+}
+
+// The fp64 lse of a row as hi + lo in acc_t: x - lse is then (x - hi) - lo, where x - hi is
+// exact for x near lse (the entries whose gradient is not negligible), so exp(x - lse) keeps
+// its precision at any offset (a float lse near 1e6 is off by up to 0.03).
+template <typename acc_t>
+std::pair<acc_t, acc_t> split(double lse) {
+  const acc_t hi = static_cast<acc_t>(lse);
+  const acc_t lo = std::isfinite(lse) ? static_cast<acc_t>(lse - hi) : acc_t(0);
+  return {hi, lo};
+}
+
+// dx = grad_row * exp(x - lse_row): a pure map, split evenly over threads.
+template <typename T>
+void logsumexp_backward_typed(const acc_of<T>* grad, const double* lse, const T* x, T* dx,
+                              Layout L) {
+  using acc_t = acc_of<T>;
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  if (L.inner == 1) {
+    const int64_t pieces = std::max<int64_t>(1, ceil_div(L.n, kSplitMin));
+    const int64_t piece = ceil_div(L.n, pieces);
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / piece);
+    at::parallel_for(0, L.outer * pieces, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / pieces, b = (t % pieces) * piece, e = std::min(L.n, b + piece);
+        const auto [hi, lo] = split<acc_t>(lse[r]);
+        const V g(grad[r]), vhi(hi), vlo(lo);
+        for (int64_t j = b; j < e; j += kVec) {
+          const int64_t count = std::min(kVec, e - j);
+          const V t = (io::load(x + r * L.x_stride + j, count) - vhi) - vlo;
+          io::store(dx + r * L.n + j, g * exp_nan_safe(t), count);
+        }
+      }
+    });
+    return;
+  }
+  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
+    const V g = V::loadu(grad + o * L.inner + i0, count);
+    alignas(64) acc_t hi[kVec] = {}, lo[kVec] = {};
+    for (int64_t l = 0; l < count; ++l)
+      std::tie(hi[l], lo[l]) = split<acc_t>(lse[o * L.inner + i0 + l]);
+    const V vhi = V::loadu(hi), vlo = V::loadu(lo);
+    const T* xb = x + o * L.x_stride + i0;
+    T* db = dx + o * L.block() + i0;
+    for (int64_t j = 0; j < L.n; ++j) {
+      const V t = (io::load(xb + j * L.inner, count) - vhi) - vlo;
+      io::store(db + j * L.inner, g * exp_nan_safe(t), count);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// dtype dispatch: the four floating dtypes, for input and output independently.
+
+template <typename F>
+void with_dtype(c10::ScalarType t, F f) {
+  switch (t) {
+    case c10::ScalarType::Float:
+      return f(float{});
+    case c10::ScalarType::Double:
+      return f(double{});
+    case c10::ScalarType::Half:
+      return f(Half{});
+    case c10::ScalarType::BFloat16:
+      return f(BFloat16{});
+    default:
+      TORCH_CHECK(false, "stablekernels: unsupported dtype ", t);
+  }
+}
+
+void softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10::ScalarType y_type,
+                     Layout layout, bool log) {
+  with_dtype(x_type, [&](auto xt) {
+    with_dtype(y_type, [&](auto yt) {
+      using T = decltype(xt);
+      using U = decltype(yt);
+      softmax_forward_typed(static_cast<const T*>(x), static_cast<U*>(y), layout, log);
+    });
+  });
+}
+
+void logsumexp_forward(const void* x, c10::ScalarType x_type, void* out, double* lse,
+                       Layout layout) {
+  with_dtype(x_type, [&](auto xt) {
+    using T = decltype(xt);
+    logsumexp_forward_typed(static_cast<const T*>(x), static_cast<T*>(out), lse, layout);
+  });
+}
+
+void softmax_backward(const void* grad, const void* y, c10::ScalarType y_type, void* dx,
+                      c10::ScalarType dx_type, Layout layout, bool log) {
+  with_dtype(y_type, [&](auto yt) {
+    with_dtype(dx_type, [&](auto dt) {
+      using T = decltype(yt);
+      using U = decltype(dt);
+      softmax_backward_typed(static_cast<const T*>(grad), static_cast<const T*>(y),
+                             static_cast<U*>(dx), layout, log);
+    });
+  });
+}
+
+void logsumexp_backward(const void* grad, const double* lse, const void* x, c10::ScalarType x_type,
+                        void* dx, Layout layout) {
+  with_dtype(x_type, [&](auto xt) {
+    using T = decltype(xt);
+    logsumexp_backward_typed(static_cast<const acc_of<T>*>(grad), lse, static_cast<const T*>(x),
+                             static_cast<T*>(dx), layout);
+  });
+}
+
+}  // namespace
+
+extern const KernelTable kTable;
+const KernelTable kTable = {SK_CAPABILITY_NAME, softmax_forward, logsumexp_forward,
+                            softmax_backward, logsumexp_backward};
+
+}  // namespace stablekernels::cpu::SK_CAPABILITY_NAMESPACE

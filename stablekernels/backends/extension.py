@@ -1,0 +1,34 @@
+"""The ``cpp`` and ``cuda`` backends: the kernels of the compiled extension
+``stablekernels._C``, through its fused ops (csrc/bindings/registration.cpp). The dispatcher
+runs the C++ CPU kernels (csrc/cpu) for CPU tensors and the CUDA kernels (csrc/cuda) for
+CUDA tensors, so both backends share this module."""
+
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.stablekernels
+
+
+def softmax(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return _ops.fused_softmax(x, dim, out_dtype, False)
+
+
+def log_softmax(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return _ops.fused_softmax(x, dim, out_dtype, True)
+
+
+def logsumexp(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ops.fused_logsumexp(x, dim, keepdim)
+
+
+def softmax_backward(grad, output, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
+    return _ops.fused_softmax_backward(grad, output, dim, input_dtype, False)
+
+
+def log_softmax_backward(grad, output, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
+    return _ops.fused_softmax_backward(grad, output, dim, input_dtype, True)
+
+
+def logsumexp_backward(grad, x, result, dim: int, keepdim: bool) -> torch.Tensor:
+    return _ops.fused_logsumexp_backward(grad, x, result, dim, keepdim)
