@@ -6,6 +6,7 @@ picked at run time by the capability ATen runs with.
 
 Environment:
   STABLEKERNELS_NO_EXTENSION=1   install the pure-Python package only
+  STABLEKERNELS_CUDA=1           ask for the CUDA kernels (refused: none in this version)
   MAX_JOBS=N                     parallel compile jobs (torch.utils.cpp_extension)
 
 The extension is built against the torch already installed, so build without isolation:
@@ -62,6 +63,11 @@ def extension_build() -> dict:
     """setup() arguments for stablekernels._C (none with STABLEKERNELS_NO_EXTENSION=1)."""
     if os.environ.get("STABLEKERNELS_NO_EXTENSION") == "1":
         return {}
+    if os.environ.get("STABLEKERNELS_CUDA") == "1":
+        raise SystemExit(
+            "stablekernels: STABLEKERNELS_CUDA=1, but this version has no CUDA kernels to build "
+            "(csrc/cuda/ is empty); unset it to build the CPU kernels"
+        )
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:
