@@ -43,7 +43,6 @@ using c10::BFloat16;
 using c10::Half;
 
 constexpr int64_t kChunk = 16384;          // elements per chunk of the row statistics
-constexpr int64_t kLaneChunk = 1024;       // rows steps per chunk in the strided kernels
 constexpr int64_t kBlock = 16;             // vectors summed in fp32 before joining the double
 constexpr int64_t kGrainElements = 32768;  // at least this many elements per parallel task
 constexpr int64_t kSplitMin = 65536;       // shortest segment of a row split across threads
@@ -184,34 +183,15 @@ struct BlockSum {
   }
 };
 
-template <typename acc_t>
-struct LaneSum {
-  using V = Vectorized<acc_t>;
-  static constexpr int64_t kVec = V::size();
-  V block = V(acc_t(0));
-  int64_t count = 0;
-  double total[kVec] = {};
-  void add(V v) {
-    block += v;
-    if (++count == kBlock) flush();
-  }
-  void flush() {
-    alignas(64) acc_t buf[kVec];
-    block.store(buf);
-    for (int64_t i = 0; i < kVec; ++i) total[i] += buf[i];
-    block = V(acc_t(0));
-    count = 0;
-  }
-};
-
 // ---------------------------------------------------------------------------------------
 // Row statistics (m, s') of a chunk, and of a contiguous segment chunk by chunk.
 //
-// Pass 1 finds the chunk's max m and the position of its first occurrence (per-lane max,
-// plus the index of the vector it came from). Pass 2 sums exp(x - m) with exactly that one
-// term (which is 1) left out; every other tie adds its exact 1. This needs m finite: a chunk
-// whose max is +-inf or NaN takes the careful pass 2, which counts the elements equal to m
-// apart (exp(m - m) is NaN for an infinite m) and leaves one of them out.
+// Pass 1 takes the chunk's max m (a plain max, one instruction per vector; NaNs are found
+// in pass 2). Pass 2 finds the first element equal to m, then sums exp(x - m) with exactly
+// that one term (which is 1) left out; every other tie adds its exact 1. It also sums
+// x - m, which is NaN exactly when a NaN is in the chunk, and then returns s' = NaN. This
+// needs m finite: a chunk whose max is +-inf (or NaN) takes the careful pass 2, which counts
+// the elements equal to m apart (exp(m - m) is NaN for an infinite m) and leaves one out.
 
 template <typename acc_t>
 struct MaxAndPlace {
@@ -221,31 +201,36 @@ struct MaxAndPlace {
 };
 
 template <typename T, typename acc_t>
-MaxAndPlace<acc_t> chunk_max(const T* p, int64_t len) {
+acc_t chunk_max(const T* p, int64_t len) {
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
-  const V neg_inf(-infinity<acc_t>()), one(acc_t(1));
-  V vmax = neg_inf, where = V(acc_t(0)), here = V(acc_t(0));
-  for (int64_t j = 0; j < len; j += kVec) {
+  const V neg_inf(-infinity<acc_t>());
+  V vmax = neg_inf;
+  int64_t j = 0;
+  for (; j + kVec <= len; j += kVec) vmax = at::vec::clamp_min(io::load(p + j), vmax);
+  if (j < len) vmax = at::vec::clamp_min(V::set(neg_inf, io::load(p + j, len - j), len - j), vmax);
+  return hmax(vmax);
+}
+
+// Where the first element equal to m (finite, present) is.
+template <typename T, typename acc_t>
+MaxAndPlace<acc_t> place_of(const T* p, int64_t len, acc_t m) {
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const V vm(m);
+  for (int64_t j = 0, k = 0; j < len; j += kVec, ++k) {
     const int64_t count = std::min(kVec, len - j);
-    V v = io::load(p + j, count);
-    if (count < kVec) v = V::set(neg_inf, v, count);
-    where = V::blendv(where, here, v > vmax);
-    vmax = at::vec::maximum(vmax, v);  // propagates NaN
-    here = here + one;
+    unsigned mask = static_cast<unsigned>((io::load(p + j, count) - vm).zero_mask());
+    if (count < kVec) mask &= (1u << count) - 1;
+    if (mask != 0) return {m, k, __builtin_ctz(mask)};
   }
-  const acc_t m = hmax(vmax);
-  // The first lane holding m (any lane when m is NaN: the caller does not use it then).
-  const int mask = (vmax - V(m)).zero_mask();
-  const int64_t lane = mask == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(mask));
-  alignas(64) acc_t w_lanes[kVec];
-  where.store(w_lanes);
-  return {m, static_cast<int64_t>(w_lanes[lane]), lane};
+  return {m, 0, 0};
 }
 
 // s' of a chunk whose max m is finite: sum of exp(x - m) over the chunk but the max at
-// `place`. With `e_out`, also stores exp(x - m) (all of them) there.
+// `place` (NaN if the chunk holds a NaN). With `e_out`, also stores exp(x - m) there.
 template <typename T, typename acc_t>
 double chunk_rest(const T* p, int64_t len, MaxAndPlace<acc_t> place, acc_t* e_out) {
   using io = IO<T, acc_t>;
@@ -256,14 +241,18 @@ double chunk_rest(const T* p, int64_t len, MaxAndPlace<acc_t> place, acc_t* e_ou
   lane_is_max[place.lane] = acc_t(1);
   const V max_lane = V::loadu(lane_is_max) == V(acc_t(1));
   BlockSum<acc_t> sum;
+  V nan_probe = zero;
   for (int64_t j = 0, k = 0; j < len; j += kVec, ++k) {
     const int64_t count = std::min(kVec, len - j);
-    V e = exp_of(io::load(p + j, count) - vm);
+    const V t = io::load(p + j, count) - vm;
+    nan_probe = nan_probe + t;  // x - m <= 0: never inf - inf, so NaN only from a NaN
+    V e = exp_of(t);
     if (e_out != nullptr) e.store(e_out + j, count);
     if (count < kVec) e = V::set(zero, e, count);
     if (k == place.vec) e = V::blendv(e, zero, max_lane);
     sum.add(e);
   }
+  if (std::isnan(hsum(nan_probe))) return std::numeric_limits<double>::quiet_NaN();
   return sum.result();
 }
 
@@ -277,6 +266,7 @@ double chunk_rest_careful(const T* p, int64_t len, acc_t m) {
   constexpr int64_t kVec = V::size();
   const V vm(m), zero(acc_t(0)), one(acc_t(1));
   BlockSum<acc_t> sum, ties;
+  V nans = zero;
   for (int64_t j = 0; j < len; j += kVec) {
     const int64_t count = std::min(kVec, len - j);
     const V v = io::load(p + j, count);
@@ -287,19 +277,22 @@ double chunk_rest_careful(const T* p, int64_t len, acc_t m) {
       e = V::set(zero, e, count);
       t = V::set(zero, t, count);
     }
+    nans = nans + ((v != v) & one);
     sum.add(e);
     ties.add(t);
   }
+  if (hsum(nans) > 0) return std::numeric_limits<double>::quiet_NaN();
   // (ties - 1) first: it is exact, and adding it last keeps a tiny sum's precision.
   return sum.result() + (ties.result() - 1.0);
 }
 
 template <typename T, typename acc_t>
 State chunk_stats(const T* p, int64_t len, acc_t* e_out = nullptr) {
-  const MaxAndPlace<acc_t> place = chunk_max<T, acc_t>(p, len);
-  const double rest = std::isfinite(place.m) ? chunk_rest<T, acc_t>(p, len, place, e_out)
-                                             : chunk_rest_careful<T, acc_t>(p, len, place.m);
-  return State{static_cast<double>(place.m), rest};
+  const acc_t m = chunk_max<T, acc_t>(p, len);
+  const double rest = std::isfinite(m)
+                          ? chunk_rest<T, acc_t>(p, len, place_of<T, acc_t>(p, len, m), e_out)
+                          : chunk_rest_careful<T, acc_t>(p, len, m);
+  return State{static_cast<double>(m), rest};
 }
 
 template <typename T, typename acc_t>
@@ -354,11 +347,8 @@ void softmax_short_row(const T* x, U* y, int64_t n, bool log) {
   using acc_t = acc_of<T, U>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
-  const MaxAndPlace<acc_t> place = chunk_max<T, acc_t>(x, n);
-  if (log || !std::isfinite(place.m)) {
-    const double rest = std::isfinite(place.m) ? chunk_rest<T, acc_t>(x, n, place, nullptr)
-                                               : chunk_rest_careful<T, acc_t>(x, n, place.m);
-    softmax_write(x, y, n, State{static_cast<double>(place.m), rest}, log);
+  if (log) {
+    softmax_write(x, y, n, chunk_stats<T, acc_t>(x, n), true);
     return;
   }
   acc_t* e;
@@ -369,8 +359,12 @@ void softmax_short_row(const T* x, U* y, int64_t n, bool log) {
     if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
     e = buffer.data();
   }
-  const double rest = chunk_rest<T, acc_t>(x, n, place, e);
-  const acc_t denominator = static_cast<acc_t>(1.0 + rest);
+  const State st = chunk_stats<T, acc_t>(x, n, e);
+  if (!std::isfinite(st.m)) {  // e was not stored: write the NaN row
+    softmax_write(x, y, n, st, false);
+    return;
+  }
+  const acc_t denominator = static_cast<acc_t>(1.0 + st.s);  // NaN s' (a NaN in x): NaN row
   const V r(acc_t(1) / denominator), neg_den(-denominator);
   for (int64_t j = 0; j < n; j += kVec) {
     const int64_t count = std::min(kVec, n - j);
@@ -439,12 +433,9 @@ void softmax_long_rows(const T* x, acc_t* y, const Layout& L) {
         for (int64_t c0 = b; c0 < e; c0 += kChunk) {
           const int64_t len = std::min(kChunk, e - c0);
           const T* p = x + r * L.x_stride + c0;
-          const MaxAndPlace<acc_t> place = chunk_max<T, acc_t>(p, len);
-          const double rest = std::isfinite(place.m)
-                                  ? chunk_rest<T, acc_t>(p, len, place, y + r * L.n + c0)
-                                  : chunk_rest_careful<T, acc_t>(p, len, place.m);
-          chunk_maxima[r * chunks + c0 / kChunk] = place.m;
-          total = merge(total, State{static_cast<double>(place.m), rest});
+          const State st = chunk_stats<T, acc_t>(p, len, y + r * L.n + c0);
+          chunk_maxima[r * chunks + c0 / kChunk] = static_cast<acc_t>(st.m);
+          total = merge(total, st);
         }
         return total;
       },
@@ -477,73 +468,93 @@ void softmax_long_rows(const T* x, acc_t* y, const Layout& L) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Strided kernels (inner > 1): the lanes of a vector are kVec neighbouring rows, so loads
-// stay contiguous without a transpose. Statistics go chunk by chunk along n (the chunk of
-// kLaneChunk steps stays in L2 for the second pass) and merge lane by lane.
+// Strided kernels (inner > 1): reducing a dim that is not the last. A task takes `width`
+// neighbouring rows (o, i0 ... i0 + width - 1) and streams through the n steps j, each a
+// contiguous run of `width` elements in memory, keeping one state per row in small arrays
+// (L1): no transpose, and every load is contiguous. The width keeps a task's n x width tile
+// within L2, so the second pass over it reads from cache.
 
+constexpr int64_t kMaxWidth = 1024;
+
+template <typename F>
+void run_columns(const Layout& L, int64_t element_bytes, F f) {
+  const int64_t fit = (int64_t(512) << 10) / std::max<int64_t>(1, L.n * element_bytes);
+  const int64_t width = std::min({kMaxWidth, std::max<int64_t>(64, fit / 64 * 64), L.inner});
+  const int64_t blocks = ceil_div(L.inner, width);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (L.n * width));
+  at::parallel_for(0, L.outer * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / blocks, i0 = (t % blocks) * width;
+      f(o, i0, std::min(width, L.inner - i0));
+    }
+  });
+}
+
+// Per-row (m, s') of `width` rows whose element j is at x[j * stride + i]: the max per row
+// (NaN-propagating), then the sum of exp(x - m) over the elements != m plus the ties minus
+// one, in fp32 blocks of kBlock steps added into doubles.
 template <typename T, typename acc_t>
-void lane_stats(const T* x, int64_t n, int64_t inner, int64_t count, State* out) {
+void column_stats(const T* x, int64_t n, int64_t stride, int64_t width, acc_t* m, double* s) {
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
   const V zero(acc_t(0)), one(acc_t(1));
-  for (int64_t l = 0; l < kVec; ++l) out[l] = State::empty();
-  for (int64_t c0 = 0; c0 < n; c0 += kLaneChunk) {
-    const int64_t c1 = std::min(n, c0 + kLaneChunk);
-    V vmax(-infinity<acc_t>());
-    for (int64_t j = c0; j < c1; ++j) vmax = at::vec::maximum(vmax, io::load(x + j * inner, count));
-    LaneSum<acc_t> sum, ties;
-    for (int64_t j = c0; j < c1; ++j) {
-      const V v = io::load(x + j * inner, count);
-      const V eq = v == vmax;
-      sum.add(V::blendv(exp_of(v - vmax), zero, eq));
-      ties.add(eq & one);
-    }
-    sum.flush();
-    ties.flush();
-    alignas(64) acc_t m[kVec];
-    vmax.store(m);
-    for (int64_t l = 0; l < count; ++l) {
-      // (ties - 1) first: it is exact, and adding it last keeps a tiny sum's precision.
-      out[l] =
-          merge(out[l], State{static_cast<double>(m[l]), sum.total[l] + (ties.total[l] - 1.0)});
+  for (int64_t i = 0; i < width; ++i) m[i] = -infinity<acc_t>();
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < width; i += kVec) {
+      const int64_t c = std::min(kVec, width - i);
+      at::vec::maximum(V::loadu(m + i, c), io::load(x + j * stride + i, c)).store(m + i, c);
     }
   }
+  alignas(64) acc_t block[kMaxWidth], ties[kMaxWidth];
+  double tie_count[kMaxWidth];
+  std::fill(s, s + width, 0.0);
+  std::fill(tie_count, tie_count + width, 0.0);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    std::fill(block, block + width, acc_t(0));
+    std::fill(ties, ties + width, acc_t(0));
+    for (int64_t j = j0; j < std::min(n, j0 + kBlock); ++j) {
+      for (int64_t i = 0; i < width; i += kVec) {
+        const int64_t c = std::min(kVec, width - i);
+        const V v = io::load(x + j * stride + i, c), vm = V::loadu(m + i, c);
+        const V eq = v == vm;  // exp(m - m) is NaN for infinite m: count ties apart
+        (V::loadu(block + i, c) + V::blendv(exp_nan_safe(v - vm), zero, eq)).store(block + i, c);
+        (V::loadu(ties + i, c) + (eq & one)).store(ties + i, c);
+      }
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      s[i] += block[i];
+      tie_count[i] += ties[i];
+    }
+  }
+  // (ties - 1) is exact: added last, it keeps a tiny sum's precision (one max left out).
+  for (int64_t i = 0; i < width; ++i) s[i] += tie_count[i] - 1.0;
 }
 
-template <typename T, typename U>
-void lane_softmax_write(const T* x, U* y, int64_t n, int64_t inner, int64_t count, const State* st,
-                        bool log) {
-  using acc_t = acc_of<T, U>;
+// softmax / log_softmax of `width` strided rows, given their statistics.
+template <typename T, typename U, typename acc_t>
+void column_softmax_write(const T* x, U* y, int64_t n, int64_t stride, int64_t width,
+                          const acc_t* m, const double* s, bool log) {
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
-  alignas(64) acc_t m[kVec] = {}, c[kVec] = {};
-  for (int64_t l = 0; l < count; ++l) {
-    m[l] = static_cast<acc_t>(st[l].m);
-    c[l] = static_cast<acc_t>(log ? std::log1p(st[l].s) : 1.0 + st[l].s);
+  // c: the denominator 1 + s', or log1p(s'). poison: 0, or NaN for rows with a +inf, a NaN
+  // or nothing but -inf (torch makes those NaN throughout); added to every result.
+  alignas(64) acc_t c[kMaxWidth], rcp[kMaxWidth], neg_c[kMaxWidth], poison[kMaxWidth];
+  for (int64_t i = 0; i < width; ++i) {
+    c[i] = static_cast<acc_t>(log ? std::log1p(s[i]) : 1.0 + s[i]);
+    rcp[i] = acc_t(1) / c[i];
+    neg_c[i] = -c[i];
+    poison[i] = std::isfinite(m[i]) ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
   }
-  const V vm = V::loadu(m), vc = V::loadu(c);
-  // Rows with a +inf, a NaN or nothing but -inf are NaN throughout, as in torch.
-  const V bad_rows = vm.abs() == V(infinity<acc_t>()) | (vm != vm);
-  const V nan(std::numeric_limits<acc_t>::quiet_NaN());
   for (int64_t j = 0; j < n; ++j) {
-    const V v = IO<T, acc_t>::load(x + j * inner, count);
-    const V r = log ? (v - vm) - vc : exp_of(v - vm) / vc;
-    IO<U, acc_t>::store(y + j * inner, V::blendv(r, nan, bad_rows), count);
-  }
-}
-
-// Runs f(o, i0, count) over every block of up to kVec rows (o, i0 ... i0 + count - 1).
-template <int64_t kVec, typename F>
-void run_lanes(const Layout& L, F f) {
-  const int64_t blocks = ceil_div(L.inner, kVec);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (L.n * kVec));
-  at::parallel_for(0, L.outer * blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t / blocks, i0 = (t % blocks) * kVec;
-      f(o, i0, std::min(kVec, L.inner - i0));
+    for (int64_t i = 0; i < width; i += kVec) {
+      const int64_t k = std::min(kVec, width - i);
+      const V t = IO<T, acc_t>::load(x + j * stride + i, k) - V::loadu(m + i, k);
+      const V r = log ? t - V::loadu(c + i, k)
+                      : divide(exp_of(t), V::loadu(rcp + i, k), V::loadu(neg_c + i, k));
+      IO<U, acc_t>::store(y + j * stride + i, r + V::loadu(poison + i, k), k);
     }
-  });
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -578,12 +589,12 @@ void softmax_forward_typed(const T* x, U* y, Layout L, bool log) {
         });
     return;
   }
-  constexpr int64_t kVec = Vectorized<acc_t>::size();
-  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
+  run_columns(L, sizeof(T), [&](int64_t o, int64_t i0, int64_t width) {
     const T* xb = x + o * L.x_stride + i0;
-    State st[kVec];
-    lane_stats<T, acc_t>(xb, L.n, L.inner, count, st);
-    lane_softmax_write(xb, y + o * L.block() + i0, L.n, L.inner, count, st, log);
+    alignas(64) acc_t m[kMaxWidth];
+    double s[kMaxWidth];
+    column_stats<T, acc_t>(xb, L.n, L.inner, width, m, s);
+    column_softmax_write(xb, y + o * L.block() + i0, L.n, L.inner, width, m, s, log);
   });
 }
 
@@ -607,11 +618,18 @@ void logsumexp_forward_typed(const T* x, T* out, double* lse, Layout L) {
         });
     return;
   }
-  constexpr int64_t kVec = Vectorized<acc_t>::size();
-  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
-    State st[kVec];
-    lane_stats<T, acc_t>(x + o * L.x_stride + i0, L.n, L.inner, count, st);
-    for (int64_t l = 0; l < count; ++l) store(o * L.inner + i0 + l, st[l]);
+  run_columns(L, sizeof(T), [&](int64_t o, int64_t i0, int64_t width) {
+    alignas(64) acc_t m[kMaxWidth];
+    double s[kMaxWidth];
+    column_stats<T, acc_t>(x + o * L.x_stride + i0, L.n, L.inner, width, m, s);
+    for (int64_t i = 0; i < width; ++i) {
+      // The careful form of the header's rules: m is NaN or infinite on the special rows.
+      const double value = std::isnan(m[i])   ? std::numeric_limits<double>::quiet_NaN()
+                           : std::isinf(m[i]) ? static_cast<double>(m[i])
+                                              : m[i] + std::log1p(s[i]);
+      lse[o * L.inner + i0 + i] = value;
+      out[o * L.inner + i0 + i] = static_cast<T>(static_cast<acc_t>(value));
+    }
   });
 }
 
@@ -654,21 +672,32 @@ void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log
         });
     return;
   }
-  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
-    const int64_t base = o * L.n * L.inner + i0;
-    LaneSum<acc_t> sum;
-    for (int64_t j = 0; j < L.n; ++j) {
-      const int64_t at = base + j * L.inner;
-      sum.add(term(io::load(grad + at, count), io::load(y + at, count)));
+  run_columns(L, 2 * sizeof(T), [&](int64_t o, int64_t i0, int64_t width) {
+    const int64_t base = o * L.block() + i0;
+    alignas(64) acc_t block[kMaxWidth], totals[kMaxWidth];
+    double sums[kMaxWidth] = {};
+    for (int64_t j0 = 0; j0 < L.n; j0 += kBlock) {
+      std::fill(block, block + width, acc_t(0));
+      for (int64_t j = j0; j < std::min(L.n, j0 + kBlock); ++j) {
+        const int64_t at = base + j * L.inner;
+        for (int64_t i = 0; i < width; i += kVec) {
+          const int64_t c = std::min(kVec, width - i);
+          (V::loadu(block + i, c) + term(io::load(grad + at + i, c), io::load(y + at + i, c)))
+              .store(block + i, c);
+        }
+      }
+      for (int64_t i = 0; i < width; ++i) sums[i] += block[i];
     }
-    sum.flush();
-    alignas(64) acc_t totals[kVec] = {};
-    for (int64_t l = 0; l < count; ++l) totals[l] = static_cast<acc_t>(sum.total[l]);
-    const V vt = V::loadu(totals);
+    for (int64_t i = 0; i < width; ++i) totals[i] = static_cast<acc_t>(sums[i]);
     for (int64_t j = 0; j < L.n; ++j) {
       const int64_t at = base + j * L.inner;
-      IO<U, acc_t>::store(dx + at, result(io::load(grad + at, count), io::load(y + at, count), vt),
-                          count);
+      for (int64_t i = 0; i < width; i += kVec) {
+        const int64_t c = std::min(kVec, width - i);
+        IO<U, acc_t>::store(
+            dx + at + i,
+            result(io::load(grad + at + i, c), io::load(y + at + i, c), V::loadu(totals + i, c)),
+            c);
+      }
     }
   });
 }
@@ -709,17 +738,19 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const double* lse, const T*
     });
     return;
   }
-  run_lanes<kVec>(L, [&](int64_t o, int64_t i0, int64_t count) {
-    const V g = V::loadu(grad + o * L.inner + i0, count);
-    alignas(64) acc_t hi[kVec] = {}, lo[kVec] = {};
-    for (int64_t l = 0; l < count; ++l)
-      std::tie(hi[l], lo[l]) = split<acc_t>(lse[o * L.inner + i0 + l]);
-    const V vhi = V::loadu(hi), vlo = V::loadu(lo);
+  run_columns(L, sizeof(T), [&](int64_t o, int64_t i0, int64_t width) {
+    alignas(64) acc_t hi[kMaxWidth], lo[kMaxWidth];
+    for (int64_t i = 0; i < width; ++i)
+      std::tie(hi[i], lo[i]) = split<acc_t>(lse[o * L.inner + i0 + i]);
+    const acc_t* g = grad + o * L.inner + i0;
     const T* xb = x + o * L.x_stride + i0;
     T* db = dx + o * L.block() + i0;
     for (int64_t j = 0; j < L.n; ++j) {
-      const V t = (io::load(xb + j * L.inner, count) - vhi) - vlo;
-      io::store(db + j * L.inner, g * exp_nan_safe(t), count);
+      for (int64_t i = 0; i < width; i += kVec) {
+        const int64_t c = std::min(kVec, width - i);
+        const V t = (io::load(xb + j * L.inner + i, c) - V::loadu(hi + i, c)) - V::loadu(lo + i, c);
+        io::store(db + j * L.inner + i, V::loadu(g + i, c) * exp_nan_safe(t), c);
+      }
     }
   });
 }
