@@ -2,11 +2,14 @@
 
 The extension holds the C++ CPU kernels, compiled once per CPU capability (DEFAULT, and on
 x86-64 AVX2 and AVX512, each with its own compiler flags, as ATen's own kernels are) and
-picked at run time by the capability ATen runs with.
+picked at run time by the capability ATen runs with; and the CUDA kernels (csrc/cuda) when
+the installed torch has CUDA and nvcc is found.
 
 Environment:
   STABLEKERNELS_NO_EXTENSION=1   install the pure-Python package only
-  STABLEKERNELS_CUDA=1           ask for the CUDA kernels (refused: none in this version)
+  STABLEKERNELS_CUDA=1 | 0       force the CUDA kernels on (an error if they cannot build)
+                                 or off; default: on when torch has CUDA and nvcc is found
+  TORCH_CUDA_ARCH_LIST           CUDA architectures (default "8.0;9.0+PTX")
   MAX_JOBS=N                     parallel compile jobs (torch.utils.cpp_extension)
 
 The extension is built against the torch already installed, so build without isolation:
@@ -57,19 +60,38 @@ COMMON_SOURCES = [
     "csrc/bindings/cpu_ops.cpp",
 ]
 CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for runs on OpenMP in torch's CPU builds
+CUDA_SOURCES = ["csrc/cuda/softmax.cu", "csrc/bindings/cuda_ops.cpp"]
+NVCC_FLAGS = ["-O3", "-std=c++17"]
+
+
+def build_cuda() -> bool:
+    """Whether to build the CUDA kernels: STABLEKERNELS_CUDA=1|0, else whenever torch has
+    CUDA and nvcc is found."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    flag = os.environ.get("STABLEKERNELS_CUDA")
+    if flag == "0":
+        return False
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"the installed torch {torch.__version__} has no CUDA")
+    if CUDA_HOME is None:
+        missing.append("nvcc was not found (set CUDA_HOME)")
+    if missing:
+        if flag == "1":
+            raise SystemExit("stablekernels: STABLEKERNELS_CUDA=1, but " + "; ".join(missing))
+        return False
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    return True
 
 
 def extension_build() -> dict:
     """setup() arguments for stablekernels._C (none with STABLEKERNELS_NO_EXTENSION=1)."""
     if os.environ.get("STABLEKERNELS_NO_EXTENSION") == "1":
         return {}
-    if os.environ.get("STABLEKERNELS_CUDA") == "1":
-        raise SystemExit(
-            "stablekernels: STABLEKERNELS_CUDA=1, but this version has no CUDA kernels to build "
-            "(csrc/cuda/ is empty); unset it to build the CPU kernels"
-        )
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
         raise SystemExit(
             "stablekernels: building stablekernels._C needs torch in the build environment "
@@ -81,37 +103,38 @@ def extension_build() -> dict:
         """Compiles each capability's kernel file with its own flags, then the rest."""
 
         def build_extension(self, ext):
-            flags_of = getattr(ext, "per_source_flags", {})
             base = ext.extra_compile_args
-            cxx = list(base["cxx"] if isinstance(base, dict) else base)
             objects = []
-            for source, flags in flags_of.items():
-                postargs = cxx + flags
+            for source, flags in getattr(ext, "per_source_flags", {}).items():
+                postargs = {**base, "cxx": base["cxx"] + flags}
                 objects += self.compiler.compile(
                     [source],
                     output_dir=self.build_temp,
                     macros=ext.define_macros,
                     include_dirs=ext.include_dirs,
                     debug=self.debug,
-                    extra_postargs={"cxx": postargs} if isinstance(base, dict) else postargs,
+                    extra_postargs=postargs,
                     depends=ext.depends,
                 )
             ext.extra_objects = list(ext.extra_objects or []) + objects
             super().build_extension(ext)
 
-    define_macros = [("SK_HAVE_AVX2", None), ("SK_HAVE_AVX512", None)] if IS_X86 else []
-    extension = CppExtension(
+    cuda = build_cuda()
+    compile_args = {"cxx": list(CXX_FLAGS)}
+    if cuda:
+        compile_args["nvcc"] = list(NVCC_FLAGS)
+    extension = (CUDAExtension if cuda else CppExtension)(
         "stablekernels._C",
-        COMMON_SOURCES,
+        COMMON_SOURCES + (CUDA_SOURCES if cuda else []),
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
-        define_macros=define_macros,
-        extra_compile_args={"cxx": CXX_FLAGS},
+        define_macros=[("SK_HAVE_AVX2", None), ("SK_HAVE_AVX512", None)] if IS_X86 else [],
+        extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
         depends=[
             os.path.join("csrc", d, f)
-            for d in ("cpu", "include/stablekernels", "bindings")
+            for d in ("cpu", "cuda", "include/stablekernels", "bindings")
             for f in os.listdir(os.path.join(ROOT, "csrc", d))
-            if f.endswith(".h")
+            if f.endswith((".h", ".cuh"))
         ],
     )
     extension.per_source_flags = CAPABILITY_FLAGS

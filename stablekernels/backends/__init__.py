@@ -83,8 +83,23 @@ def _cuda_reason(device_type: str) -> str | None:
     return None
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Read once, at import, like TRITON_INTERPRET itself (triton reads it when imported).
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _triton_reason(device_type: str) -> str | None:
-    return "this version of stablekernels ships no Triton kernels yet"
+    if not _TRITON_INSTALLED:
+        return "triton is not installed"
+    if TRITON_INTERPRETER:
+        if device_type == "cpu":
+            return None
+        return "under TRITON_INTERPRET=1 the triton backend runs CPU tensors only"
+    if device_type == "cpu":
+        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1, set before import)"
+    if device_type != "cuda":
+        return "the triton backend runs CUDA tensors"
+    return None
 
 
 @dataclass(frozen=True)

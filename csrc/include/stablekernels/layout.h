@@ -11,6 +11,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SK_LAYOUT_HOST_DEVICE __host__ __device__
+#else
+#define SK_LAYOUT_HOST_DEVICE
+#endif
+
 namespace stablekernels {
 
 struct Layout {
@@ -19,8 +25,8 @@ struct Layout {
   int64_t inner;
   int64_t x_stride;  // elements between the starts of consecutive outer blocks of the input
 
-  int64_t rows() const { return outer * inner; }
-  int64_t block() const { return n * inner; }
+  SK_LAYOUT_HOST_DEVICE int64_t rows() const { return outer * inner; }
+  SK_LAYOUT_HOST_DEVICE int64_t block() const { return n * inner; }
 };
 
 }  // namespace stablekernels

@@ -25,7 +25,6 @@
 #pragma once
 
 #include <cmath>
-#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -40,9 +39,7 @@ struct RowState {
   acc_t m;  // the max so far
   acc_t s;  // s': sum of exp(x_i - m) over the elements seen, one max term left out
 
-  static SK_HOST_DEVICE RowState empty() {
-    return {-std::numeric_limits<acc_t>::infinity(), acc_t(-1)};
-  }
+  static SK_HOST_DEVICE RowState empty() { return {-static_cast<acc_t>(INFINITY), acc_t(-1)}; }
 
   // The state after one more element v (the sequential form of merge with (v, 0)).
   SK_HOST_DEVICE void update(acc_t v) {

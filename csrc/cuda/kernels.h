@@ -1,0 +1,53 @@
+// The CUDA kernels' interface: raw pointers, the row Layout, a stream. No torch header, so
+// nvcc compiles the kernels on any machine (CI has nvcc but no GPU and a CPU-only torch).
+//
+// Every launcher runs on `stream` and allocates nothing: the split path of long rows takes
+// a workspace from the caller (workspace_bytes), so the kernels are safe under CUDA graph
+// capture. Offsets are 64-bit.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stablekernels/layout.h>
+
+#include <cstddef>
+
+namespace stablekernels::cuda {
+
+enum class Dtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// The accumulation dtype of a kernel reading `in` and writing `out`: fp64 if either is.
+inline Dtype accumulation(Dtype in, Dtype out) {
+  return in == Dtype::kFloat64 || out == Dtype::kFloat64 ? Dtype::kFloat64 : Dtype::kFloat32;
+}
+
+// Whether the kernels write `out` directly from `in`: out is in's dtype or the accumulation
+// dtype. Other pairs (fp32 -> fp16, say) are written in the accumulation dtype and converted
+// by the caller, which is the same single rounding.
+inline bool writes_directly(Dtype in, Dtype out) {
+  return out == in || out == accumulation(in, out);
+}
+
+// Bytes of workspace the launchers below need for `layout` (0 when rows fit one block).
+size_t workspace_bytes(const Layout& layout, Dtype in, Dtype out);
+
+// y = softmax(x) (log_softmax if `log`) along n; y contiguous, of dtype y_type
+// (writes_directly(x_type, y_type) must hold).
+cudaError_t softmax_forward(const void* x, Dtype x_type, void* y, Dtype y_type,
+                            const Layout& layout, bool log, void* workspace, cudaStream_t stream);
+
+// out (x's dtype) and lse (fp64) per row: logsumexp of x along n.
+cudaError_t logsumexp_forward(const void* x, Dtype x_type, void* out, double* lse,
+                              const Layout& layout, void* workspace, cudaStream_t stream);
+
+// dx from grad and y (both contiguous, dtype y_type; dx of dx_type with
+// writes_directly(y_type, dx_type)): softmax dx = y * (grad - sum(grad * y)); log_softmax
+// dx = grad - exp(y) * sum(grad).
+cudaError_t softmax_backward(const void* grad, const void* y, Dtype y_type, void* dx, Dtype dx_type,
+                             const Layout& layout, bool log, void* workspace, cudaStream_t stream);
+
+// dx = grad_row * exp(x - lse_row); grad per row in the accumulation dtype of x, lse per
+// row in fp64; dx contiguous, of x's dtype.
+cudaError_t logsumexp_backward(const void* grad, const double* lse, const void* x, Dtype x_type,
+                               void* dx, const Layout& layout, cudaStream_t stream);
+
+}  // namespace stablekernels::cuda

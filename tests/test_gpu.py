@@ -1,0 +1,129 @@
+"""The backends that serve CUDA tensors (cuda, triton, torch), on a GPU: values against the
+float64 reference in every dtype (bf16 included), long rows (262144 and 1M+), strided
+rows, special values, gradients, a tensor of more than 2^31 elements, CUDA graph capture
+and a non-default stream. Skipped without a GPU (run by benchmarks/gpu_run.sh on the GPU
+machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stablekernels as sk
+from stablekernels import backends
+
+from . import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+GPU_BACKENDS = [b for b in backends.BACKENDS if backends.BACKENDS[b].reason("cuda") is None]
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+SHAPES = [
+    ((4, 1000), -1),
+    ((64, 4096), -1),
+    ((8, 50257), -1),
+    ((2, 262144), -1),
+    ((1, 1_100_000), -1),
+    ((3, 5, 33), 1),
+    ((1024, 64), 0),
+    ((7, 300), -1),
+]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_backend(request):
+    return request.param
+
+
+def _close(ours, ref, dtype, name):
+    ref = ref.to(ours.device)
+    scale = ref.abs().nan_to_num(posinf=0, neginf=0).max().clamp(min=1.0)
+    atol = TOL[dtype] * (scale if name == "logsumexp" else 1)
+    torch.testing.assert_close(ours.double(), ref, rtol=TOL[dtype], atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_forward_and_backward_against_float64(gpu_backend, dtype, shape, dim):
+    x = (torch.randn(shape, dtype=torch.float64) * 4).to(dtype)
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        xc = x.cuda().requires_grad_()
+        out = getattr(sk, name)(xc, dim, backend=gpu_backend)
+        _close(out, getattr(reference, name)(x, dim), dtype, name)
+        dy = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+        out.backward(dy.cuda())
+        ref = reference.backward(name, x, dy, dim)
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(
+            xc.grad.double().cpu(), ref, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4 * scale
+        )
+
+
+def test_special_values(gpu_backend):
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor(
+        [
+            [-inf] * 4,
+            [inf, 0, 1, 2],
+            [nan, 0, 1, 2],
+            [-inf, 0, 1, -inf],
+            [3, 3, 3, -1],
+            [0.5, -1.5, 2.0, 0.25],
+        ]
+    ).repeat(1, 700)
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        ours = getattr(sk, name)(x.cuda(), -1, backend=gpu_backend).cpu()
+        torch.testing.assert_close(ours, getattr(torch, name)(x, -1), equal_nan=True)
+
+
+def test_more_than_2_to_the_31_elements(gpu_backend):
+    x = torch.randn(2**21 + 3, 1024, dtype=torch.float16, device="cuda")  # 2^31 + 3072
+    out = sk.logsumexp(x, -1, backend=gpu_backend)
+    tail = x[-5:].float()
+    torch.testing.assert_close(out[-5:].float(), torch.logsumexp(tail, -1), rtol=2e-3, atol=1e-2)
+    y = sk.softmax(x, -1, backend=gpu_backend)
+    torch.testing.assert_close(y[-5:].float(), torch.softmax(tail, -1), rtol=2e-3, atol=1e-4)
+
+
+def test_cuda_graph_capture_and_replay(gpu_backend):
+    x = torch.randn(64, 70000, device="cuda")
+    static_in = x.clone()
+    sk.softmax(static_in, backend=gpu_backend)  # warm-up (Triton compiles) outside capture
+    sk.logsumexp(static_in, backend=gpu_backend)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = sk.softmax(static_in, backend=gpu_backend)
+        lse = sk.logsumexp(static_in, backend=gpu_backend)
+    static_in.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, torch.softmax(static_in, -1))
+    torch.testing.assert_close(lse, torch.logsumexp(static_in, -1))
+
+
+def test_non_default_stream(gpu_backend):
+    x = torch.randn(256, 4096, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = sk.log_softmax(x, backend=gpu_backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(y, torch.log_softmax(x, -1))
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="the triton backend is not available")
+def test_opcheck_of_the_triton_ops():
+    # Under the interpreter the fake tracing of triton_op cannot trace interpreted kernels,
+    # so these run on a GPU only.
+    x = torch.randn(4, 37, device="cuda", requires_grad=True)
+    long = torch.randn(2, 20000, device="cuda")
+    ops = torch.ops.stablekernels
+    y = torch.softmax(x.detach(), -1)
+    for op, args in [
+        (ops.triton_softmax.default, (x, -1, torch.float32, False)),
+        (ops.triton_softmax.default, (long, 1, torch.float32, True)),
+        (ops.triton_logsumexp.default, (long, -1, False)),
+        (ops.triton_softmax_backward.default, (torch.randn_like(y), y, 1, torch.float32, False)),
+    ]:
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
