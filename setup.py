@@ -60,7 +60,11 @@ COMMON_SOURCES = [
     "csrc/bindings/cpu_ops.cpp",
 ]
 CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for runs on OpenMP in torch's CPU builds
-CUDA_SOURCES = ["csrc/cuda/softmax.cu", "csrc/bindings/cuda_ops.cpp"]
+CUDA_SOURCES = [
+    "csrc/cuda/softmax.cu",
+    "csrc/cuda/cross_entropy.cu",
+    "csrc/bindings/cuda_ops.cpp",
+]
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 
 

@@ -4,10 +4,10 @@ backward, matching the torch backend."""
 
 import os
 
+import stablekernels._C  # noqa: F401
 import torch
 
 import stablekernels
-import stablekernels._C  # noqa: F401
 
 here = os.path.dirname(stablekernels.__file__)
 assert "site-packages" in here, f"not the installed package: {here}"

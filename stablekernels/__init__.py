@@ -1,8 +1,10 @@
-"""stablekernels: fused, numerically stable softmax, log-softmax and log-sum-exp for PyTorch.
+"""stablekernels: fused, numerically stable softmax, log-softmax, log-sum-exp and
+cross-entropy for PyTorch.
 
     import stablekernels as sk
     sk.softmax(x, dim=-1)             sk.log_softmax(x, dim=-1)
     sk.logsumexp(x, dim=-1)           sk.nn.Softmax(dim), sk.nn.LogSoftmax(dim)
+    sk.cross_entropy(logits, target)  sk.nn.CrossEntropyLoss()
     sk.available_backends()           with sk.use_backend("torch"): ...
     sk.naive.softmax(x)               the unstable textbook formula, for comparison
 
@@ -12,6 +14,7 @@ work under ``torch.compile(fullgraph=True)``.
 
 from . import naive, nn
 from ._api import available_backends, log_softmax, logsumexp, softmax, use_backend
+from ._cross_entropy import cross_entropy
 from .backends import BackendUnavailableError
 
 __version__ = "0.1.0"
@@ -19,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "available_backends",
+    "cross_entropy",
     "log_softmax",
     "logsumexp",
     "naive",

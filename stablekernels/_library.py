@@ -13,6 +13,11 @@ backends; the backend is an argument, chosen by :mod:`stablekernels._api`::
     stablekernels::log_softmax_backward(...same...) -> Tensor
     stablekernels::logsumexp_backward(Tensor grad, Tensor x, Tensor result, int dim,
                                       bool keepdim, str backend) -> Tensor
+    stablekernels::cross_entropy(Tensor logits, Tensor target, Tensor? weight,
+                                 int ignore_index, float label_smoothing, float z_loss,
+                                 str backend) -> (Tensor loss, Tensor lse)
+    stablekernels::cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, Tensor logits,
+                                          Tensor target, Tensor? weight, Tensor lse, ...)
 
 ``logsumexp`` returns the result in x's dtype and, beside it, the same log-sum-exp in
 float64: the backward uses that one, since exp(x - lse) puts the rounding of the lse into
@@ -53,6 +58,12 @@ SCHEMAS = {
     "ScalarType input_dtype, str backend) -> Tensor",
     "logsumexp_backward": "logsumexp_backward(Tensor grad, Tensor x, Tensor result, int dim, "
     "bool keepdim, str backend) -> Tensor",
+    "cross_entropy": "cross_entropy(Tensor logits, Tensor target, Tensor? weight, "
+    "int ignore_index, float label_smoothing, float z_loss, str backend) "
+    "-> (Tensor loss, Tensor lse)",
+    "cross_entropy_backward": "cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, "
+    "Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index, "
+    "float label_smoothing, float z_loss, str backend) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -215,6 +226,74 @@ def _logsumexp_backward_fake(grad, x, result, dim, keepdim, backend):
     return x.new_empty(x.shape)
 
 
+# ----------------------------------------------------------------------------------------
+# Cross-entropy of (R, C) logits and (R,) class targets: per-row losses (fp32, fp64 for fp64
+# logits; weighted and smoothed, 0 on ignored rows) and per-row lse (fp64). Reduction and
+# shapes: stablekernels._cross_entropy.
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Per-row losses are in the accumulation dtype: fp32, or fp64 for fp64 logits."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _check_cross_entropy(op, logits, target, weight):
+    if logits.dim() != 2:
+        raise RuntimeError(f"{op}(): logits must be 2-D (rows, classes), got {tuple(logits.shape)}")
+    check_floating(op, "the logits", logits.dtype)
+    if target.dtype != torch.int64 or target.shape != logits.shape[:1]:
+        raise RuntimeError(
+            f"{op}(): target must be int64 of shape ({logits.shape[0]},), got {target.dtype} "
+            f"{tuple(target.shape)}"
+        )
+    if weight is not None:
+        check_floating(op, "the weight", weight.dtype)
+        if weight.shape != logits.shape[1:]:
+            raise RuntimeError(f"{op}(): weight must have shape ({logits.shape[1]},)")
+        check_same_device(op, logits, target, weight)
+    else:
+        check_same_device(op, logits, target)
+
+
+def _cross_entropy_route(logits, target, weight, ignore_index, label_smoothing, z_loss, backend):
+    _check_cross_entropy("cross_entropy", logits, target, weight)
+    kernels = _kernels("cross_entropy", backend, logits)
+    if logits.shape[0] == 0:
+        return (
+            logits.new_empty(0, dtype=_loss_dtype(logits)),
+            logits.new_empty(0, dtype=torch.float64),
+        )
+    return kernels.cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss)
+
+
+def _cross_entropy_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, backend):
+    _check_cross_entropy("cross_entropy", logits, target, weight)
+    rows = logits.shape[0]
+    return (
+        logits.new_empty(rows, dtype=_loss_dtype(logits)),
+        logits.new_empty(rows, dtype=torch.float64),
+    )
+
+
+def _cross_entropy_backward_route(
+    grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, backend
+):
+    _check_cross_entropy("cross_entropy_backward", logits, target, weight)
+    kernels = _kernels("cross_entropy_backward", backend, logits, grad_loss, grad_lse, lse)
+    if logits.numel() == 0:
+        return torch.zeros_like(logits)
+    return kernels.cross_entropy_backward(
+        grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss
+    )
+
+
+def _cross_entropy_backward_fake(
+    grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, backend
+):
+    _check_cross_entropy("cross_entropy_backward", logits, target, weight)
+    return torch.empty_like(logits)
+
+
 _ROUTES = {
     "softmax": _softmax_family("softmax"),
     "log_softmax": _softmax_family("log_softmax"),
@@ -222,6 +301,8 @@ _ROUTES = {
     "softmax_backward": _softmax_backward_family("softmax_backward"),
     "log_softmax_backward": _softmax_backward_family("log_softmax_backward"),
     "logsumexp_backward": (_logsumexp_backward_route, _logsumexp_backward_fake),
+    "cross_entropy": (_cross_entropy_route, _cross_entropy_fake),
+    "cross_entropy_backward": (_cross_entropy_backward_route, _cross_entropy_backward_fake),
 }
 for _name, (_route, _fake) in _ROUTES.items():
     _lib.impl(_name, _route, "CompositeExplicitAutograd")
@@ -338,6 +419,23 @@ def _logsumexp_backward_grad(ctx, gg):
     )
 
 
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing, z_loss, backend = inputs
+    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.options = (ignore_index, label_smoothing, z_loss, backend)
+
+
+def _cross_entropy_grad(ctx, grad_loss, grad_lse):
+    # No gradient for the targets or the class weights (torch has none for weight either).
+    logits, target, weight, lse = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = lse.new_zeros(lse.shape, dtype=_loss_dtype(logits))
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    dx = ops.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, lse, *ctx.options)
+    return dx, None, None, None, None, None, None
+
+
 _AUTOGRAD = {
     "softmax": (_softmax_grad, _save_output),
     "log_softmax": (_log_softmax_grad, _save_output),
@@ -345,6 +443,7 @@ _AUTOGRAD = {
     "softmax_backward": (_softmax_backward_grad, _save_backward_inputs),
     "log_softmax_backward": (_log_softmax_backward_grad, _save_backward_inputs),
     "logsumexp_backward": (_logsumexp_backward_grad, _logsumexp_backward_setup),
+    "cross_entropy": (_cross_entropy_grad, _cross_entropy_setup),
 }
 for _name, (_backward, _setup) in _AUTOGRAD.items():
     torch.library.register_autograd(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _api
+from . import _api, _cross_entropy
 
 
 class _AlongDim(torch.nn.Module):
@@ -32,3 +32,49 @@ class LogSoftmax(_AlongDim):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _api.log_softmax(x, self.dim, backend=self.backend)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """:func:`stablekernels.cross_entropy` as a module, with the same options (``weight`` is
+    kept as a buffer, as in ``torch.nn.CrossEntropyLoss``)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        return_lse: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in _cross_entropy.REDUCTIONS:
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.return_lse = return_lse
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        return _cross_entropy.cross_entropy(
+            input,
+            target,
+            self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            return_lse=self.return_lse,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}"
+        )

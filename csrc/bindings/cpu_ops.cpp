@@ -123,6 +123,49 @@ at::Tensor fused_logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor
   return dx;
 }
 
+std::tuple<at::Tensor, at::Tensor> fused_cross_entropy_cpu(const at::Tensor& logits,
+                                                           const at::Tensor& target,
+                                                           const c10::optional<at::Tensor>& weight,
+                                                           int64_t ignore_index,
+                                                           double label_smoothing, double z_loss) {
+  check_floating("fused_cross_entropy", "the logits", logits.scalar_type());
+  const ClassRows in = class_rows("fused_cross_entropy", logits, target, weight, ignore_index,
+                                  accumulation_type(logits.scalar_type()));
+  at::Tensor loss =
+      at::empty({in.rows}, logits.options().dtype(accumulation_type(logits.scalar_type())));
+  at::Tensor lse = at::empty({in.rows}, logits.options().dtype(at::kDouble));
+  if (in.rows > 0 && in.classes > 0) {
+    cpu_kernels().cross_entropy_forward(in.logits.const_data_ptr(), in.logits.scalar_type(),
+                                        in.x_stride, in.target.const_data_ptr<int64_t>(),
+                                        in.weight ? in.weight->const_data_ptr() : nullptr, in.rows,
+                                        in.classes, ignore_index, label_smoothing, z_loss,
+                                        loss.mutable_data_ptr(), lse.mutable_data_ptr<double>());
+  }
+  return {loss, lse};
+}
+
+at::Tensor fused_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
+                                            const at::Tensor& logits, const at::Tensor& target,
+                                            const c10::optional<at::Tensor>& weight,
+                                            const at::Tensor& lse, int64_t ignore_index,
+                                            double label_smoothing, double z_loss) {
+  check_floating("fused_cross_entropy_backward", "the logits", logits.scalar_type());
+  const ClassRows in = class_rows("fused_cross_entropy_backward", logits, target, weight,
+                                  ignore_index, accumulation_type(logits.scalar_type()));
+  const at::Tensor g = grad_loss.to(accumulation_type(logits.scalar_type())).contiguous();
+  const at::Tensor gl = grad_lse.to(at::kDouble).contiguous();
+  const at::Tensor l = lse.to(at::kDouble).contiguous();
+  at::Tensor dx = empty_output(logits.sizes(), logits.scalar_type(), logits);
+  if (dx.numel() > 0) {
+    cpu_kernels().cross_entropy_backward(
+        g.const_data_ptr(), gl.const_data_ptr<double>(), in.logits.const_data_ptr(),
+        in.logits.scalar_type(), in.x_stride, in.target.const_data_ptr<int64_t>(),
+        in.weight ? in.weight->const_data_ptr() : nullptr, l.const_data_ptr<double>(), in.rows,
+        in.classes, ignore_index, label_smoothing, z_loss, dx.mutable_data_ptr());
+  }
+  return dx;
+}
+
 std::string cpu_capability() { return cpu_kernels().capability; }
 
 }  // namespace
@@ -132,6 +175,8 @@ TORCH_LIBRARY_IMPL(stablekernels, CPU, m) {
   m.impl("fused_logsumexp", &fused_logsumexp_cpu);
   m.impl("fused_softmax_backward", &fused_softmax_backward_cpu);
   m.impl("fused_logsumexp_backward", &fused_logsumexp_backward_cpu);
+  m.impl("fused_cross_entropy", &fused_cross_entropy_cpu);
+  m.impl("fused_cross_entropy_backward", &fused_cross_entropy_backward_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(stablekernels, m) {

@@ -142,6 +142,73 @@ at::Tensor fused_logsumexp_backward_cuda(const at::Tensor& grad, const at::Tenso
   return dx;
 }
 
+std::tuple<at::Tensor, at::Tensor> fused_cross_entropy_cuda(const at::Tensor& logits,
+                                                            const at::Tensor& target,
+                                                            const c10::optional<at::Tensor>& weight,
+                                                            int64_t ignore_index,
+                                                            double label_smoothing, double z_loss) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::ScalarType acc = accumulation_type(logits.scalar_type(), logits.scalar_type());
+  const ClassRows in = class_rows("fused_cross_entropy", logits, target, weight, ignore_index, acc);
+  at::Tensor loss = at::empty({in.rows}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({in.rows}, logits.options().dtype(at::kDouble));
+  if (in.rows > 0 && in.classes > 0) {
+    check_launch(
+        cuda::cross_entropy_forward(
+            in.logits.const_data_ptr(), dtype_of("fused_cross_entropy", logits.scalar_type()),
+            in.x_stride, in.target.const_data_ptr<int64_t>(),
+            in.weight ? in.weight->const_data_ptr() : nullptr, in.rows, in.classes, ignore_index,
+            label_smoothing, z_loss, loss.mutable_data_ptr(), lse.mutable_data_ptr<double>(),
+            c10::cuda::getCurrentCUDAStream()),
+        "fused_cross_entropy");
+  }
+  return {loss, lse};
+}
+
+at::Tensor fused_cross_entropy_backward_cuda(const at::Tensor& grad_loss,
+                                             const at::Tensor& grad_lse, const at::Tensor& logits,
+                                             const at::Tensor& target,
+                                             const c10::optional<at::Tensor>& weight,
+                                             const at::Tensor& lse, int64_t ignore_index,
+                                             double label_smoothing, double z_loss) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::ScalarType acc = accumulation_type(logits.scalar_type(), logits.scalar_type());
+  const ClassRows in =
+      class_rows("fused_cross_entropy_backward", logits, target, weight, ignore_index, acc);
+  // Per-row terms (hi, lo, coef, smooth, one_hot), computed here in fp64 on rows-sized
+  // tensors; the kernel is then a pure map over the logits.
+  const at::Tensor counted = in.target.ne(ignore_index);
+  const at::Tensor t_safe = at::where(counted, in.target, at::zeros_like(in.target));
+  const at::Tensor g = at::where(counted, grad_loss.to(at::kDouble), 0.0);
+  const at::Tensor w_t =
+      in.weight ? in.weight->to(at::kDouble).index_select(0, t_safe) : at::ones_like(g);
+  const double classes = static_cast<double>(in.classes);
+  const at::Tensor total_w =
+      in.weight ? in.weight->to(at::kDouble).sum() : at::full({}, classes, g.options());
+  const at::Tensor lse64 = lse.to(at::kDouble);
+  const at::Tensor coef =
+      g * ((1 - label_smoothing) * w_t + label_smoothing * total_w / classes + 2 * z_loss * lse64) +
+      grad_lse.to(at::kDouble);
+  const at::Tensor hi = lse64.to(acc);
+  const at::Tensor lo = at::where(lse64.isfinite(), lse64 - hi.to(at::kDouble), 0.0);
+  const at::Tensor terms = at::stack({hi.to(at::kDouble), lo, coef, label_smoothing / classes * g,
+                                      (1 - label_smoothing) * g * w_t},
+                                     1)
+                               .to(acc)
+                               .contiguous();
+  at::Tensor dx = at::empty(logits.sizes(), logits.options());
+  if (dx.numel() > 0) {
+    check_launch(cuda::cross_entropy_backward(
+                     in.logits.const_data_ptr(),
+                     dtype_of("fused_cross_entropy_backward", logits.scalar_type()), in.x_stride,
+                     in.target.const_data_ptr<int64_t>(),
+                     in.weight ? in.weight->const_data_ptr() : nullptr, terms.const_data_ptr(),
+                     in.rows, in.classes, dx.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                 "fused_cross_entropy_backward");
+  }
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
@@ -149,6 +216,8 @@ TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
   m.impl("fused_logsumexp", &fused_logsumexp_cuda);
   m.impl("fused_softmax_backward", &fused_softmax_backward_cuda);
   m.impl("fused_logsumexp_backward", &fused_logsumexp_backward_cuda);
+  m.impl("fused_cross_entropy", &fused_cross_entropy_cuda);
+  m.impl("fused_cross_entropy_backward", &fused_cross_entropy_backward_cuda);
 }
 
 }  // namespace stablekernels

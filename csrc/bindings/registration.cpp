@@ -14,4 +14,12 @@ TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
   m.def(
       "fused_logsumexp_backward(Tensor grad, Tensor x, Tensor lse, int dim, bool keepdim) "
       "-> Tensor");
+  // (per-row loss fp32, per-row lse fp64) of (rows, classes) logits and int64 targets.
+  m.def(
+      "fused_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float z_loss) -> (Tensor, Tensor)");
+  m.def(
+      "fused_cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, Tensor logits, "
+      "Tensor target, Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, "
+      "float z_loss) -> Tensor");
 }

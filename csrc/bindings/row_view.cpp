@@ -55,4 +55,30 @@ at::Tensor rows_to_result(const at::Tensor& rows, const RowView& view, bool keep
   return rows.view(reduced_shape(view.x, view.dim, keepdim));
 }
 
+ClassRows class_rows(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                     const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                     at::ScalarType acc) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (rows, classes), got ", logits.sizes());
+  TORCH_CHECK(
+      target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == logits.size(0),
+      op, ": target must be int64 of shape (", logits.size(0), "), got ", target.scalar_type(), " ",
+      target.sizes());
+  if (target.device().is_cpu() && target.numel() > 0) {
+    // The kernels index the logits by target: refuse any target out of range (the Python
+    // API checks first, with torch's IndexError; this guards direct calls of the op).
+    const auto bad = (target.lt(0) | target.ge(logits.size(1))) & target.ne(ignore_index);
+    TORCH_CHECK(!bad.any().item<bool>(), op, ": a target is out of bounds for ", logits.size(1),
+                " classes");
+  }
+  const RowView view = row_view(logits, 1);
+  ClassRows out{view.x,         target.contiguous(), c10::nullopt,
+                logits.size(0), logits.size(1),      view.layout.x_stride};
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), op,
+                ": weight must have shape (", logits.size(1), "), got ", weight->sizes());
+    out.weight = weight->to(acc).contiguous();
+  }
+  return out;
+}
+
 }  // namespace stablekernels

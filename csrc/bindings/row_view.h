@@ -26,6 +26,18 @@ RowView row_view(const at::Tensor& x, int64_t dim);
 at::Tensor rows_of(const at::Tensor& per_row, const RowView& view, bool keepdim,
                    at::ScalarType dtype);
 
+// 2-D logits (rows, classes) as contiguous rows at a regular stride (a copy otherwise),
+// checked with their int64 targets and optional class weights (converted to `acc`).
+struct ClassRows {
+  at::Tensor logits;
+  at::Tensor target;
+  c10::optional<at::Tensor> weight;
+  int64_t rows, classes, x_stride;
+};
+ClassRows class_rows(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                     const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                     at::ScalarType acc);
+
 // The per-row output of a kernel (rows() elements) in the reduced (or keepdim) shape.
 at::Tensor rows_to_result(const at::Tensor& rows, const RowView& view, bool keepdim);
 

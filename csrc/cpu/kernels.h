@@ -34,6 +34,24 @@ struct KernelTable {
   // or fp64 for fp64 x), lse per row in fp64; dx has x's dtype.
   void (*logsumexp_backward)(const void* grad, const double* lse, const void* x,
                              c10::ScalarType x_type, void* dx, Layout layout);
+
+  // Cross-entropy of `rows` contiguous rows of `classes` logits (row r at x + r * x_stride)
+  // against class targets (int64; ignore_index counts nothing), with optional class weights
+  // (the accumulation dtype of x). Writes the per-row loss (fp32, weighted, smoothed,
+  // z-loss added; 0 on ignored rows; in the accumulation dtype: fp32, or fp64 for fp64) and
+  // lse (fp64).
+  void (*cross_entropy_forward)(const void* x, c10::ScalarType x_type, int64_t x_stride,
+                                const int64_t* target, const void* weight, int64_t rows,
+                                int64_t classes, int64_t ignore_index, double label_smoothing,
+                                double z_loss, void* loss, double* lse);
+
+  // dx (contiguous, x's dtype) from the upstream gradients of the per-row losses (the
+  // accumulation dtype) and lse (fp64), and the saved lse.
+  void (*cross_entropy_backward)(const void* grad_loss, const double* grad_lse, const void* x,
+                                 c10::ScalarType x_type, int64_t x_stride, const int64_t* target,
+                                 const void* weight, const double* lse, int64_t rows,
+                                 int64_t classes, int64_t ignore_index, double label_smoothing,
+                                 double z_loss, void* dx);
 };
 
 namespace capability_default {

@@ -756,6 +756,142 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const double* lse, const T*
 }
 
 // ---------------------------------------------------------------------------------------
+// Cross-entropy of contiguous rows (row r at x + r * x_stride, C classes), class targets.
+// Per row (w: class weights, all 1 without; e: smoothing; z: z-loss):
+//   loss = (1 - e) w_t (lse - x_t) + (e / C) sum_c w_c (lse - x_c) + z lse^2
+// with lse - x_c = (m - x_c) + log1p(s'), both >= 0. sum_c w_c (m - x_c) is summed per
+// chunk against the chunk's max and moved to the row's max as a_c + (m - m_c) W_c: every
+// term >= 0, no cancellation.
+
+// sum over a chunk of w_c (m - x_c), and of w_c (the count without weights).
+template <typename T, typename acc_t>
+std::pair<double, double> chunk_gaps(const T* p, int64_t len, acc_t m, const acc_t* w) {
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const V vm(m);
+  BlockSum<acc_t> gaps, weights;
+  for (int64_t j = 0; j < len; j += kVec) {
+    const int64_t count = std::min(kVec, len - j);
+    const V d = vm - io::load(p + j, count);  // +inf for a -inf logit, as torch's smooth term
+    if (w != nullptr) {
+      const V wv = V::loadu(w + j, count);  // lanes past count load 0
+      gaps.add(V::set(V(acc_t(0)), d * wv, count));
+      weights.add(wv);
+    } else {
+      gaps.add(V::set(V(acc_t(0)), d, count));
+    }
+  }
+  return {gaps.result(), w != nullptr ? weights.result() : static_cast<double>(len)};
+}
+
+template <typename T>
+void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* target,
+                                 const acc_of<T>* weight, int64_t rows, int64_t classes,
+                                 int64_t ignore_index, double eps, double z, acc_of<T>* loss,
+                                 double* lse) {
+  using acc_t = acc_of<T>;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, classes));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> chunk_m, chunk_a, chunk_w;
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * x_stride;
+      State st = State::empty();
+      chunk_m.clear();
+      chunk_a.clear();
+      chunk_w.clear();
+      for (int64_t c0 = 0; c0 < classes; c0 += kChunk) {
+        const int64_t len = std::min(kChunk, classes - c0);
+        const State c = chunk_stats<T, acc_t>(xr + c0, len);
+        st = merge(st, c);
+        if (eps > 0) {
+          const auto [a, wsum] = chunk_gaps<T, acc_t>(xr + c0, len, static_cast<acc_t>(c.m),
+                                                      weight == nullptr ? nullptr : weight + c0);
+          chunk_m.push_back(c.m);
+          chunk_a.push_back(a);
+          chunk_w.push_back(wsum);
+        }
+      }
+      const double log_rest = std::log1p(st.s);
+      const double value = std::isnan(st.s)   ? std::numeric_limits<double>::quiet_NaN()
+                           : std::isinf(st.m) ? st.m
+                                              : st.m + log_rest;
+      lse[r] = value;
+      const int64_t t = target[r];
+      if (t == ignore_index) {
+        loss[r] = 0;
+        continue;
+      }
+      if (!std::isfinite(st.m)) {  // torch: a +inf, a NaN or only -inf in the row: NaN
+        loss[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
+      const double w_t = weight == nullptr ? 1.0 : static_cast<double>(weight[t]);
+      double row =
+          (1 - eps) * w_t * ((st.m - static_cast<double>(static_cast<acc_t>(xr[t]))) + log_rest);
+      if (eps > 0) {
+        double gaps = 0, total_w = 0;
+        for (size_t k = 0; k < chunk_m.size(); ++k) {
+          gaps += chunk_a[k] + (chunk_w[k] > 0 ? (st.m - chunk_m[k]) * chunk_w[k] : 0.0);
+          total_w += chunk_w[k];
+        }
+        row += eps / static_cast<double>(classes) * (gaps + total_w * log_rest);
+      }
+      row += z * value * value;
+      loss[r] = static_cast<acc_t>(row);
+    }
+  });
+}
+
+// dx_c = p_c * coef - (e / C) g w_c - [c == t] (1 - e) g w_t, with p = exp(x - lse) and
+// coef = g ((1 - e) w_t + e W / C + 2 z lse) + g_lse (g = 0 on ignored rows).
+template <typename T>
+void cross_entropy_backward_typed(const acc_of<T>* grad_loss, const double* grad_lse, const T* x,
+                                  int64_t x_stride, const int64_t* target, const acc_of<T>* weight,
+                                  const double* lse, int64_t rows, int64_t classes,
+                                  int64_t ignore_index, double eps, double z, T* dx) {
+  using acc_t = acc_of<T>;
+  using io = IO<T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  double total_w = static_cast<double>(classes);
+  if (weight != nullptr) {
+    total_w = 0;
+    for (int64_t c = 0; c < classes; ++c) total_w += weight[c];
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, classes));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * x_stride;
+      T* dr = dx + r * classes;
+      const int64_t t = target[r];
+      const bool counted = t != ignore_index;
+      const double g = counted ? grad_loss[r] : 0.0;
+      const double w_t = counted && weight != nullptr ? static_cast<double>(weight[t]) : 1.0;
+      const auto [hi, lo] = split<acc_t>(lse[r]);
+      const acc_t coef = static_cast<acc_t>(
+          g * ((1 - eps) * w_t + eps * total_w / classes + 2 * z * lse[r]) + grad_lse[r]);
+      const acc_t smooth = static_cast<acc_t>(eps / classes * g);
+      const V vhi(hi), vlo(lo), vcoef(coef), vsmooth(smooth);
+      for (int64_t j = 0; j < classes; j += kVec) {
+        const int64_t count = std::min(kVec, classes - j);
+        const V p = exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
+        V d = p * vcoef;
+        if (eps > 0)
+          d = d - vsmooth * (weight == nullptr ? V(acc_t(1)) : V::loadu(weight + j, count));
+        io::store(dr + j, d, count);
+      }
+      if (counted) {  // the target's entry, written once more with its one-hot term
+        const acc_t p = std::exp((static_cast<acc_t>(xr[t]) - hi) - lo);
+        const acc_t w_c = weight == nullptr ? acc_t(1) : weight[t];
+        const acc_t d = p * coef - smooth * w_c - static_cast<acc_t>((1 - eps) * g * w_t);
+        dr[t] = static_cast<T>(d);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
 // dtype dispatch: the four floating dtypes, for input and output independently.
 
 template <typename F>
@@ -814,10 +950,36 @@ void logsumexp_backward(const void* grad, const double* lse, const void* x, c10:
   });
 }
 
+void cross_entropy_forward(const void* x, c10::ScalarType x_type, int64_t x_stride,
+                           const int64_t* target, const void* weight, int64_t rows, int64_t classes,
+                           int64_t ignore_index, double label_smoothing, double z_loss, void* loss,
+                           double* lse) {
+  with_dtype(x_type, [&](auto xt) {
+    using T = decltype(xt);
+    cross_entropy_forward_typed(static_cast<const T*>(x), x_stride, target,
+                                static_cast<const acc_of<T>*>(weight), rows, classes, ignore_index,
+                                label_smoothing, z_loss, static_cast<acc_of<T>*>(loss), lse);
+  });
+}
+
+void cross_entropy_backward(const void* grad_loss, const double* grad_lse, const void* x,
+                            c10::ScalarType x_type, int64_t x_stride, const int64_t* target,
+                            const void* weight, const double* lse, int64_t rows, int64_t classes,
+                            int64_t ignore_index, double label_smoothing, double z_loss, void* dx) {
+  with_dtype(x_type, [&](auto xt) {
+    using T = decltype(xt);
+    cross_entropy_backward_typed(static_cast<const acc_of<T>*>(grad_loss), grad_lse,
+                                 static_cast<const T*>(x), x_stride, target,
+                                 static_cast<const acc_of<T>*>(weight), lse, rows, classes,
+                                 ignore_index, label_smoothing, z_loss, static_cast<T*>(dx));
+  });
+}
+
 }  // namespace
 
 extern const KernelTable kTable;
-const KernelTable kTable = {SK_CAPABILITY_NAME, softmax_forward, logsumexp_forward,
-                            softmax_backward, logsumexp_backward};
+const KernelTable kTable = {SK_CAPABILITY_NAME,    softmax_forward,    logsumexp_forward,
+                            softmax_backward,      logsumexp_backward, cross_entropy_forward,
+                            cross_entropy_backward};
 
 }  // namespace stablekernels::cpu::SK_CAPABILITY_NAMESPACE

@@ -51,6 +51,51 @@ __device__ __forceinline__ U from_acc(A v) {
   }
 }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks in a 1-D grid (kernels loop grid-stride beyond).
+inline unsigned grid_size(int64_t blocks) {
+  return static_cast<unsigned>(blocks < 0x7fffffff ? blocks : 0x7fffffff);
+}
+
+// ---------------------------------------------------------------------------------------
+// dtype dispatch: the pairs the kernels write directly (see kernels.h).
+
+template <typename F>
+cudaError_t with_pair(Dtype in, Dtype out, F f) {
+  switch (in) {
+    case Dtype::kFloat32:
+      if (out == Dtype::kFloat32) return f(float{}, float{});
+      if (out == Dtype::kFloat64) return f(float{}, double{});
+      break;
+    case Dtype::kFloat64:
+      if (out == Dtype::kFloat64) return f(double{}, double{});
+      break;
+    case Dtype::kFloat16:
+      if (out == Dtype::kFloat16) return f(__half{}, __half{});
+      if (out == Dtype::kFloat32) return f(__half{}, float{});
+      if (out == Dtype::kFloat64) return f(__half{}, double{});
+      break;
+    case Dtype::kBFloat16:
+      if (out == Dtype::kBFloat16) return f(__nv_bfloat16{}, __nv_bfloat16{});
+      if (out == Dtype::kFloat32) return f(__nv_bfloat16{}, float{});
+      if (out == Dtype::kFloat64) return f(__nv_bfloat16{}, double{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline size_t element_size(Dtype t) {
+  switch (t) {
+    case Dtype::kFloat64:
+      return 8;
+    case Dtype::kFloat32:
+      return 4;
+    default:
+      return 2;
+  }
+}
+
 template <typename A>
 __device__ __forceinline__ A infinity() {
   return static_cast<A>(INFINITY);

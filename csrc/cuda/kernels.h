@@ -50,4 +50,20 @@ cudaError_t softmax_backward(const void* grad, const void* y, Dtype y_type, void
 cudaError_t logsumexp_backward(const void* grad, const double* lse, const void* x, Dtype x_type,
                                void* dx, const Layout& layout, cudaStream_t stream);
 
+// Cross-entropy of `rows` rows of `classes` logits (row r at x + r * x_stride) against int64
+// class targets, optional class weights (accumulation dtype of x): per-row loss (fp32,
+// weighted, smoothed, z-loss added, 0 on ignored rows; fp32, or fp64 for fp64 logits) and
+// lse (fp64).
+cudaError_t cross_entropy_forward(const void* x, Dtype x_type, int64_t x_stride,
+                                  const int64_t* target, const void* weight, int64_t rows,
+                                  int64_t classes, int64_t ignore_index, double label_smoothing,
+                                  double z_loss, void* loss, double* lse, cudaStream_t stream);
+
+// dx (contiguous, x's dtype): dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c
+// - [c == t] * one_hot, with row_terms = (hi, lo, coef, smooth, one_hot) per row in the
+// accumulation dtype of x.
+cudaError_t cross_entropy_backward(const void* x, Dtype x_type, int64_t x_stride,
+                                   const int64_t* target, const void* weight, const void* row_terms,
+                                   int64_t rows, int64_t classes, void* dx, cudaStream_t stream);
+
 }  // namespace stablekernels::cuda

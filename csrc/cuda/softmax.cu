@@ -29,12 +29,6 @@ constexpr int kBlockPacks = 8;       // 16-byte packs per thread in the block ke
 constexpr int kBlockScalars = 8;     // elements per thread when unaligned
 constexpr int kStridedThreads = 256;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-unsigned grid_size(int64_t blocks) {
-  return static_cast<unsigned>(blocks < 0x7fffffff ? blocks : 0x7fffffff);  // grid-stride beyond
-}
-
 // ---------------------------------------------------------------------------------------
 // A tile of one row held by THREADS threads (LANES == 32 for a warp), ITEMS packs of VEC
 // elements each; element (k, e) of thread t is at ((k * LANES + t) * VEC + e).
@@ -603,44 +597,6 @@ cudaError_t softmax_backward_typed(const T* grad, const T* y, U* dx, const Layou
       break;
   }
   return cudaGetLastError();
-}
-
-// ---------------------------------------------------------------------------------------
-// dtype dispatch: the pairs the kernels write directly (see kernels.h).
-
-template <typename F>
-cudaError_t with_pair(Dtype in, Dtype out, F f) {
-  switch (in) {
-    case Dtype::kFloat32:
-      if (out == Dtype::kFloat32) return f(float{}, float{});
-      if (out == Dtype::kFloat64) return f(float{}, double{});
-      break;
-    case Dtype::kFloat64:
-      if (out == Dtype::kFloat64) return f(double{}, double{});
-      break;
-    case Dtype::kFloat16:
-      if (out == Dtype::kFloat16) return f(__half{}, __half{});
-      if (out == Dtype::kFloat32) return f(__half{}, float{});
-      if (out == Dtype::kFloat64) return f(__half{}, double{});
-      break;
-    case Dtype::kBFloat16:
-      if (out == Dtype::kBFloat16) return f(__nv_bfloat16{}, __nv_bfloat16{});
-      if (out == Dtype::kFloat32) return f(__nv_bfloat16{}, float{});
-      if (out == Dtype::kFloat64) return f(__nv_bfloat16{}, double{});
-      break;
-  }
-  return cudaErrorInvalidValue;
-}
-
-size_t element_size(Dtype t) {
-  switch (t) {
-    case Dtype::kFloat64:
-      return 8;
-    case Dtype::kFloat32:
-      return 4;
-    default:
-      return 2;
-  }
 }
 
 }  // namespace

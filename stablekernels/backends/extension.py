@@ -32,3 +32,25 @@ def log_softmax_backward(grad, output, dim: int, input_dtype: torch.dtype) -> to
 
 def logsumexp_backward(grad, x, result, dim: int, keepdim: bool) -> torch.Tensor:
     return _ops.fused_logsumexp_backward(grad, x, result, dim, keepdim)
+
+
+def cross_entropy(
+    logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ops.fused_cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss)
+
+
+def cross_entropy_backward(
+    grad_loss,
+    grad_lse,
+    logits,
+    target,
+    weight,
+    lse,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> torch.Tensor:
+    return _ops.fused_cross_entropy_backward(
+        grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss
+    )

@@ -134,3 +134,8 @@ def logsumexp_backward(
         g, hi, lo = g.unsqueeze(dim), hi.unsqueeze(dim), lo.unsqueeze(dim)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return torch.mul(g, torch.exp((x.to(acc) - hi) - lo), out=out)
+
+
+# Cross-entropy lives in its own module (chunked over rows); re-exported as part of the
+# backend's kernel functions.
+from .torch_ce import cross_entropy, cross_entropy_backward  # noqa: E402, F401

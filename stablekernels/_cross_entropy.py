@@ -1,0 +1,161 @@
+"""``sk.cross_entropy``: torch.nn.functional.cross_entropy's semantics, from a fused kernel.
+
+Shapes: input (C), (N, C) or (N, C, d1, ...); class-index targets of shape (), (N) or
+(N, d1, ...) (int64 or uint8), or class probabilities of the input's shape. The input is
+viewed as (rows, C) (a copy only when the class dim is not the last, for (N, C, d1, ...)),
+the fused op computes each row's loss and log-sum-exp, and the reduction happens here on the
+per-row values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._api import _check_tensor, log_softmax, logsumexp, resolve_backend
+from ._library import ops
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _as_rows(t: torch.Tensor, classes: int) -> torch.Tensor:
+    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C)."""
+    if t.dim() == 1:
+        return t.reshape(1, classes)
+    return t.movedim(1, -1).reshape(-1, classes)
+
+
+def _check_options(input, weight, reduction, label_smoothing, classes):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.shape != (classes,):
+            shape = list(weight.shape) if isinstance(weight, torch.Tensor) else weight
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {classes} classes or no classes "
+                f"but got weight tensor of shape: {shape}"
+            )
+        if weight.device != input.device:
+            raise RuntimeError(f"weight is on {weight.device}, input on {input.device}")
+
+
+def _class_targets(target: torch.Tensor, batch_shape, classes: int, ignore_index: int):
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+    if tuple(target.shape) != tuple(batch_shape):
+        if target.dim() >= 1 and len(batch_shape) >= 1 and target.shape[0] != batch_shape[0]:
+            raise ValueError(
+                f"Expected input batch_size ({batch_shape[0]}) to match target batch_size "
+                f"({target.shape[0]})."
+            )
+        raise RuntimeError(
+            f"cross_entropy(): target has shape {tuple(target.shape)}, expected "
+            f"{tuple(batch_shape)} for input of {classes} classes"
+        )
+    flat = target.reshape(-1).long()
+    bad = ((flat < 0) | (flat >= classes)) & (flat != ignore_index)
+    if torch.compiler.is_compiling():
+        # No data-dependent branch in a graph: an asynchronous assertion instead.
+        torch._assert_async(~bad.any(), "cross_entropy(): a target is out of bounds")
+    elif bad.any():
+        raise IndexError(f"Target {int(flat[bad][0])} is out of bounds.")
+    return flat
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Cross-entropy from logits, as ``torch.nn.functional.cross_entropy``, fused.
+
+    For each row (logits x over C classes, target t, class weights w, smoothing e):
+
+        loss = (1 - e) * w_t * (lse - x_t) + (e / C) * sum_c w_c (lse - x_c) + z_loss * lse**2
+
+    with lse - x_t computed as (max - x_t) + log1p(s'), so a confident correct prediction's
+    loss keeps relative precision (logits [0, -20], target 0: 2.0611536e-09; torch gives 0).
+    Rows whose target is ``ignore_index`` count nothing. Reductions as torch: "mean" divides
+    by the summed weights of the counted rows (NaN when all are ignored), "sum", "none"
+    (the batch shape). Class-probability targets (the input's shape, floating) follow torch:
+    loss = -sum_c w_c p_c log_softmax(x)_c with p smoothed; "mean" divides by the row count.
+    ``z_loss`` adds z_loss * lse**2 per counted row. ``return_lse=True`` returns
+    ``(loss, lse)``, the per-row log-sum-exp in fp32, of the batch shape.
+
+    Dtypes: the loss has the input's dtype; halves are computed in fp32. Gradients flow to
+    the input only; the backward computes dx = (softmax - smoothed one-hot) * weight * grad
+    in one pass from the saved lse, allocating nothing of the logits' size but dx.
+    """
+    input = _check_tensor("cross_entropy", input)
+    if not input.is_floating_point():
+        raise RuntimeError(f"cross_entropy(): expected a floating input, got {input.dtype}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"cross_entropy(): argument 'target' must be Tensor, not {type(target).__name__}"
+        )
+    if input.dim() == 0:
+        raise IndexError("cross_entropy(): input must have at least one dim (the classes)")
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    _check_options(input, weight, reduction, label_smoothing, classes)
+    name = resolve_backend(backend, input.device)
+    logits = _as_rows(input, classes)
+
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise RuntimeError(
+                f"cross_entropy(): class-probability target has shape "
+                f"{tuple(target.shape)}, expected {tuple(input.shape)}"
+            )
+        rows, lse = _soft_rows(
+            logits, _as_rows(target, classes), weight, label_smoothing, z_loss, name
+        )
+        denominator = rows.new_tensor(float(rows.numel()))
+    else:
+        flat = _class_targets(target, batch_shape, classes, ignore_index)
+        rows, lse = ops.cross_entropy(
+            logits, flat, weight, ignore_index, label_smoothing, z_loss, name
+        )
+        counted = flat != ignore_index
+        if weight is None:
+            denominator = counted.sum().to(rows.dtype)
+        else:
+            denominator = torch.where(counted, weight[torch.where(counted, flat, 0)], 0).sum()
+
+    if reduction == "none":
+        loss = rows.reshape(batch_shape)
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / denominator.to(rows.dtype)
+    loss = loss.to(input.dtype)
+    if return_lse:
+        return loss, lse.float().reshape(batch_shape)
+    return loss
+
+
+def _soft_rows(logits, probabilities, weight, label_smoothing, z_loss, backend):
+    """Per-row losses (fp32, fp64 for fp64) and lse (fp64) for class-probability targets:
+    through the fused log_softmax (one (rows, C) intermediate, as torch)."""
+    classes = logits.shape[1]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    p = probabilities.to(acc)
+    if label_smoothing:
+        p = p * (1 - label_smoothing) + label_smoothing / classes
+    logp = log_softmax(logits, -1, dtype=acc, backend=backend)
+    if weight is not None:
+        logp = logp * weight.to(acc)
+    rows = -(p * logp).sum(-1)
+    lse = logsumexp(logits.to(acc), -1, backend=backend).double()
+    if z_loss:
+        rows = rows + z_loss * lse.to(acc) ** 2
+    return rows, lse

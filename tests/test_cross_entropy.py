@@ -1,0 +1,277 @@
+"""sk.cross_entropy against torch.nn.functional.cross_entropy: every option and shape, values
+and gradients, on every backend present; the tiny-loss accuracy; errors; memory; compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stablekernels as sk
+
+from .conftest import CPU_BACKENDS
+
+SHAPES = {
+    "C": ((37,), ()),
+    "NC": ((9, 37), (9,)),
+    "NCd": ((4, 37, 3), (4, 3)),
+    "NCdd": ((2, 11, 3, 2), (2, 3, 2)),
+    "long vocab": ((3, 40000), (3,)),
+}
+TOL = {
+    torch.float32: (2e-6, 2e-6),
+    torch.float64: (1e-12, 1e-12),
+    torch.float16: (3e-3, 3e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def _inputs(shape_name, dtype, soft=False, ignore_index=-100, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape, batch = SHAPES[shape_name]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    classes = shape[0] if len(shape) == 1 else shape[1]
+    if soft:
+        target = torch.softmax(
+            torch.randn(shape, generator=gen, dtype=torch.float64), 0 if len(shape) == 1 else 1
+        ).to(dtype)
+    else:
+        target = torch.randint(0, classes, batch, generator=gen)
+        if target.dim() and target.numel() > 2:
+            target.view(-1)[1] = ignore_index  # one ignored entry
+    return x, target, classes
+
+
+def _reference(x, target, weight, **options):
+    """F.cross_entropy in float64 (halves: their values, exactly, in float64)."""
+    w = None if weight is None else weight.double()
+    t = target.double() if target.is_floating_point() else target
+    return F.cross_entropy(x.double(), t, w, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_matches_torch_with_gradients(
+    backend, dtype, reduction, shape_name, weighted, label_smoothing
+):
+    x, target, classes = _inputs(shape_name, dtype)
+    weight = torch.rand(classes, dtype=torch.float64).to(dtype) + 0.5 if weighted else None
+    options = dict(reduction=reduction, label_smoothing=label_smoothing)
+    a = x.clone().requires_grad_()
+    ours = sk.cross_entropy(a, target, weight, backend=backend, **options)
+    b = x.double().requires_grad_()
+    ref = _reference(b, target, weight, **options)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(
+        ours.double(), ref, rtol=rtol, atol=atol * max(1.0, ref.detach().abs().max().item())
+    )
+    dy = torch.randn(ref.shape, dtype=torch.float64)
+    ours.backward(dy.to(dtype))
+    ref.backward(dy)
+    scale = b.grad.abs().max().item()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=rtol * 4, atol=atol * 4 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_probability_targets(backend, dtype, weighted, label_smoothing, reduction):
+    x, target, classes = _inputs("NCd", dtype, soft=True)
+    weight = torch.rand(classes).to(dtype) + 0.5 if weighted else None
+    options = dict(reduction=reduction, label_smoothing=label_smoothing)
+    a = x.clone().requires_grad_()
+    ours = sk.cross_entropy(a, target, weight, backend=backend, **options)
+    b = x.double().requires_grad_()
+    ref = _reference(b, target, weight, **options)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(
+        ours.double(), ref, rtol=rtol, atol=atol * max(1.0, ref.detach().abs().max().item())
+    )
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=rtol * 4, atol=atol * 4)
+
+
+def test_confident_correct_prediction_keeps_relative_precision(backend):
+    x = torch.tensor([[0.0, -20.0], [0.0, -30.0]])
+    loss = sk.cross_entropy(x, torch.tensor([0, 0]), reduction="none", backend=backend)
+    exact = [math.log1p(math.exp(-20.0)), math.log1p(math.exp(-30.0))]
+    assert loss[0].item() == pytest.approx(2.0611536e-09, rel=1e-5)
+    assert loss.tolist() == pytest.approx(exact, rel=1e-6)
+    assert F.cross_entropy(x, torch.tensor([0, 0]), reduction="none")[0].item() == 0.0
+
+
+@pytest.mark.parametrize("reduction,expected", [("mean", math.nan), ("sum", 0.0)])
+def test_all_rows_ignored(backend, reduction, expected):
+    x = torch.randn(4, 7, requires_grad=True)
+    target = torch.full((4,), -100)
+    ours = sk.cross_entropy(x, target, reduction=reduction, backend=backend)
+    theirs = F.cross_entropy(x, target, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert math.isnan(ours.item()) if math.isnan(expected) else ours.item() == expected
+    ours.backward()
+    assert not x.grad.isnan().any() or reduction == "mean"
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 2, -1])
+def test_ignore_index(backend, ignore_index):
+    x = torch.randn(8, 5)
+    target = torch.tensor([0, 2, 4, 2, 1, 3, 2, 0])
+    if ignore_index == -1:
+        target[3] = -1
+    for reduction in ("mean", "sum", "none"):
+        ours = sk.cross_entropy(
+            x, target, ignore_index=ignore_index, reduction=reduction, backend=backend
+        )
+        theirs = F.cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction)
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_and_returned_lse(backend, reduction):
+    x = torch.randn(6, 50) * 4
+    target = torch.tensor([1, 2, -100, 3, 49, 0])
+    z = 1e-2
+    loss, lse = sk.cross_entropy(
+        x, target, reduction=reduction, z_loss=z, return_lse=True, backend=backend
+    )
+    assert lse.dtype == torch.float32 and lse.shape == (6,)
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1))
+    counted = target != -100
+    rows = F.cross_entropy(x, target, reduction="none") + z * torch.where(
+        counted, torch.logsumexp(x, 1) ** 2, 0.0
+    )
+    expected = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / counted.sum()}[reduction]
+    torch.testing.assert_close(loss, expected)
+
+
+def test_gradient_through_the_returned_lse(backend):
+    x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 30, (5,))
+    fn = lambda t: sum(sk.cross_entropy(t, target, return_lse=True, backend=backend))  # noqa: E731
+    (grad,) = torch.autograd.grad(fn(x).sum(), x)
+    y = x.detach().requires_grad_()
+    (ref,) = torch.autograd.grad((F.cross_entropy(y, target) + torch.logsumexp(y, 1)).sum(), y)
+    torch.testing.assert_close(grad, ref)
+
+
+def test_special_values_as_torch(backend):
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor(
+        [[inf, 0.0, 1.0], [nan, 0.0, 1.0], [-inf, -inf, -inf], [-inf, 0.0, 1.0], [2.0, 2.0, 1.0]]
+    )
+    target = torch.tensor([1, 1, 0, 2, 0])
+    for smoothing in (0.0, 0.1):
+        ours = sk.cross_entropy(
+            x, target, reduction="none", label_smoothing=smoothing, backend=backend
+        )
+        theirs = F.cross_entropy(x, target, reduction="none", label_smoothing=smoothing)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def test_nn_module(backend):
+    x = torch.randn(7, 9)
+    target = torch.randint(0, 9, (7,))
+    weight = torch.rand(9)
+    module = sk.nn.CrossEntropyLoss(weight, label_smoothing=0.05, backend=backend)
+    torch.testing.assert_close(
+        module(x, target), torch.nn.CrossEntropyLoss(weight, label_smoothing=0.05)(x, target)
+    )
+    assert "label_smoothing=0.05" in repr(module)
+
+
+def test_bad_arguments_raise_like_torch():
+    x = torch.randn(5, 4)
+    target = torch.tensor([0, 1, 2, 3, 0])
+    cases = [
+        (lambda m: m(x, torch.tensor([0, 1, 2, 3, 4])), IndexError),
+        (lambda m: m(x, torch.tensor([-1, 0, 0, 0, 0])), IndexError),
+        (lambda m: m(x, target[:3]), ValueError),
+        (lambda m: m(x, target.int()), RuntimeError),
+        (lambda m: m(x, target, torch.rand(3)), RuntimeError),
+        (lambda m: m(x, target, label_smoothing=1.5), RuntimeError),
+        (lambda m: m(x, target, reduction="avg"), ValueError),
+    ]
+    for call, error in cases:
+        with pytest.raises(error):
+            call(F.cross_entropy)
+        with pytest.raises(error):
+            call(sk.cross_entropy)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_backward_allocates_nothing_logits_sized_but_dx(backend_name):
+    from benchmarks.runner import peak_memory_bytes
+
+    x = torch.randn(512, 32000)
+    target = torch.randint(0, 32000, (512,))
+
+    def step(fn):
+        leaf = x.detach().requires_grad_()
+        return torch.autograd.grad(fn(leaf).sum(), leaf)[0]
+
+    ours = peak_memory_bytes(
+        lambda: step(lambda t: sk.cross_entropy(t, target, backend=backend_name)),
+        torch.device("cpu"),
+    )
+    theirs = peak_memory_bytes(
+        lambda: step(lambda t: F.cross_entropy(t, target)), torch.device("cpu")
+    )
+    dx = x.numel() * x.element_size()
+    bounded = 0 if backend_name == "cpp" else 4 * (1 << 22) * 4  # the torch backend's chunks
+    assert ours <= dx + bounded + 64 * x.shape[0] + (1 << 16)
+    assert ours < theirs
+
+
+def test_fullgraph_compile(backend):
+    torch._dynamo.reset()
+
+    def loss_fn(x, target):
+        return sk.cross_entropy(x, target, label_smoothing=0.1, backend=backend)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    x = torch.randn(6, 40, requires_grad=True)
+    target = torch.randint(0, 40, (6,))
+    expected = loss_fn(x, target)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    got = compiled(x, target)
+    (got_grad,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
+def test_opcheck_cross_entropy_ops(backend):
+    ops = torch.ops.stablekernels
+    x = torch.randn(5, 11, requires_grad=True)
+    target = torch.tensor([0, 3, -100, 10, 2])
+    weight = torch.rand(11)
+    loss, lse = ops.cross_entropy(x, target, weight, -100, 0.1, 0.01, backend)
+    for op, args in [
+        (ops.cross_entropy.default, (x, target, None, -100, 0.0, 0.0, backend)),
+        (ops.cross_entropy.default, (x, target, weight, -100, 0.1, 0.01, backend)),
+        (
+            ops.cross_entropy_backward.default,
+            (
+                torch.randn(5),
+                torch.randn(5, dtype=torch.float64),
+                x.detach(),
+                target,
+                weight,
+                lse.detach(),
+                -100,
+                0.1,
+                0.01,
+                backend,
+            ),
+        ),
+    ]:
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
