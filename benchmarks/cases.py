@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-OPS = ("softmax", "log_softmax", "logsumexp")
+OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy")
 DIRECTIONS = ("forward", "backward")
 DTYPES = {
     "fp32": torch.float32,
@@ -52,7 +52,7 @@ class Case:
     @property
     def read_only(self) -> bool:
         """True when the op reads its input and writes only one value per row."""
-        return self.op == "logsumexp" and self.direction == "forward"
+        return self.op in ("logsumexp", "cross_entropy") and self.direction == "forward"
 
     def bytes_moved(self) -> int:
         """The bytes the op must move at least: each input read once, each output written
@@ -61,7 +61,8 @@ class Case:
         one lse and one dy per row), write dx."""
         size = torch.finfo(self.dtype).bits // 8
         per_row = self.rows * size
-        if self.op == "logsumexp":
+        if self.op in ("logsumexp", "cross_entropy"):
+            # forward: read x (one value per row out); backward: read x, write dx
             if self.direction == "forward":
                 return self.numel * size + per_row
             return 2 * self.numel * size + 2 * per_row
@@ -114,6 +115,14 @@ SHAPE_SETS: dict[str, list[tuple[tuple[int, ...], int]]] = {
     # --smoke: the plumbing only (CI).
     "smoke": [((64, 256), -1), ((256, 64), 0)],
 }
+# Cross-entropy (rows, vocabulary): the vocabularies of current LLMs on a GPU; on a CPU the
+# shape of the issue's target, (4096, 32000).
+CROSS_ENTROPY_SHAPES: dict[str, list[tuple[tuple[int, ...], int]]] = {
+    "gpu": [((4096, v), -1) for v in (32000, 50257, 128256, 151936)],
+    "cpu": [((4096, 32000), -1), ((256, 128256), -1)],
+    "quick": [((1024, 32000), -1)],
+    "smoke": [((64, 1000), -1)],
+}
 DTYPE_SETS = {
     "gpu": ["fp32", "bf16", "fp16"],
     "cpu": ["fp32", "bf16"],
@@ -129,7 +138,7 @@ def build_cases(shape_set: str, ops=OPS, directions=DIRECTIONS, dtypes=None) -> 
         for op in ops
         for direction in directions
         for d in dtypes
-        for shape, dim in SHAPE_SETS[shape_set]
+        for shape, dim in (CROSS_ENTROPY_SHAPES if op == "cross_entropy" else SHAPE_SETS)[shape_set]
     ]
 
 
@@ -145,8 +154,16 @@ def make_input(case: Case, device: torch.device | str, seed: int = 0) -> torch.T
     return x.to(device=device, dtype=case.dtype).contiguous()
 
 
+def make_target(case: Case, device: torch.device | str, seed: int = 2) -> torch.Tensor | None:
+    """Class targets of a cross-entropy case (one per row), else None."""
+    if case.op != "cross_entropy":
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, case.n, (case.rows,), generator=gen).to(device)
+
+
 def output_shape(case: Case) -> tuple[int, ...]:
-    if case.op == "logsumexp":
+    if case.op in ("logsumexp", "cross_entropy"):
         return tuple(s for i, s in enumerate(case.shape) if i != case.dim % len(case.shape))
     return case.shape
 
@@ -156,12 +173,20 @@ def make_grad(case: Case, device: torch.device | str, seed: int = 1) -> torch.Te
     return torch.randn(output_shape(case), generator=gen).to(device=device, dtype=case.dtype)
 
 
-def reference(case: Case, x: torch.Tensor, dy: torch.Tensor | None) -> torch.Tensor:
+def reference(
+    case: Case, x: torch.Tensor, dy: torch.Tensor | None, target: torch.Tensor | None = None
+) -> torch.Tensor:
     """The float64 value the case's output should have: the op's output (forward) or the
-    gradient with respect to x (backward), computed by torch in float64."""
-    fn = {"softmax": torch.softmax, "log_softmax": torch.log_softmax, "logsumexp": torch.logsumexp}[
-        case.op
-    ]
+    gradient with respect to x (backward), computed by torch in float64. Cross-entropy:
+    the per-row losses (reduction "none")."""
+    fn = {
+        "softmax": torch.softmax,
+        "log_softmax": torch.log_softmax,
+        "logsumexp": torch.logsumexp,
+        "cross_entropy": lambda t, dim: torch.nn.functional.cross_entropy(
+            t, target, reduction="none"
+        ),
+    }[case.op]
     x64 = x.detach().double()
     if case.direction == "forward":
         return fn(x64, case.dim)

@@ -1,8 +1,9 @@
 """Who is measured: every stablekernels backend that serves the device, torch eager,
 torch.compile, the naive formula, and the peers (Liger-Kernel, quack) where importable.
 
-A provider turns (op, dim) into a forward function ``x -> out``; the runner derives the
-backward from it through autograd, as users call it.
+A provider turns (op, dim) into a forward function ``x -> out`` (``(x, target) -> per-row
+losses`` for cross_entropy); the runner derives the backward from it through autograd, as
+users call it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ TORCH_OPS = {
     "log_softmax": torch.log_softmax,
     "logsumexp": torch.logsumexp,
 }
+SOFTMAX_OPS = tuple(TORCH_OPS)
+ALL_OPS = (*SOFTMAX_OPS, "cross_entropy")
+
+
+def _torch_cross_entropy(x, target):
+    return torch.nn.functional.cross_entropy(x, target, reduction="none")
+
+
+def _naive_cross_entropy(x, target):
+    """-log(exp(x_t) / sum(exp(x))): the textbook softmax, then its log at the target."""
+    return -torch.log(sk.naive.softmax(x, -1)).gather(1, target[:, None])[:, 0]
 
 
 @dataclass
@@ -53,25 +65,23 @@ class Provider:
 
 def _stablekernels(backend: str) -> Provider:
     def make(op, dim):
+        if op == "cross_entropy":
+            return lambda x, t: sk.cross_entropy(x, t, reduction="none", backend=backend)
         fn = getattr(sk, op)
         return lambda x: fn(x, dim, backend=backend)
 
     serves = tuple(t for t in ("cpu", "cuda") if backends.BACKENDS[backend].reason(t) is None)
-    return Provider(
-        f"sk-{backend}",
-        make,
-        ("softmax", "log_softmax", "logsumexp"),
-        serves,
-        compiles=backend == "triton",
-    )
+    return Provider(f"sk-{backend}", make, ALL_OPS, serves, compiles=backend == "triton")
 
 
 def _torch_eager() -> Provider:
     def make(op, dim):
+        if op == "cross_entropy":
+            return _torch_cross_entropy
         fn = TORCH_OPS[op]
         return lambda x: fn(x, dim)
 
-    return Provider("torch", make, tuple(TORCH_OPS))
+    return Provider("torch", make, ALL_OPS)
 
 
 def _torch_compile() -> Provider:
@@ -83,50 +93,58 @@ def _torch_compile() -> Provider:
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
     dynamo_config.fail_on_recompile_limit_hit = True
+    # The backward is timed with retain_graph=True (one forward graph, many backwards), which
+    # compiled backwards that donate their buffers refuse.
+    torch._functorch.config.donated_buffer = False
 
     def make(op, dim):
+        if op == "cross_entropy":
+            return torch.compile(lambda x, t: _torch_cross_entropy(x, t), dynamic=False)
         fn = TORCH_OPS[op]
         return torch.compile(lambda x: fn(x, dim), dynamic=False)
 
-    return Provider("torch.compile", make, tuple(TORCH_OPS), compiles=True)
+    return Provider("torch.compile", make, ALL_OPS, compiles=True)
 
 
 def _naive() -> Provider:
     def make(op, dim):
+        if op == "cross_entropy":
+            return _naive_cross_entropy
         fn = getattr(sk.naive, op)
         return lambda x: fn(x, dim)
 
-    return Provider("naive", make, ("softmax", "log_softmax", "logsumexp"))
+    return Provider("naive", make, ALL_OPS)
 
 
 def _liger() -> Provider | None:
     try:
-        module = importlib.import_module("liger_kernel.ops.softmax")
+        softmax = importlib.import_module("liger_kernel.ops.softmax").LigerSoftmaxFunction
+        cross_entropy = importlib.import_module(
+            "liger_kernel.transformers.cross_entropy"
+        ).LigerCrossEntropyLoss(reduction="none")
     except Exception:  # not installed, or no GPU stack behind it
         return None
-    function = module.LigerSoftmaxFunction
+
+    def make(op, dim):
+        return cross_entropy if op == "cross_entropy" else softmax.apply
+
     return Provider(
-        "liger",
-        lambda op, dim: function.apply,
-        ("softmax",),
-        ("cuda",),
-        last_dim_only=True,
-        compiles=True,
+        "liger", make, ("softmax", "cross_entropy"), ("cuda",), last_dim_only=True, compiles=True
     )
 
 
 def _quack() -> Provider | None:
     try:
-        module = importlib.import_module("quack.softmax")
+        softmax = importlib.import_module("quack.softmax").softmax
+        cross_entropy = importlib.import_module("quack.cross_entropy").cross_entropy
     except Exception:
         return None
+
+    def make(op, dim):
+        return cross_entropy if op == "cross_entropy" else softmax
+
     return Provider(
-        "quack",
-        lambda op, dim: module.softmax,
-        ("softmax",),
-        ("cuda",),
-        last_dim_only=True,
-        compiles=True,
+        "quack", make, ("softmax", "cross_entropy"), ("cuda",), last_dim_only=True, compiles=True
     )
 
 

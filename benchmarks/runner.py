@@ -22,7 +22,7 @@ import torch
 
 from stablekernels import _timing
 
-from .cases import Case, check, make_grad, make_input, reference
+from .cases import Case, check, make_grad, make_input, make_target, reference
 from .providers import Provider
 
 
@@ -203,8 +203,25 @@ def peak_memory_bytes(fn, device: torch.device) -> float:
     return float(peak)
 
 
+def forward_of(case: Case, provider: Provider, target: torch.Tensor | None):
+    """The provider's forward for the case, as a function of x alone (cross-entropy: bound
+    to the case's targets)."""
+    forward = provider.forward(case.op, case.dim)
+    if target is None:
+        return forward
+    return lambda x: forward(x, target)
+
+
 def measure_case(
-    case: Case, provider: Provider, device: torch.device, x, dy, ref, repeats: int, warmup: int
+    case: Case,
+    provider: Provider,
+    device: torch.device,
+    x,
+    dy,
+    ref,
+    repeats: int,
+    warmup: int,
+    target: torch.Tensor | None = None,
 ) -> Row:
     row = Row(
         case.op,
@@ -217,7 +234,7 @@ def measure_case(
         provider.name,
     )
     try:
-        forward = provider.forward(case.op, case.dim)
+        forward = forward_of(case, provider, target)
         start = time.perf_counter()
         out = run_once(case, forward, x, dy)
         _synchronize(device)
@@ -259,14 +276,17 @@ def run(
         log.measured.append(roofs)
         x = make_input(case, device)
         dy = make_grad(case, device) if case.direction == "backward" else None
-        ref = reference(case, x, dy)
+        target = make_target(case, device)
+        ref = reference(case, x, dy, target)
         case_rows = []
         for provider in providers:
             if not provider.serves(case.op, case.shape, case.dim, device.type):
                 continue
             if progress is not None:
                 progress.step(f"{case.label} {provider.name}")
-            case_rows.append(measure_case(case, provider, device, x, dy, ref, repeats, warmup))
+            case_rows.append(
+                measure_case(case, provider, device, x, dy, ref, repeats, warmup, target)
+            )
         roof = roofs.read if case.read_only else roofs.copy
         eager = next((r for r in case_rows if r.provider == "torch"), None)
         for r in case_rows:
@@ -275,7 +295,7 @@ def run(
             if eager is not None and eager.median_us > 0:
                 r.speedup_vs_torch = eager.median_us / r.median_us
         rows.extend(case_rows)
-        del x, dy, ref
+        del x, dy, ref, target
     return rows, log
 
 

@@ -13,23 +13,24 @@ import time
 
 import torch
 
-from .cases import check, make_grad, make_input, reference
+from .cases import check, make_grad, make_input, make_target, reference
 from .conftest import bench_device
-from .runner import copies_for_cold_cache, run_once, timed_callable
+from .runner import copies_for_cold_cache, forward_of, run_once, timed_callable
 
 
 def test_op(benchmark, case, provider, request):
     device = torch.device(bench_device(request.config))
     x = make_input(case, device)
     dy = make_grad(case, device) if case.direction == "backward" else None
-    forward = provider.forward(case.op, case.dim)
+    target = make_target(case, device)
+    forward = forward_of(case, provider, target)
 
     start = time.perf_counter()
     out = run_once(case, forward, x, dy)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first_call_s = time.perf_counter() - start
-    correct, note = check(case, out, reference(case, x, dy))
+    correct, note = check(case, out, reference(case, x, dy, target))
 
     call = timed_callable(case, forward, x, dy, copies_for_cold_cache(case, device))
     if device.type == "cuda":

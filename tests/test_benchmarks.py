@@ -42,13 +42,13 @@ def test_runner_smoke(tmp_path):
     assert "roofs measured before each case" in run.stdout
     for name in ("results.csv", "results.json", "table.txt", "command.txt"):
         assert (out / name).is_file(), name
-    assert len(list((out / "plots").glob("*.png"))) == 6  # 3 ops x 2 directions x fp32
+    assert len(list((out / "plots").glob("*.png"))) == 8  # 4 ops x 2 directions x fp32
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     providers = {r["provider"] for r in rows}
     assert {"torch", "torch.compile", "naive", "sk-torch"} <= providers
-    assert {r["op"] for r in rows} == {"softmax", "log_softmax", "logsumexp"}
+    assert {r["op"] for r in rows} == {"softmax", "log_softmax", "logsumexp", "cross_entropy"}
     for r in rows:
         assert not r["note"].startswith("error"), r
         assert float(r["median_us"]) > 0 and float(r["gbs"]) > 0
@@ -60,7 +60,8 @@ def test_runner_smoke(tmp_path):
     with open(out / "results.json") as f:
         data = json.load(f)
     assert data["roofs_gbs"]["copy"] > 0 and len(data["rows"]) == len(rows)
-    assert len(data["roofs_gbs"]["measured"]) == 12  # one per case: 3 ops x 2 dirs x 2 shapes
+    # one per case: 3 ops x 2 directions x 2 shapes, and cross-entropy's 2 directions
+    assert len(data["roofs_gbs"]["measured"]) == 14
     assert "python -m benchmarks --smoke" in (out / "command.txt").read_text()
 
 
