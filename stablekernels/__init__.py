@@ -12,7 +12,7 @@ The ops are ``torch.ops.stablekernels.*`` custom ops with autograd and fake kern
 work under ``torch.compile(fullgraph=True)``.
 """
 
-from . import naive, nn
+from . import distributed, naive, nn
 from ._api import available_backends, log_softmax, logsumexp, softmax, use_backend
 from ._cross_entropy import cross_entropy
 from .backends import BackendUnavailableError
@@ -23,6 +23,7 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "cross_entropy",
+    "distributed",
     "log_softmax",
     "logsumexp",
     "naive",
