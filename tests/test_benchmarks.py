@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,3 +89,28 @@ def test_pytest_benchmark_suite_collects():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "test_op[softmax-forward-64x256-fp32-torch]" in run.stdout
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_backward_reference_is_judged_from_the_stored_output(op):
+    """The correctness column of a half-precision backward: the reference starts from the
+    forward output rounded to the dtype (what every backward receives), so a kernel that is
+    exact from there is marked correct; from the exact output it would be charged with
+    rounding it could not avoid (log_softmax, 262144 columns: 1.4 tolerances)."""
+    from benchmarks.cases import Case, check, make_grad, make_input, reference
+
+    case = Case(op, "backward", (8, 262144), -1, torch.bfloat16)
+    x, dy = make_input(case, "cpu"), make_grad(case, "cpu")
+    fn = torch.softmax if op == "softmax" else torch.log_softmax
+    y = fn(x.double(), -1).to(torch.bfloat16)  # a correctly rounded forward output
+    backward = torch._softmax_backward_data if op == "softmax" else torch._log_softmax_backward_data
+    # The backward done in float64 from y, rounded once: the best a bf16 kernel can return.
+    best = backward(dy.double(), y.double(), -1, torch.float64).to(torch.bfloat16)
+    ref = reference(case, x, dy)
+    assert check(case, best, ref)[0], check(case, best, ref)[1]
+    # The reference is still the gradient: an output off by a few percent fails.
+    assert not check(case, best.double() * 1.1 + 0.05, ref)[0]
+    if op == "log_softmax":  # the exact-output reference would fail the best kernel here
+        x64 = x.double().requires_grad_()
+        (exact,) = torch.autograd.grad(fn(x64, -1), x64, dy.double())
+        assert not check(case, best, exact)[0]
