@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -68,6 +70,39 @@ CUDA_SOURCES = [
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 
 
+def resolve_cuda_home() -> None:
+    """Point CUDA_HOME at the toolkit of the nvcc on PATH when torch would guess wrong.
+
+    torch.utils.cpp_extension takes CUDA_HOME (or CUDA_PATH) from the environment, else the
+    parent of the folder holding the first nvcc on PATH. When that nvcc is a wrapper script
+    (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc, say), the guess has no
+    include/cuda_runtime.h and the binding fails to compile; nvcc's own --dryrun names its
+    real top folder, which is then exported before torch reads it."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+        return
+    try:
+        report = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in report.splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.normpath(line[len("#$ TOP=") :].strip())  # the bin/.. folder
+            if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
+                os.environ["CUDA_HOME"] = top
+            return
+
+
 def build_cuda() -> bool:
     """Whether to build the CUDA kernels: STABLEKERNELS_CUDA=1|0, else whenever torch has
     CUDA and nvcc is found."""
@@ -94,6 +129,7 @@ def extension_build() -> dict:
     """setup() arguments for stablekernels._C (none with STABLEKERNELS_NO_EXTENSION=1)."""
     if os.environ.get("STABLEKERNELS_NO_EXTENSION") == "1":
         return {}
+    resolve_cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
@@ -145,4 +181,5 @@ def extension_build() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithCapabilities}}
 
 
-setup(**extension_build())
+if __name__ == "__main__":  # run by pip and setuptools; importable by the tests
+    setup(**extension_build())

@@ -80,3 +80,28 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-6000:]
+
+
+@needs_nvcc
+def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """An nvcc on PATH that is a wrapper script (as /usr/local/bin/nvcc on this project's
+    machines) makes torch guess CUDA_HOME as the wrapper's parent, which has no CUDA
+    headers; setup.py asks nvcc for its real folder instead."""
+    import importlib.util
+
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{os.path.realpath(NVCC)}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    for name in ("CUDA_HOME", "CUDA_PATH"):  # set, then unset: restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    spec = importlib.util.spec_from_file_location("sk_setup", os.path.join(ROOT, "setup.py"))
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # defines the helpers; setup() runs only as main
+    setup_module.resolve_cuda_home()
+    home = os.environ["CUDA_HOME"]
+    assert os.path.exists(os.path.join(home, "include", "cuda_runtime.h")), home
+    assert os.path.exists(os.path.join(home, "bin", "nvcc")), home
+    assert not os.path.samefile(home, tmp_path), home
