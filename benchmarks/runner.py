@@ -3,7 +3,9 @@ peak memory, and the correctness of every output.
 
 Timing: the first call of each provider and case is timed on its own and reported as
 ``first_call_s`` (torch.compile and Triton compile there); more warm-up calls follow; then
-the median with p20/p80 of the timed calls. CPU: inputs smaller than four times the last-level
+the median with p20/p80 of the timed calls, the providers of a case and the two roofs
+timed in interleaved rounds (one call of each in turn), so a drift of the machine's speed
+touches them alike. CPU: inputs smaller than four times the last-level
 cache are rotated among copies, so every call reads from memory. GPU: CUDA events, with the
 L2 cache flushed before every call (stablekernels._timing).
 """
@@ -100,15 +102,13 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
-def measure_roofs(device: torch.device, repeats: int) -> Roofs:
-    """Copy and read bandwidth over a buffer far larger than any cache."""
+def roof_calls(device: torch.device):
+    """(copy, read, nbytes): a device copy and a read-only reduction over a buffer far
+    larger than any cache, timed beside the providers of each case."""
     elements = 2**28 if device.type == "cuda" else 2**25  # 1 GiB / 128 MiB of fp32
     src = torch.randn(elements, device=device)
     dst = torch.empty_like(src)
-    nbytes = src.numel() * src.element_size()
-    copy = _timing.measure(lambda: dst.copy_(src), device, repeats=repeats)
-    read = _timing.measure(lambda: src.sum(), device, repeats=repeats)
-    return Roofs(copy=2 * nbytes / copy.median, read=nbytes / read.median)
+    return (lambda: dst.copy_(src)), (lambda: src.sum()), src.numel() * src.element_size()
 
 
 def copies_for_cold_cache(case: Case, device: torch.device) -> int:
@@ -212,17 +212,17 @@ def forward_of(case: Case, provider: Provider, target: torch.Tensor | None):
     return lambda x: forward(x, target)
 
 
-def measure_case(
+def prepare_case(
     case: Case,
     provider: Provider,
     device: torch.device,
     x,
     dy,
     ref,
-    repeats: int,
-    warmup: int,
     target: torch.Tensor | None = None,
-) -> Row:
+):
+    """(row, call): the provider's row with its first-call time, correctness and peak
+    memory filled in, and the callable to time (None when the provider failed)."""
     row = Row(
         case.op,
         case.direction,
@@ -242,20 +242,17 @@ def measure_case(
         row.correct, row.note = check(case, out, ref)
         del out
         row.peak_mem_mib = peak_memory_bytes(lambda: run_once(case, forward, x, dy), device) / 2**20
-        call = timed_callable(case, forward, x, dy, copies_for_cold_cache(case, device))
-        timing = _timing.measure(call, device, warmup=warmup, repeats=repeats)
-        row.median_us, row.p20_us, row.p80_us = (
-            timing.median * 1e6,
-            timing.p20 * 1e6,
-            timing.p80 * 1e6,
-        )
-        row.gbs = case.bytes_moved() / timing.median / 1e9
+        return row, timed_callable(case, forward, x, dy, copies_for_cold_cache(case, device))
     except Exception as exc:  # a provider failing on a case is a result, not a crash
-        row.correct = False
-        row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        if os.environ.get("STABLEKERNELS_BENCH_DEBUG"):
-            traceback.print_exc()
-    return row
+        _record_failure(row, exc)
+        return row, None
+
+
+def _record_failure(row: Row, exc: BaseException) -> None:
+    row.correct = False
+    row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    if os.environ.get("STABLEKERNELS_BENCH_DEBUG"):
+        traceback.print_exception(exc)
 
 
 def run(
@@ -268,25 +265,41 @@ def run(
     progress: _timing.Progress | None = None,
 ) -> tuple[list[Row], RoofLog]:
     """Measure every case with every provider that serves it; returns the rows and the
-    roofs measured in the same run, one pair just before each case."""
+    roofs. Per case, the providers and the two roofs are timed in interleaved rounds
+    (_timing.measure_interleaved), so the speed-ups and roof fractions compare calls made
+    at the same moments even when the machine's bandwidth drifts."""
     log = RoofLog([])
     rows: list[Row] = []
     for case in cases:
-        roofs = measure_roofs(device, repeats)
-        log.measured.append(roofs)
         x = make_input(case, device)
         dy = make_grad(case, device) if case.direction == "backward" else None
         target = make_target(case, device)
         ref = reference(case, x, dy, target)
-        case_rows = []
+        prepared = []
         for provider in providers:
             if not provider.serves(case.op, case.shape, case.dim, device.type):
                 continue
             if progress is not None:
                 progress.step(f"{case.label} {provider.name}")
-            case_rows.append(
-                measure_case(case, provider, device, x, dy, ref, repeats, warmup, target)
+            prepared.append(prepare_case(case, provider, device, x, dy, ref, target))
+        copy, read, roof_bytes = roof_calls(device)
+        timed = [(row, call) for row, call in prepared if call is not None]
+        timings = _timing.measure_interleaved(
+            [copy, read] + [call for _, call in timed], device, warmup=warmup, repeats=repeats
+        )
+        roofs = Roofs(copy=2 * roof_bytes / timings[0].median, read=roof_bytes / timings[1].median)
+        log.measured.append(roofs)
+        for (row, _), timing in zip(timed, timings[2:], strict=True):
+            if isinstance(timing, BaseException):
+                _record_failure(row, timing)
+                continue
+            row.median_us, row.p20_us, row.p80_us = (
+                timing.median * 1e6,
+                timing.p20 * 1e6,
+                timing.p80 * 1e6,
             )
+            row.gbs = case.bytes_moved() / timing.median / 1e9
+        case_rows = [row for row, _ in prepared]
         roof = roofs.read if case.read_only else roofs.copy
         eager = next((r for r in case_rows if r.provider == "torch"), None)
         for r in case_rows:
@@ -295,7 +308,7 @@ def run(
             if eager is not None and eager.median_us > 0:
                 r.speedup_vs_torch = eager.median_us / r.median_us
         rows.extend(case_rows)
-        del x, dy, ref, target
+        del x, dy, ref, target, prepared, timed, copy, read
     return rows, log
 
 

@@ -1,7 +1,8 @@
 """Wall-clock timing of a callable on CPU or GPU, and a one-line progress display.
 
 Used by the demo and by the benchmark suite. CPU: the callable runs ``warmup`` times
-untimed, then is timed call by call. CUDA: each call is timed with CUDA events after an L2
+untimed, then is timed call by call (several callables: in interleaved rounds, so a drift
+of the machine's speed touches them alike). CUDA: each call is timed with CUDA events after an L2
 flush (a write of a buffer larger than the cache), so every call reads from memory.
 """
 
@@ -93,6 +94,52 @@ def measure(
         if elapsed >= max_seconds and len(samples) >= 3:
             break
     return summarize(samples)
+
+
+def measure_interleaved(
+    fns: list[Callable[[], object]],
+    device: torch.device | str = "cpu",
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    max_seconds: float = 2.0,
+) -> list[Timing | BaseException]:
+    """Time several callables side by side: ``warmup`` untimed calls of each, then rounds
+    in which each is timed once, in turn, until every one has ``repeats`` samples or
+    ``max_seconds`` per callable have passed (at least 3 rounds). A machine whose speed
+    drifts over seconds (a shared VM) then slows all of them alike, and their ratios hold;
+    timing them one after the other would charge the drift to whichever ran during it.
+    A callable that raises is dropped from the rounds; its exception takes its place in
+    the result."""
+    device = torch.device(device)
+    time_call = _time_cuda_call if device.type == "cuda" else _time_cpu_call
+    results: list[Timing | BaseException | None] = [None] * len(fns)
+    samples: list[list[float]] = [[] for _ in fns]
+    live = list(range(len(fns)))
+
+    def attempt(i: int, call) -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - reported in the result, not raised
+            results[i] = exc
+            live.remove(i)
+
+    for i in list(live):
+        for _ in range(warmup):
+            if i in live:
+                attempt(i, fns[i])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    rounds = 0
+    while live:
+        for i in list(live):
+            attempt(i, lambda i=i: samples[i].append(time_call(fns[i], device)))
+        rounds += 1
+        elapsed = time.perf_counter() - start
+        if rounds >= repeats or (elapsed >= max_seconds * len(fns) and rounds >= 3):
+            break
+    return [r if r is not None else summarize(samples[i]) for i, r in enumerate(results)]
 
 
 class Progress:
