@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [p for p in chosen if p.name in args.providers]
     todo = cases.build_cases(args.shapes, args.ops, args.directions, args.dtypes)
 
+    allocator = (
+        runner.steady_cpu_allocator() if device.type == "cpu" else "the CUDA caching allocator"
+    )
     progress = _timing.Progress(runner.count_steps(todo, chosen, device))
     rows, roofs = runner.run(
         todo, chosen, device, repeats=args.repeats, warmup=args.warmup, progress=progress
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     meta["date"] = started.strftime("%Y-%m-%d %H:%M UTC")
+    meta["allocator"] = allocator
     meta["seconds"] = round(
         (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1
     )
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(report.table(rows))
     print(
-        f"\nroofs measured before each case: {roofs.span()}. 'of roof' = GB/s over the copy "
-        "roof (read + write) measured before the case; the read roof for logsumexp forward"
+        f"\nroofs timed beside each case: {roofs.span()}. 'of roof' = GB/s over the copy "
+        "roof (read + write) timed in the same rounds; the read roof for logsumexp forward"
     )
     print(f"{len(rows)} rows in {meta['seconds']} s; wrote {len(written)} files to {out_dir}")
     return 0

@@ -27,6 +27,13 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    if bench_device(config) == "cpu":
+        from .runner import steady_cpu_allocator
+
+        steady_cpu_allocator()  # as the runner does: large blocks warm or cold, never by luck
+
+
 def bench_device(config) -> str:
     return config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -134,7 +134,7 @@ def write_files(out_dir: str, rows: list[Row], roofs: RoofLog, meta: dict) -> li
     with open(path, "w") as f:
         for key, value in meta.items():
             f.write(f"{key}: {value}\n")
-        f.write(f"roofs (measured before each case): {roofs.span()}\n")
+        f.write(f"roofs (timed beside each case's providers): {roofs.span()}\n")
     written.append(path)
     return written
 

@@ -114,3 +114,15 @@ def test_backward_reference_is_judged_from_the_stored_output(op):
         x64 = x.double().requires_grad_()
         (exact,) = torch.autograd.grad(fn(x64, -1), x64, dy.double())
         assert not check(case, best, exact)[0]
+
+
+def test_runner_pins_the_cpu_allocator():
+    """In a child process (mallopt changes the process for good): glibc accepts the policy
+    and the runner says what it did."""
+    code = "from benchmarks.runner import steady_cpu_allocator; print(steady_cpu_allocator())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    if "no glibc" in out:
+        pytest.skip("not a glibc system")
+    assert "pinned at 32 MiB" in out, out
