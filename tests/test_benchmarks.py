@@ -40,9 +40,10 @@ def test_runner_smoke(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "roofs measured before each case" in run.stdout
+    assert "roofs timed beside each case" in run.stdout
     for name in ("results.csv", "results.json", "table.txt", "command.txt"):
         assert (out / name).is_file(), name
+    assert "allocator: " in (out / "command.txt").read_text()
     assert len(list((out / "plots").glob("*.png"))) == 8  # 4 ops x 2 directions x fp32
 
     with open(out / "results.csv") as f:
