@@ -18,8 +18,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import common
-from .common import MAX_BLOCK_N, SPLIT_CHUNK
-from .softmax import _row_parts_kernel, _row_total
+from .common import MAX_BLOCK_N
+from .softmax import _row_total, row_parts
 
 
 @triton.jit
@@ -91,23 +91,7 @@ def forward(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, tor
             num_warps=warps,
         )
     else:
-        parts = triton.cdiv(n, SPLIT_CHUNK)
-        ws = common.workspace_dtype(x.dtype)
-        m_ws = torch.empty(rows * parts, dtype=ws, device=x.device)
-        s_ws = torch.empty(rows * parts, dtype=ws, device=x.device)
-        wrap_triton(_row_parts_kernel)[(rows, parts)](
-            v,
-            m_ws,
-            s_ws,
-            n,
-            inner,
-            *strides,
-            parts,
-            ACC=acc,
-            CHUNK=SPLIT_CHUNK,
-            BLOCK_N=2048,
-            num_warps=8,
-        )
+        m_ws, s_ws, parts = row_parts(v, acc, common.workspace_dtype(x.dtype))
         wrap_triton(_logsumexp_finish_kernel)[(rows,)](
             m_ws,
             s_ws,

@@ -144,6 +144,33 @@ def _softmax_finish_kernel(
         tl.store(Y_ptr + y_base + cols * inner, y.to(Y_ptr.dtype.element_ty), mask=valid)
 
 
+def row_parts(v: torch.Tensor, acc, ws_dtype: torch.dtype):
+    """(m, s', parts) of the split-row path: the rows of ``v`` (outer, n, inner) cut into
+    ``parts`` chunks of SPLIT_CHUNK, one program per (row, chunk); m and s' are flat
+    (rows * parts) workspaces of ``ws_dtype``, to be merged by the caller's finish kernel."""
+    outer, n, inner = v.shape
+    rows = outer * inner
+    parts = triton.cdiv(n, SPLIT_CHUNK)
+    m_ws = torch.empty(rows * parts, dtype=ws_dtype, device=v.device)
+    s_ws = torch.empty(rows * parts, dtype=ws_dtype, device=v.device)
+    wrap_triton(_row_parts_kernel)[(rows, parts)](
+        v,
+        m_ws,
+        s_ws,
+        n,
+        inner,
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        parts,
+        ACC=acc,
+        CHUNK=SPLIT_CHUNK,
+        BLOCK_N=2048,
+        num_warps=8,
+    )
+    return m_ws, s_ws, parts
+
+
 def forward(x: torch.Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> torch.Tensor:
     v = common.rows_view(x, dim)
     outer, n, inner = v.shape
@@ -168,25 +195,8 @@ def forward(x: torch.Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> tor
             num_warps=warps,
         )
         return y
-    parts = triton.cdiv(n, SPLIT_CHUNK)
-    ws = common.workspace_dtype(x.dtype, out_dtype)
-    m_ws = torch.empty(rows * parts, dtype=ws, device=x.device)
-    s_ws = torch.empty(rows * parts, dtype=ws, device=x.device)
-    grid = (rows, parts)
-    wrap_triton(_row_parts_kernel)[grid](
-        v,
-        m_ws,
-        s_ws,
-        n,
-        inner,
-        *strides,
-        parts,
-        ACC=acc,
-        CHUNK=SPLIT_CHUNK,
-        BLOCK_N=2048,
-        num_warps=8,
-    )
-    wrap_triton(_softmax_finish_kernel)[grid](
+    m_ws, s_ws, parts = row_parts(v, acc, common.workspace_dtype(x.dtype, out_dtype))
+    wrap_triton(_softmax_finish_kernel)[(rows, parts)](
         v,
         y,
         m_ws,
