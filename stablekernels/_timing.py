@@ -72,28 +72,17 @@ def measure(
     *,
     warmup: int = 3,
     repeats: int = 20,
-    min_seconds: float = 0.0,
     max_seconds: float = 2.0,
 ) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then timed calls until there are ``repeats``
-    of them and ``min_seconds`` have passed, or ``max_seconds`` have passed (with at least
-    3 samples)."""
-    device = torch.device(device)
-    time_call = _time_cuda_call if device.type == "cuda" else _time_cpu_call
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    samples: list[float] = []
-    start = time.perf_counter()
-    while True:
-        samples.append(time_call(fn, device))
-        elapsed = time.perf_counter() - start
-        if len(samples) >= repeats and elapsed >= min_seconds:
-            break
-        if elapsed >= max_seconds and len(samples) >= 3:
-            break
-    return summarize(samples)
+    of them or ``max_seconds`` have passed (with at least 3 samples). An exception of
+    ``fn`` propagates. (measure_interleaved with one callable.)"""
+    (result,) = measure_interleaved(
+        [fn], device, warmup=warmup, repeats=repeats, max_seconds=max_seconds
+    )
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def measure_interleaved(

@@ -47,3 +47,15 @@ def test_the_time_limit_stops_slow_rounds_after_three():
         [lambda: time.sleep(0.02)], warmup=0, repeats=1000, max_seconds=0.01
     )
     assert timings[0].samples == 3
+
+
+def test_measure_is_one_callable_of_the_interleaved_timer():
+    calls = []
+    timing = _timing.measure(lambda: calls.append(1), warmup=2, repeats=7)
+    assert timing.samples == 7 and len(calls) == 9
+
+    def broken():
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        _timing.measure(broken)
