@@ -3,7 +3,9 @@
 Each rank of the process group holds a contiguous slice of the class dimension, in rank
 order; slices may differ in size (the offsets are gathered, not assumed). Each rank computes
 its local statistics with the local kernels (whatever backend serves the shard's device),
-the ranks exchange O(rows) numbers in one ``all_gather``, and every rank returns the full
+the ranks exchange O(rows) numbers in one ``all_gather`` (cross_entropy gathers the shard
+sizes before it, one number per rank, to know which rank owns a target), and every rank
+returns the full
 result. The backward of each rank covers its own slice, exactly the slice of the
 single-process gradient, with no communication.
 
