@@ -70,22 +70,8 @@ CUDA_SOURCES = [
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 
 
-def resolve_cuda_home() -> None:
-    """Point CUDA_HOME at the toolkit of the nvcc on PATH when torch would guess wrong.
-
-    torch.utils.cpp_extension takes CUDA_HOME (or CUDA_PATH) from the environment, else the
-    parent of the folder holding the first nvcc on PATH. When that nvcc is a wrapper script
-    (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc, say), the guess has no
-    include/cuda_runtime.h and the binding fails to compile; nvcc's own --dryrun names its
-    real top folder, which is then exported before torch reads it."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return
-    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
-        return
+def _nvcc_top(nvcc: str) -> str | None:
+    """The toolkit folder nvcc reports for itself (the TOP of ``nvcc --dryrun``)."""
     try:
         report = subprocess.run(
             [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
@@ -94,13 +80,37 @@ def resolve_cuda_home() -> None:
             timeout=60,
         ).stderr
     except (OSError, subprocess.SubprocessError):
-        return
+        return None
     for line in report.splitlines():
         if line.startswith("#$ TOP="):
-            top = os.path.normpath(line[len("#$ TOP=") :].strip())  # the bin/.. folder
-            if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
-                os.environ["CUDA_HOME"] = top
-            return
+            return os.path.normpath(line[len("#$ TOP=") :].strip())  # the bin/.. folder
+    return None
+
+
+def resolve_cuda_home() -> None:
+    """Point CUDA_HOME at the toolkit of the nvcc on PATH when torch would guess wrong.
+
+    torch.utils.cpp_extension takes CUDA_HOME (or CUDA_PATH) from the environment, else the
+    parent of the folder holding the first nvcc on PATH. When that nvcc is a link or a
+    wrapper script (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc, say), the
+    guess has no include/cuda_runtime.h and the binding fails to compile. The toolkit is
+    then the link's target, or the top folder nvcc's own --dryrun names, exported before
+    torch reads it."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+
+    def has_headers(home: str | None) -> bool:
+        return home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+    if has_headers(os.path.dirname(os.path.dirname(nvcc))):  # torch's guess is right
+        return
+    linked = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    home = linked if has_headers(linked) else _nvcc_top(nvcc)
+    if has_headers(home):
+        os.environ["CUDA_HOME"] = home
 
 
 def build_cuda() -> bool:

@@ -83,23 +83,29 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
 
 
 @needs_nvcc
-def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["wrapper script", "symbolic link"])
+def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper(kind, tmp_path, monkeypatch):
     """An nvcc on PATH that is a wrapper script (as /usr/local/bin/nvcc on this project's
-    machines) makes torch guess CUDA_HOME as the wrapper's parent, which has no CUDA
-    headers; setup.py asks nvcc for its real folder instead."""
+    machines) or a link makes torch guess CUDA_HOME as its folder's parent, which has no
+    CUDA headers; setup.py finds the real toolkit instead."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location("sk_setup", os.path.join(ROOT, "setup.py"))
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # defines the helpers; setup() runs only as main
+    real_nvcc = os.path.join(setup_module._nvcc_top(NVCC), "bin", "nvcc")
+    assert os.path.isfile(real_nvcc), real_nvcc
     wrapper = tmp_path / "bin" / "nvcc"
     wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nexec "{os.path.realpath(NVCC)}" "$@"\n')
-    wrapper.chmod(0o755)
+    if kind == "wrapper script":
+        wrapper.write_text(f'#!/bin/sh\nexec "{real_nvcc}" "$@"\n')
+        wrapper.chmod(0o755)
+    else:
+        wrapper.symlink_to(real_nvcc)
     monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
     for name in ("CUDA_HOME", "CUDA_PATH"):  # set, then unset: restored after the test
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    spec = importlib.util.spec_from_file_location("sk_setup", os.path.join(ROOT, "setup.py"))
-    setup_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(setup_module)  # defines the helpers; setup() runs only as main
     setup_module.resolve_cuda_home()
     home = os.environ["CUDA_HOME"]
     assert os.path.exists(os.path.join(home, "include", "cuda_runtime.h")), home
