@@ -85,8 +85,11 @@ def test_backward_against_torch_and_float64(backend, name, shape, dim, dtype):
     ours_err, theirs_err = scaled_error(ours, ref), scaled_error(theirs, ref)
     assert ours_err <= 2 * theirs_err + 4 * eps(dtype)
     if dtype == torch.float32:
+        # Elementwise too, against the float64 truth (torch's own fp32 backward drifts from
+        # it by more than this at 300k columns, by an amount that depends on its CPU
+        # kernels' vector width).
         scale = ref.abs().max().item()
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_non_contiguous_and_expanded_gradients(backend):
