@@ -1,9 +1,9 @@
 """Build script: the Python package and the compiled extension ``stablekernels._C``.
 
 The extension holds the C++ CPU kernels, compiled once per CPU capability (DEFAULT, and on
-x86-64 AVX2 and AVX512, each with its own compiler flags, as ATen's own kernels are) and
-picked at run time by the capability ATen runs with; and the CUDA kernels (csrc/cuda) when
-the installed torch has CUDA and nvcc is found.
+x86-64 AVX2 and AVX512, each with its own compiler flags, as ATen's own kernels are; listed in
+csrc/cpu/capabilities.json) and picked at run time by the capability ATen runs with; and the
+CUDA kernels (csrc/cuda) when the installed torch has CUDA and nvcc is found.
 
 Environment:
   STABLEKERNELS_NO_EXTENSION=1   install the pure-Python package only
@@ -18,6 +18,7 @@ The extension is built against the torch already installed, so build without iso
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -28,32 +29,24 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
-# Compiler flags of each CPU capability's copy of csrc/cpu/kernels_impl.h.
-CAPABILITY_FLAGS = {
-    "csrc/cpu/kernels_default.cpp": ["-DCPU_CAPABILITY=DEFAULT"],
-}
-if IS_X86:
-    CAPABILITY_FLAGS.update(
-        {
-            "csrc/cpu/kernels_avx2.cpp": [
-                "-DCPU_CAPABILITY=AVX2",
-                "-DCPU_CAPABILITY_AVX2",
-                "-mavx2",
-                "-mfma",
-                "-mf16c",
-            ],
-            "csrc/cpu/kernels_avx512.cpp": [
-                "-DCPU_CAPABILITY=AVX512",
-                "-DCPU_CAPABILITY_AVX512",
-                "-mavx512f",
-                "-mavx512bw",
-                "-mavx512vl",
-                "-mavx512dq",
-                "-mfma",
-                "-mf16c",
-            ],
-        }
-    )
+
+def cpu_capabilities(is_x86: bool = IS_X86) -> tuple[dict[str, list[str]], list[str]]:
+    """The CPU capability builds of csrc/cpu/kernels_impl.h, from csrc/cpu/capabilities.json
+    (which CMakeLists.txt reads too): each kernels_<cap>.cpp built on this machine with its
+    compiler flags (its -D definitions first), and the macros that tell dispatch.cpp which
+    were built."""
+    with open(os.path.join(ROOT, "csrc", "cpu", "capabilities.json")) as f:
+        capabilities = json.load(f)["capabilities"]
+    flags, built = {}, []
+    for source, cap in capabilities.items():
+        if cap["x86_64_only"] and not is_x86:
+            continue
+        flags[f"csrc/cpu/{source}"] = [f"-D{d}" for d in cap["definitions"]] + cap["flags"]
+        if cap["dispatch_macro"]:
+            built.append(cap["dispatch_macro"])
+    return flags, built
+
+
 COMMON_SOURCES = [
     "csrc/cpu/dispatch.cpp",
     "csrc/bindings/registration.cpp",
@@ -170,6 +163,7 @@ def extension_build() -> dict:
             super().build_extension(ext)
 
     cuda = build_cuda()
+    capability_flags, capabilities_built = cpu_capabilities()
     compile_args = {"cxx": list(CXX_FLAGS)}
     if cuda:
         compile_args["nvcc"] = list(NVCC_FLAGS)
@@ -177,17 +171,17 @@ def extension_build() -> dict:
         "stablekernels._C",
         COMMON_SOURCES + (CUDA_SOURCES if cuda else []),
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
-        define_macros=[("SK_HAVE_AVX2", None), ("SK_HAVE_AVX512", None)] if IS_X86 else [],
+        define_macros=[(name, None) for name in capabilities_built],
         extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
         depends=[
             os.path.join("csrc", d, f)
             for d in ("cpu", "cuda", "include/stablekernels", "bindings")
             for f in os.listdir(os.path.join(ROOT, "csrc", d))
-            if f.endswith((".h", ".cuh"))
+            if f.endswith((".h", ".cuh", ".json"))
         ],
     )
-    extension.per_source_flags = CAPABILITY_FLAGS
+    extension.per_source_flags = capability_flags
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithCapabilities}}
 
 

@@ -70,7 +70,7 @@ def _stablekernels(backend: str) -> Provider:
         fn = getattr(sk, op)
         return lambda x: fn(x, dim, backend=backend)
 
-    serves = tuple(t for t in ("cpu", "cuda") if backends.BACKENDS[backend].reason(t) is None)
+    serves = tuple(t for t in ("cpu", "cuda") if backends.BACKENDS[backend].supports(t))
     return Provider(f"sk-{backend}", make, ALL_OPS, serves, compiles=backend == "triton")
 
 

@@ -1,7 +1,7 @@
 """The public functions: argument checks, dtype rules, dim handling and backend choice.
 
 Each function checks its arguments the way torch does (same exception types), turns them into
-the arguments of one custom op of :mod:`stablekernels._library`, and picks the backend:
+the arguments of one custom op of :mod:`stablekernels._ops`, and picks the backend:
 
 1. ``backend=`` given to the call;
 2. else the innermost :func:`use_backend` block of this thread;
@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from . import backends
-from ._library import check_floating, ops, wrap_dim
+from ._ops import check_floating, ops, wrap_dim
 
 _overrides = threading.local()
 

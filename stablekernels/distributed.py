@@ -11,7 +11,7 @@ single-process gradient, with no communication.
 
 The local statistics per row: the shard's lse (fp64), its max, and for label smoothing the
 sum of (max - x) over the shard; the ranks' lse merge as lse = M + log1p(sum over the other
-ranks of exp(lse_k - M)), M the largest (DESIGN.md's merge rule, with one term left out).
+ranks of exp(lse_k - M)), M the largest (the merge rule of docs/design.md, with one term left out).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 from ._api import _check_tensor, resolve_backend
-from ._library import ops, wrap_dim
+from . import backends
+from ._numerics import accumulation_dtype, finish_lse, row_stats
+from ._ops import cross_entropy_backward_terms, cross_entropy_row_loss, ops, wrap_dim
 
 
 def _world(group):
@@ -36,15 +38,11 @@ def _gather(local: torch.Tensor, group) -> torch.Tensor:
 
 
 def _merge_lse(lse: torch.Tensor) -> torch.Tensor:
-    """The log-sum-exp over dim 0 of per-rank lse (fp64): M + log1p(sum_{k != argmax}
-    exp(lse_k - M)), so a dominant rank keeps the small terms' precision."""
-    top = lse.max(0).values
-    others = torch.exp(lse - top)
-    first = lse.argmax(0, keepdim=True)
-    others = others.scatter(0, first, 0.0).sum(0)
-    merged = top + torch.log1p(others)
-    # An infinite max (all -inf, or a +inf) is the result, as torch.logsumexp has it.
-    return torch.where(top.isinf(), top, merged)
+    """The log-sum-exp over dim 0 of per-rank lse (fp64): the ranks' lse are a row like any
+    other, M + log1p(sum_{k != argmax} exp(lse_k - M)), so a dominant rank keeps the small
+    terms' precision."""
+    m, _, _, s = row_stats(lse, 0)
+    return finish_lse(m, s)[0]
 
 
 def _local_lse(rows: torch.Tensor, backend: str) -> torch.Tensor:
@@ -95,7 +93,7 @@ class _CrossEntropy(torch.autograd.Function):
         sizes = _gather(torch.tensor([local], device=rows.device), group).reshape(-1)
         offset = int(sizes[:rank].sum())
         classes = int(sizes.sum())
-        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(rows.dtype)
         # Local statistics, one row of numbers per row: lse, max, gap sum, own x_t, owned.
         lse = _local_lse(rows, backend)
         counted = target != ignore_index
@@ -124,41 +122,48 @@ class _CrossEntropy(torch.autograd.Function):
         total = _merge_lse(table[..., 0])
         x_target = table[..., 1].sum(0)
         found = table[..., 2].sum(0) > 0
-        nll = total - x_target
-        loss = (1 - label_smoothing) * nll
+        smooth = torch.zeros_like(total)
         if label_smoothing:
             sizes64 = sizes.to(torch.float64)[:, None]
             # sum_c (lse - x_c) = sum_k [gaps_k + C_k (lse - m_k)]: every term >= 0
             spread = torch.where(sizes64 > 0, table[..., 4], total)
             smooth = (table[..., 5] + sizes64 * (total - spread)).sum(0)
-            loss = loss + label_smoothing / classes * smooth
         bad = counted & ~found
         if bad.any():
             raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
-        loss = torch.where(counted, loss, 0.0)
+        loss = cross_entropy_row_loss(
+            total - x_target, smooth, total, 1.0, counted, classes, label_smoothing, 0.0
+        )
         ctx.save_for_backward(rows, total, t_local, owned, counted)
         ctx.options = (label_smoothing, classes, backend)
         return loss.to(acc), total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel below has no derivative
     def backward(ctx, grad_loss, grad_lse):
         rows, total, t_local, owned, counted = ctx.saved_tensors
         label_smoothing, classes, backend = ctx.options
-        if rows.shape[-1] == 0:
+        if rows.numel() == 0:
             return torch.zeros_like(rows), None, None, None, None, None
-        g = torch.where(counted, grad_loss.double(), 0.0)
-        if grad_lse is not None:
-            g_p = g + grad_lse.double()
-        else:
-            g_p = g
-        # dx_c = g_p * p_c - g * e / C - g * (1 - e) [c == t]: p through the local kernel.
-        dx = ops.logsumexp_backward(
-            g_p.to(total.dtype), rows, total, rows.dim() - 1, False, backend
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(total)
+        # The single-process backward's per-row terms; the one-hot term only where this
+        # rank owns the target. The local kernel of the backend then maps them over x.
+        terms = cross_entropy_backward_terms(
+            grad_loss,
+            grad_lse,
+            total,
+            t_local,
+            counted,
+            None,
+            classes,
+            label_smoothing,
+            0.0,
+            accumulation_dtype(rows.dtype),
         )
-        if label_smoothing:
-            dx.sub_((g * (label_smoothing / classes)).to(dx.dtype)[:, None])
-        one_hot = torch.where(owned, -(1 - label_smoothing) * g, 0.0).to(dx.dtype)
-        dx.scatter_add_(-1, t_local[:, None], one_hot[:, None])
+        terms[:, 4] = torch.where(owned, terms[:, 4], 0.0)
+        kernels = backends.get_backend(backend).kernels()
+        dx = kernels.cross_entropy_backward(rows.contiguous(), t_local, None, terms)
         return dx, None, None, None, None, None
 
 

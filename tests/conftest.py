@@ -25,7 +25,7 @@ from stablekernels import backends  # noqa: E402
 settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-CPU_BACKENDS = [b for b in sk.available_backends() if backends.BACKENDS[b].reason("cpu") is None]
+CPU_BACKENDS = [b for b in sk.available_backends() if backends.BACKENDS[b].supports("cpu")]
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 

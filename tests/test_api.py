@@ -156,7 +156,7 @@ def test_available_backends():
     assert "torch" in names
     assert set(names) <= set(backends.BACKENDS) == {"torch", "cpp", "cuda", "triton"}
     for name in names:
-        assert any(backends.BACKENDS[name].reason(t) is None for t in backends.local_device_types())
+        assert any(backends.BACKENDS[name].supports(t) for t in backends.local_device_types())
 
 
 def test_unknown_backend_is_value_error():

@@ -24,7 +24,7 @@ RUNNABLE = ORDER[: ORDER.index(BEST) + 1] if BEST in ORDER else ["default"]
 
 CHECK = r"""
 import torch, stablekernels as sk
-print(torch.ops.stablekernels.fused_cpu_capability())
+print(torch.ops.stablekernels._fused_cpu_capability())
 torch.manual_seed(0)
 cases = [((5, 1023), -1), ((2, 70000), -1), ((1, 300000), -1), ((3, 5, 33), 1), ((4, 7), 0),
          ((64, 300), -1)]

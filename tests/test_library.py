@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import stablekernels as sk
-from stablekernels._library import SCHEMAS
+from stablekernels._ops import SCHEMAS
 
 ops = torch.ops.stablekernels
 

@@ -1,5 +1,6 @@
-// The CPU kernels of the fused ops (registered for the CPU dispatch key): argument checks,
-// layout, output allocation, then the kernel table of this machine's CPU capability.
+// The CPU kernels of the fused ops (registered for the CPU dispatch key): the checked
+// arguments and layout (row_view.h), output allocation, then the kernel table of this
+// machine's CPU capability.
 #include <torch/library.h>
 
 #include "../cpu/kernels.h"
@@ -36,133 +37,70 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::T
   return t;
 }
 
-void check_floating(const char* op, const char* what, at::ScalarType t) {
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op, ": ",
-              what, " has dtype ", t,
-              "; stablekernels computes in float16, bfloat16, float32 and float64");
-}
-
-at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor fused_softmax_cpu(const at::Tensor& x, int64_t dim, at::ScalarType dtype, bool log) {
-  check_floating("fused_softmax", "the input", x.scalar_type());
-  check_floating("fused_softmax", "the output dtype", dtype);
-  if (x.dim() == 0) return fused_softmax_cpu(x.reshape({1}), dim, dtype, log).reshape({});
-  const RowView view = row_view(x, dim);
+  const RowView view = softmax_args(x, dim, dtype);
   at::Tensor y = empty_output(x.sizes(), dtype, x);
-  if (y.numel() > 0) {
-    cpu_kernels().softmax_forward(view.x.const_data_ptr(), view.x.scalar_type(),
-                                  y.mutable_data_ptr(), dtype, view.layout, log);
-  }
+  cpu_kernels().softmax_forward(view.x.const_data_ptr(), view.x.scalar_type(), y.mutable_data_ptr(),
+                                dtype, view.layout, log);
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_logsumexp_cpu(const at::Tensor& x, int64_t dim,
                                                        bool keepdim) {
-  check_floating("fused_logsumexp", "the input", x.scalar_type());
-  if (x.dim() == 0) {
-    auto [out, lse] = fused_logsumexp_cpu(x.reshape({1}), dim, false);
-    return {out.reshape({}), lse.reshape({})};
-  }
-  const RowView view = row_view(x, dim);
+  const RowView view = logsumexp_args(x, dim);
   at::Tensor out = at::empty({view.layout.rows()}, x.options());
   at::Tensor lse = at::empty({view.layout.rows()}, x.options().dtype(at::kDouble));
-  if (view.layout.n == 0) {
-    out.fill_(-std::numeric_limits<double>::infinity());  // an empty sum is 0
-    lse.fill_(-std::numeric_limits<double>::infinity());
-  } else if (view.layout.rows() > 0) {
-    cpu_kernels().logsumexp_forward(view.x.const_data_ptr(), view.x.scalar_type(),
-                                    out.mutable_data_ptr(), lse.mutable_data_ptr<double>(),
-                                    view.layout);
-  }
+  cpu_kernels().logsumexp_forward(view.x.const_data_ptr(), view.x.scalar_type(),
+                                  out.mutable_data_ptr(), lse.mutable_data_ptr<double>(),
+                                  view.layout);
   return {rows_to_result(out, view, keepdim), rows_to_result(lse, view, keepdim)};
 }
 
 at::Tensor fused_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& output, int64_t dim,
                                       at::ScalarType input_dtype, bool log) {
-  check_floating("fused_softmax_backward", "the output", output.scalar_type());
-  check_floating("fused_softmax_backward", "the input dtype", input_dtype);
-  TORCH_CHECK(grad.sizes() == output.sizes(), "fused_softmax_backward: grad has shape ",
-              grad.sizes(), ", expected ", output.sizes());
-  if (output.dim() == 0) {
-    return fused_softmax_backward_cpu(grad.reshape({1}), output.reshape({1}), dim, input_dtype, log)
-        .reshape({});
-  }
-  // y and grad contiguous, in y's dtype (autograd hands over expanded grads, e.g. of sum()).
-  const RowView view = row_view(output.contiguous(), dim);
-  const at::Tensor g = grad.to(output.scalar_type()).contiguous();
+  const RowView view = softmax_backward_args(grad, output, dim, input_dtype);
   at::Tensor dx = empty_output(output.sizes(), input_dtype, output);
-  if (dx.numel() > 0) {
-    cpu_kernels().softmax_backward(g.const_data_ptr(), view.x.const_data_ptr(),
-                                   view.x.scalar_type(), dx.mutable_data_ptr(), input_dtype,
-                                   view.layout, log);
-  }
+  cpu_kernels().softmax_backward(grad.const_data_ptr(), view.x.const_data_ptr(),
+                                 view.x.scalar_type(), dx.mutable_data_ptr(), input_dtype,
+                                 view.layout, log);
   return dx;
 }
 
 at::Tensor fused_logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                        const at::Tensor& lse, int64_t dim, bool keepdim) {
-  check_floating("fused_logsumexp_backward", "the input", x.scalar_type());
-  if (x.dim() == 0) {
-    return fused_logsumexp_backward_cpu(grad.reshape({1}), x.reshape({1}), lse.reshape({1}), 0,
-                                        true)
-        .reshape({});
-  }
-  const RowView view = row_view(x, dim);
-  const auto acc = accumulation_type(x.scalar_type());
-  const at::Tensor g = rows_of(grad, view, keepdim, acc);
-  const at::Tensor l = rows_of(lse, view, keepdim, at::kDouble);
+                                        const at::Tensor& hi, const at::Tensor& lo, int64_t dim) {
+  const RowView view = logsumexp_backward_args(grad, x, hi, lo, dim);
   at::Tensor dx = empty_output(x.sizes(), x.scalar_type(), x);
-  if (dx.numel() > 0) {
-    cpu_kernels().logsumexp_backward(g.const_data_ptr(), l.const_data_ptr<double>(),
-                                     view.x.const_data_ptr(), view.x.scalar_type(),
-                                     dx.mutable_data_ptr(), view.layout);
-  }
+  cpu_kernels().logsumexp_backward(grad.const_data_ptr(), hi.const_data_ptr(), lo.const_data_ptr(),
+                                   view.x.const_data_ptr(), view.x.scalar_type(),
+                                   dx.mutable_data_ptr(), view.layout);
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_cross_entropy_cpu(const at::Tensor& logits,
-                                                           const at::Tensor& target,
-                                                           const c10::optional<at::Tensor>& weight,
-                                                           int64_t ignore_index,
-                                                           double label_smoothing, double z_loss) {
-  check_floating("fused_cross_entropy", "the logits", logits.scalar_type());
-  const ClassRows in = class_rows("fused_cross_entropy", logits, target, weight, ignore_index,
-                                  accumulation_type(logits.scalar_type()));
-  at::Tensor loss =
-      at::empty({in.rows}, logits.options().dtype(accumulation_type(logits.scalar_type())));
-  at::Tensor lse = at::empty({in.rows}, logits.options().dtype(at::kDouble));
-  if (in.rows > 0 && in.classes > 0) {
-    cpu_kernels().cross_entropy_forward(in.logits.const_data_ptr(), in.logits.scalar_type(),
-                                        in.x_stride, in.target.const_data_ptr<int64_t>(),
-                                        in.weight ? in.weight->const_data_ptr() : nullptr, in.rows,
-                                        in.classes, ignore_index, label_smoothing, z_loss,
-                                        loss.mutable_data_ptr(), lse.mutable_data_ptr<double>());
-  }
-  return {loss, lse};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cross_entropy_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    bool smoothing) {
+  const ClassRows in = cross_entropy_args(logits, target, weight);
+  const auto options = logits.options().dtype(at::kDouble);
+  at::Tensor nll = at::empty({in.rows}, options);
+  at::Tensor smooth = at::empty({in.rows}, options);
+  at::Tensor lse = at::empty({in.rows}, options);
+  cpu_kernels().cross_entropy_forward(
+      in.logits.const_data_ptr(), in.logits.scalar_type(), in.x_stride,
+      in.target.const_data_ptr<int64_t>(), in.weight_data(), in.rows, in.classes, smoothing,
+      nll.mutable_data_ptr<double>(), smooth.mutable_data_ptr<double>(),
+      lse.mutable_data_ptr<double>());
+  return {nll, smooth, lse};
 }
 
-at::Tensor fused_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
-                                            const at::Tensor& logits, const at::Tensor& target,
+at::Tensor fused_cross_entropy_backward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                             const c10::optional<at::Tensor>& weight,
-                                            const at::Tensor& lse, int64_t ignore_index,
-                                            double label_smoothing, double z_loss) {
-  check_floating("fused_cross_entropy_backward", "the logits", logits.scalar_type());
-  const ClassRows in = class_rows("fused_cross_entropy_backward", logits, target, weight,
-                                  ignore_index, accumulation_type(logits.scalar_type()));
-  const at::Tensor g = grad_loss.to(accumulation_type(logits.scalar_type())).contiguous();
-  const at::Tensor gl = grad_lse.to(at::kDouble).contiguous();
-  const at::Tensor l = lse.to(at::kDouble).contiguous();
+                                            const at::Tensor& terms) {
+  const ClassRows in = cross_entropy_backward_args(logits, target, weight, terms);
   at::Tensor dx = empty_output(logits.sizes(), logits.scalar_type(), logits);
-  if (dx.numel() > 0) {
-    cpu_kernels().cross_entropy_backward(
-        g.const_data_ptr(), gl.const_data_ptr<double>(), in.logits.const_data_ptr(),
-        in.logits.scalar_type(), in.x_stride, in.target.const_data_ptr<int64_t>(),
-        in.weight ? in.weight->const_data_ptr() : nullptr, l.const_data_ptr<double>(), in.rows,
-        in.classes, ignore_index, label_smoothing, z_loss, dx.mutable_data_ptr());
-  }
+  cpu_kernels().cross_entropy_backward(in.logits.const_data_ptr(), in.logits.scalar_type(),
+                                       in.x_stride, in.target.const_data_ptr<int64_t>(),
+                                       in.weight_data(), terms.const_data_ptr(), in.rows,
+                                       in.classes, dx.mutable_data_ptr());
   return dx;
 }
 
@@ -171,16 +109,17 @@ std::string cpu_capability() { return cpu_kernels().capability; }
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stablekernels, CPU, m) {
-  m.impl("fused_softmax", &fused_softmax_cpu);
-  m.impl("fused_logsumexp", &fused_logsumexp_cpu);
-  m.impl("fused_softmax_backward", &fused_softmax_backward_cpu);
-  m.impl("fused_logsumexp_backward", &fused_logsumexp_backward_cpu);
-  m.impl("fused_cross_entropy", &fused_cross_entropy_cpu);
-  m.impl("fused_cross_entropy_backward", &fused_cross_entropy_backward_cpu);
+  m.impl("_fused_softmax", &fused_softmax_cpu);
+  m.impl("_fused_logsumexp", &fused_logsumexp_cpu);
+  m.impl("_fused_softmax_backward", &fused_softmax_backward_cpu);
+  m.impl("_fused_logsumexp_backward", &fused_logsumexp_backward_cpu);
+  m.impl("_fused_cross_entropy", &fused_cross_entropy_cpu);
+  m.impl("_fused_cross_entropy_backward", &fused_cross_entropy_backward_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
-  m.def("fused_cpu_capability() -> str", &cpu_capability);
+  // The capability whose kernel table runs here (DEFAULT, AVX2 or AVX512).
+  m.def("_fused_cpu_capability() -> str", &cpu_capability);
 }
 
 }  // namespace stablekernels

@@ -1,25 +1,34 @@
 // The fused kernel ops of the compiled extension, defined once here; CPU kernels register
-// in cpu_ops.cpp and CUDA kernels in cuda_ops.cpp under these names. The public ops
-// (stablekernels._library) route to them through the `cpp` and `cuda` backends.
+// in cpu_ops.cpp and CUDA kernels in cuda_ops.cpp under these names. They are private: the
+// stablekernels router (stablekernels/_ops.py) calls them through the `cpp` and `cuda`
+// backends with their preconditions established (inputs non-empty and at least 1-D, dims
+// wrapped, targets in range, per-row tensors in the accumulation dtype: float64 for float64
+// inputs, else float32), which the bindings only assert (row_view.h).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
-  // y = softmax(x) along dim (log_softmax if `log`), written in `dtype`.
-  m.def("fused_softmax(Tensor x, int dim, ScalarType dtype, bool log) -> Tensor");
-  // (logsumexp in x's dtype, logsumexp in the accumulation dtype)
-  m.def("fused_logsumexp(Tensor x, int dim, bool keepdim) -> (Tensor, Tensor)");
+  // softmax(x) along dim (log_softmax if `log`), contiguous, in `dtype`.
+  m.def("_fused_softmax(Tensor x, int dim, ScalarType dtype, bool log) -> Tensor");
+  // (logsumexp in x's dtype, logsumexp in float64), both of the reduced (or keepdim) shape.
+  m.def("_fused_logsumexp(Tensor x, int dim, bool keepdim) -> (Tensor, Tensor)");
+  // grad and output of one shape and dtype, contiguous; dx in input_dtype.
   m.def(
-      "fused_softmax_backward(Tensor grad, Tensor output, int dim, ScalarType input_dtype, "
+      "_fused_softmax_backward(Tensor grad, Tensor output, int dim, ScalarType input_dtype, "
       "bool log) -> Tensor");
+  // dx = grad[r] * exp((x - hi[r]) - lo[r]); grad, hi, lo: one value per row (row
+  // o * inner + i), accumulation dtype; hi + lo is the float64 lse.
   m.def(
-      "fused_logsumexp_backward(Tensor grad, Tensor x, Tensor lse, int dim, bool keepdim) "
+      "_fused_logsumexp_backward(Tensor grad, Tensor x, Tensor hi, Tensor lo, int dim) "
       "-> Tensor");
-  // (per-row loss fp32, per-row lse fp64) of (rows, classes) logits and int64 targets.
+  // Per row of (rows, classes) logits with int64 targets, float64: (nll, smooth, lse) with
+  // nll = (m - x_t) + log1p(s'), smooth = sum_c w_c (m - x_c) + W log1p(s') if `smoothing`
+  // (else 0), lse = logsumexp.
   m.def(
-      "fused_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float z_loss) -> (Tensor, Tensor)");
+      "_fused_cross_entropy(Tensor logits, Tensor target, Tensor? weight, bool smoothing) "
+      "-> (Tensor, Tensor, Tensor)");
+  // dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot, with terms
+  // (rows, 5) = (hi, lo, coef, smooth, one_hot) in the accumulation dtype.
   m.def(
-      "fused_cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, Tensor logits, "
-      "Tensor target, Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, "
-      "float z_loss) -> Tensor");
+      "_fused_cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor terms) -> Tensor");
 }

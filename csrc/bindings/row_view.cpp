@@ -1,8 +1,38 @@
 #include "row_view.h"
 
+#include <ATen/OpMathType.h>
+
 namespace stablekernels {
 
 namespace {
+
+// Ends the message of every failed precondition: the router, not the user, broke it.
+constexpr const char* kGuaranteed = " (the stablekernels router guarantees it)";
+
+void expect_floating(const char* op, const char* what, at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              ": expects ", what, " of float16, bfloat16, float32 or float64, got ", t,
+              kGuaranteed);
+}
+
+// x floating, at least 1-D, with no zero-size dim, and dim in [0, x.dim()).
+void expect_rows(const char* op, const char* name, const at::Tensor& x, int64_t dim) {
+  expect_floating(op, name, x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": expects ", name,
+              " with at least one dim and no zero-size dim", kGuaranteed);
+  TORCH_CHECK(dim >= 0 && dim < x.dim(), op, ": expects dim in [0, ", x.dim(), "), got ", dim,
+              kGuaranteed);
+}
+
+// t: contiguous, of `shape` and `dtype`, on x's device.
+void expect_alongside(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                      at::ScalarType dtype, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous() &&
+                  t.device() == x.device(),
+              op, ": expects ", name, " as a contiguous ", dtype, " tensor of shape ", shape,
+              " on ", x.device(), ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
+              t.device(), kGuaranteed);
+}
 
 std::vector<int64_t> reduced_shape(const at::Tensor& x, int64_t dim, bool keepdim) {
   std::vector<int64_t> shape = x.sizes().vec();
@@ -25,15 +55,11 @@ bool is_strided_rows(const at::Tensor& x) {
   return true;
 }
 
-}  // namespace
-
+// x (checked by expect_rows) as rows along dim.
 RowView row_view(const at::Tensor& input, int64_t dim) {
-  TORCH_CHECK(input.dim() >= 1, "stablekernels: expected a tensor with at least one dim");
-  dim = at::maybe_wrap_dim(dim, input.dim());
   const int64_t n = input.size(dim);
   if (dim == input.dim() - 1 && !input.is_contiguous() && is_strided_rows(input)) {
-    const int64_t outer = n == 0 ? 0 : input.numel() / n;
-    return RowView{input, dim, Layout{outer, n, 1, input.stride(dim - 1)}};
+    return RowView{input, dim, Layout{input.numel() / n, n, 1, input.stride(dim - 1)}};
   }
   at::Tensor x = input.contiguous();
   int64_t outer = 1, inner = 1;
@@ -42,43 +68,78 @@ RowView row_view(const at::Tensor& input, int64_t dim) {
   return RowView{x, dim, Layout{outer, n, inner, n * inner}};
 }
 
-at::Tensor rows_of(const at::Tensor& per_row, const RowView& view, bool keepdim,
-                   at::ScalarType dtype) {
-  const auto expected = reduced_shape(view.x, view.dim, keepdim);
-  TORCH_CHECK(per_row.sizes().vec() == expected, "stablekernels: per-row tensor has shape ",
-              per_row.sizes(), ", expected ", at::IntArrayRef(expected), " for input ",
-              view.x.sizes(), " along dim ", view.dim);
-  return per_row.to(dtype).contiguous();
+ClassRows class_rows(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                     const c10::optional<at::Tensor>& weight) {
+  expect_rows(op, "logits", logits, logits.dim() - 1);
+  TORCH_CHECK(logits.dim() == 2, op, ": expects 2-D logits (rows, classes), got shape ",
+              logits.sizes(), kGuaranteed);
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows &&
+                  target.device() == logits.device(),
+              op, ": expects int64 targets of shape (", rows, ") on ", logits.device(), ", got ",
+              target.scalar_type(), " of shape ", target.sizes(), " on ", target.device(),
+              kGuaranteed);
+  if (weight.has_value()) {
+    expect_alongside(op, "weight", *weight, {classes}, at::toOpMathType(logits.scalar_type()),
+                     logits);
+  }
+  const RowView view = row_view(logits, 1);
+  return ClassRows{view.x, target.contiguous(), weight, rows, classes, view.layout.x_stride};
+}
+
+}  // namespace
+
+RowView softmax_args(const at::Tensor& x, int64_t dim, at::ScalarType dtype) {
+  expect_rows("_fused_softmax", "x", x, dim);
+  expect_floating("_fused_softmax", "the output dtype", dtype);
+  return row_view(x, dim);
+}
+
+RowView softmax_backward_args(const at::Tensor& grad, const at::Tensor& output, int64_t dim,
+                              at::ScalarType input_dtype) {
+  const char* op = "_fused_softmax_backward";
+  expect_rows(op, "output", output, dim);
+  expect_floating(op, "the input dtype", input_dtype);
+  TORCH_CHECK(output.is_contiguous(), op, ": expects a contiguous output", kGuaranteed);
+  expect_alongside(op, "grad", grad, output.sizes(), output.scalar_type(), output);
+  return row_view(output, dim);
+}
+
+RowView logsumexp_args(const at::Tensor& x, int64_t dim) {
+  expect_rows("_fused_logsumexp", "x", x, dim);
+  return row_view(x, dim);
+}
+
+RowView logsumexp_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& hi,
+                                const at::Tensor& lo, int64_t dim) {
+  const char* op = "_fused_logsumexp_backward";
+  expect_rows(op, "x", x, dim);
+  const RowView view = row_view(x, dim);
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  const int64_t rows = view.layout.rows();
+  expect_alongside(op, "grad", grad, {rows}, acc, x);
+  expect_alongside(op, "hi", hi, {rows}, acc, x);
+  expect_alongside(op, "lo", lo, {rows}, acc, x);
+  return view;
 }
 
 at::Tensor rows_to_result(const at::Tensor& rows, const RowView& view, bool keepdim) {
   return rows.view(reduced_shape(view.x, view.dim, keepdim));
 }
 
-ClassRows class_rows(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                     const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                     at::ScalarType acc) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (rows, classes), got ", logits.sizes());
-  TORCH_CHECK(
-      target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == logits.size(0),
-      op, ": target must be int64 of shape (", logits.size(0), "), got ", target.scalar_type(), " ",
-      target.sizes());
-  if (target.device().is_cpu() && target.numel() > 0) {
-    // The kernels index the logits by target: refuse any target out of range (the Python
-    // API checks first, with torch's IndexError; this guards direct calls of the op).
-    const auto bad = (target.lt(0) | target.ge(logits.size(1))) & target.ne(ignore_index);
-    TORCH_CHECK(!bad.any().item<bool>(), op, ": a target is out of bounds for ", logits.size(1),
-                " classes");
-  }
-  const RowView view = row_view(logits, 1);
-  ClassRows out{view.x,         target.contiguous(), c10::nullopt,
-                logits.size(0), logits.size(1),      view.layout.x_stride};
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), op,
-                ": weight must have shape (", logits.size(1), "), got ", weight->sizes());
-    out.weight = weight->to(acc).contiguous();
-  }
-  return out;
+ClassRows cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                             const c10::optional<at::Tensor>& weight) {
+  return class_rows("_fused_cross_entropy", logits, target, weight);
+}
+
+ClassRows cross_entropy_backward_args(const at::Tensor& logits, const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& weight,
+                                      const at::Tensor& terms) {
+  const char* op = "_fused_cross_entropy_backward";
+  ClassRows in = class_rows(op, logits, target, weight);
+  expect_alongside(op, "terms", terms, {in.rows, 5}, at::toOpMathType(logits.scalar_type()),
+                   logits);
+  return in;
 }
 
 }  // namespace stablekernels

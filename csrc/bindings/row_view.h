@@ -1,5 +1,11 @@
-// From tensors to the row Layout of the kernels (stablekernels/layout.h), shared by the CPU
-// and CUDA bindings.
+// The arguments of the fused ops, shared by the CPU and CUDA bindings: each op's
+// preconditions asserted (once, here, for both devices), and the tensors mapped to the row
+// Layout of the kernels (stablekernels/layout.h).
+//
+// The preconditions are the contract of the ops: the stablekernels router (stablekernels/
+// _ops.py) establishes them (non-empty inputs of at least one dim, dims wrapped, targets in
+// range, per-row tensors in the accumulation dtype), so a failed check here is an internal
+// error, not a user's: the messages say so.
 //
 // Outputs are contiguous, as torch.softmax's are. The input is read in place when it is
 // contiguous, or when it is a batch of contiguous rows at a regular stride (a slice such as
@@ -13,32 +19,49 @@
 namespace stablekernels {
 
 struct RowView {
-  at::Tensor x;  // contiguous, or rows at a regular stride (see row_view)
-  int64_t dim;   // the reduced dim, wrapped
+  at::Tensor x;  // contiguous, or rows at a regular stride (see above)
+  int64_t dim;   // the reduced dim
   Layout layout;
 };
 
-// x (at least 1-D) viewed as rows along `dim`.
-RowView row_view(const at::Tensor& x, int64_t dim);
+// _fused_softmax: x (floating) viewed as rows along dim; dtype floating.
+RowView softmax_args(const at::Tensor& x, int64_t dim, at::ScalarType dtype);
 
-// A per-row result tensor (reduced shape, or keepdim shape) as a contiguous tensor of
-// `dtype`, in the order the kernels index rows.
-at::Tensor rows_of(const at::Tensor& per_row, const RowView& view, bool keepdim,
-                   at::ScalarType dtype);
+// _fused_softmax_backward: the output y as rows along dim (grad has y's shape and dtype, both
+// contiguous); input_dtype floating.
+RowView softmax_backward_args(const at::Tensor& grad, const at::Tensor& output, int64_t dim,
+                              at::ScalarType input_dtype);
 
-// 2-D logits (rows, classes) as contiguous rows at a regular stride (a copy otherwise),
-// checked with their int64 targets and optional class weights (converted to `acc`).
+// _fused_logsumexp: x as rows along dim.
+RowView logsumexp_args(const at::Tensor& x, int64_t dim);
+
+// _fused_logsumexp_backward: x as rows along dim; grad, hi and lo one value per row each, in
+// the accumulation dtype of x, contiguous.
+RowView logsumexp_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& hi,
+                                const at::Tensor& lo, int64_t dim);
+
+// A per-row result of the kernels (rows() elements) in the reduced (or keepdim) shape.
+at::Tensor rows_to_result(const at::Tensor& rows, const RowView& view, bool keepdim);
+
+// (rows, classes) logits as contiguous rows at a regular stride (a copy otherwise), with
+// their int64 targets (in [0, classes)) and optional class weights (classes,) in the
+// accumulation dtype of the logits.
 struct ClassRows {
   at::Tensor logits;
   at::Tensor target;
   c10::optional<at::Tensor> weight;
   int64_t rows, classes, x_stride;
-};
-ClassRows class_rows(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                     const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                     at::ScalarType acc);
 
-// The per-row output of a kernel (rows() elements) in the reduced (or keepdim) shape.
-at::Tensor rows_to_result(const at::Tensor& rows, const RowView& view, bool keepdim);
+  const void* weight_data() const { return weight ? weight->const_data_ptr() : nullptr; }
+};
+
+// _fused_cross_entropy.
+ClassRows cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                             const c10::optional<at::Tensor>& weight);
+
+// _fused_cross_entropy_backward: also terms (rows, 5) in the accumulation dtype, contiguous.
+ClassRows cross_entropy_backward_args(const at::Tensor& logits, const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& weight,
+                                      const at::Tensor& terms);
 
 }  // namespace stablekernels

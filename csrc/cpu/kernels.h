@@ -1,8 +1,8 @@
 // The CPU kernels' interface: raw pointers and a row layout, no tensors.
 //
 // csrc/cpu/kernels_impl.h is compiled once per CPU capability (DEFAULT, AVX2, AVX512; see
-// kernels_*.cpp and setup.py), each filling one KernelTable; cpu_kernels() returns the table
-// of the capability ATen itself runs with (ATEN_CPU_CAPABILITY is honoured).
+// kernels_*.cpp and capabilities.json), each filling one KernelTable; cpu_kernels() returns
+// the table of the capability ATen itself runs with (ATEN_CPU_CAPABILITY is honoured).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -30,28 +30,34 @@ struct KernelTable {
   void (*softmax_backward)(const void* grad, const void* y, c10::ScalarType y_type, void* dx,
                            c10::ScalarType dx_type, Layout layout, bool log);
 
-  // dx = grad_row * exp(x - lse_row); grad is per row in the accumulation dtype of x (fp32,
-  // or fp64 for fp64 x), lse per row in fp64; dx has x's dtype.
-  void (*logsumexp_backward)(const void* grad, const double* lse, const void* x,
+  // dx = grad[r] * exp((x - hi[r]) - lo[r]), a pure map. grad, hi and lo hold one value per
+  // row in the accumulation dtype of x (acc_of in stablekernels/online_softmax.h), hi + lo
+  // being the fp64 lse split by the caller: x - hi is exact near the lse, so the gradient
+  // keeps its precision at any offset. dx is contiguous, of x's dtype.
+  void (*logsumexp_backward)(const void* grad, const void* hi, const void* lo, const void* x,
                              c10::ScalarType x_type, void* dx, Layout layout);
 
-  // Cross-entropy of `rows` contiguous rows of `classes` logits (row r at x + r * x_stride)
-  // against class targets (int64; ignore_index counts nothing), with optional class weights
-  // (the accumulation dtype of x). Writes the per-row loss (fp32, weighted, smoothed,
-  // z-loss added; 0 on ignored rows; in the accumulation dtype: fp32, or fp64 for fp64) and
-  // lse (fp64).
+  // Per-row statistics of cross-entropy for `rows` contiguous rows of `classes` logits (row r
+  // at x + r * x_stride) and int64 targets in [0, classes), all fp64, with m = max, s' as in
+  // stablekernels/online_softmax.h:
+  //   nll[r]    = (m - x_t) + log1p(s')
+  //   smooth[r] = sum_c w_c (m - x_c) + W log1p(s') if `smoothing`, else 0 (w_c the class
+  //               weights in the accumulation dtype of x, or 1 without; W their sum)
+  //   lse[r]    = finish_lse(m, s')
+  // nll and smooth are arbitrary on rows whose max is not finite (the caller masks them by
+  // lse); lse is right on every row.
   void (*cross_entropy_forward)(const void* x, c10::ScalarType x_type, int64_t x_stride,
                                 const int64_t* target, const void* weight, int64_t rows,
-                                int64_t classes, int64_t ignore_index, double label_smoothing,
-                                double z_loss, void* loss, double* lse);
+                                int64_t classes, bool smoothing, double* nll, double* smooth,
+                                double* lse);
 
-  // dx (contiguous, x's dtype) from the upstream gradients of the per-row losses (the
-  // accumulation dtype) and lse (fp64), and the saved lse.
-  void (*cross_entropy_backward)(const void* grad_loss, const double* grad_lse, const void* x,
-                                 c10::ScalarType x_type, int64_t x_stride, const int64_t* target,
-                                 const void* weight, const double* lse, int64_t rows,
-                                 int64_t classes, int64_t ignore_index, double label_smoothing,
-                                 double z_loss, void* dx);
+  // dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot, a pure map over
+  // the logits (w_c = 1 without weights), with terms (rows, 5) = (hi, lo, coef, smooth,
+  // one_hot) per row, contiguous, in the accumulation dtype of x. dx is contiguous
+  // (rows, classes), of x's dtype.
+  void (*cross_entropy_backward)(const void* x, c10::ScalarType x_type, int64_t x_stride,
+                                 const int64_t* target, const void* weight, const void* terms,
+                                 int64_t rows, int64_t classes, void* dx);
 };
 
 namespace capability_default {

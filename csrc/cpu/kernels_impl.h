@@ -14,7 +14,9 @@
 // divides them in place; longer rows compute them again in the write pass. Halves are read
 // as fp32 and rounded once on store; fp64 is computed in fp64.
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ceil_div.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -47,14 +49,8 @@ constexpr int64_t kBlock = 16;             // vectors summed in fp32 before join
 constexpr int64_t kGrainElements = 32768;  // at least this many elements per parallel task
 constexpr int64_t kSplitMin = 65536;       // shortest segment of a row split across threads
 
+using at::ceil_div;
 using State = RowState<double>;
-
-template <typename T>
-constexpr bool kIsDouble = std::is_same_v<T, double>;
-
-// The accumulation type of a kernel reading T and writing U: fp64 if either is fp64.
-template <typename T, typename U = T>
-using acc_of = std::conditional_t<kIsDouble<T> || kIsDouble<U>, double, float>;
 
 template <typename acc_t>
 acc_t infinity() {
@@ -372,8 +368,6 @@ void softmax_short_row(const T* x, U* y, int64_t n, bool log) {
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // For each of `rows` rows of n elements: total = combine over segments of reduce(r, b, e),
 // then map(r, b, e, total) over the same segments. Rows are spread over threads; when
 // there are fewer rows than threads and rows are long, each row is split into segments
@@ -602,7 +596,7 @@ template <typename T>
 void logsumexp_forward_typed(const T* x, T* out, double* lse, Layout L) {
   using acc_t = acc_of<T>;
   auto store = [&](int64_t row, State st) {
-    const double value = st.logsumexp();
+    const double value = finish_lse(st);
     lse[row] = value;
     out[row] = static_cast<T>(static_cast<acc_t>(value));  // halves: round once, from fp32
   };
@@ -622,14 +616,7 @@ void logsumexp_forward_typed(const T* x, T* out, double* lse, Layout L) {
     alignas(64) acc_t m[kMaxWidth];
     double s[kMaxWidth];
     column_stats<T, acc_t>(x + o * L.x_stride + i0, L.n, L.inner, width, m, s);
-    for (int64_t i = 0; i < width; ++i) {
-      // The careful form of the header's rules: m is NaN or infinite on the special rows.
-      const double value = std::isnan(m[i])   ? std::numeric_limits<double>::quiet_NaN()
-                           : std::isinf(m[i]) ? static_cast<double>(m[i])
-                                              : m[i] + std::log1p(s[i]);
-      lse[o * L.inner + i0 + i] = value;
-      out[o * L.inner + i0 + i] = static_cast<T>(static_cast<acc_t>(value));
-    }
+    for (int64_t i = 0; i < width; ++i) store(o * L.inner + i0 + i, State{m[i], s[i]});
   });
 }
 
@@ -702,20 +689,10 @@ void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log
   });
 }
 
-// The fp64 lse of a row as hi + lo in acc_t: x - lse is then (x - hi) - lo, where x - hi is
-// exact for x near lse (the entries whose gradient is not negligible), so exp(x - lse) keeps
-// its precision at any offset (a float lse near 1e6 is off by up to 0.03).
-template <typename acc_t>
-std::pair<acc_t, acc_t> split(double lse) {
-  const acc_t hi = static_cast<acc_t>(lse);
-  const acc_t lo = std::isfinite(lse) ? static_cast<acc_t>(lse - hi) : acc_t(0);
-  return {hi, lo};
-}
-
-// dx = grad_row * exp(x - lse_row): a pure map, split evenly over threads.
+// dx = grad[r] * exp((x - hi[r]) - lo[r]): a pure map, split evenly over threads.
 template <typename T>
-void logsumexp_backward_typed(const acc_of<T>* grad, const double* lse, const T* x, T* dx,
-                              Layout L) {
+void logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi, const acc_of<T>* lo,
+                              const T* x, T* dx, Layout L) {
   using acc_t = acc_of<T>;
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
@@ -727,8 +704,7 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const double* lse, const T*
     at::parallel_for(0, L.outer * pieces, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r = t / pieces, b = (t % pieces) * piece, e = std::min(L.n, b + piece);
-        const auto [hi, lo] = split<acc_t>(lse[r]);
-        const V g(grad[r]), vhi(hi), vlo(lo);
+        const V g(grad[r]), vhi(hi[r]), vlo(lo[r]);
         for (int64_t j = b; j < e; j += kVec) {
           const int64_t count = std::min(kVec, e - j);
           const V t = (io::load(x + r * L.x_stride + j, count) - vhi) - vlo;
@@ -739,29 +715,27 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const double* lse, const T*
     return;
   }
   run_columns(L, sizeof(T), [&](int64_t o, int64_t i0, int64_t width) {
-    alignas(64) acc_t hi[kMaxWidth], lo[kMaxWidth];
-    for (int64_t i = 0; i < width; ++i)
-      std::tie(hi[i], lo[i]) = split<acc_t>(lse[o * L.inner + i0 + i]);
-    const acc_t* g = grad + o * L.inner + i0;
+    const int64_t row0 = o * L.inner + i0;
     const T* xb = x + o * L.x_stride + i0;
     T* db = dx + o * L.block() + i0;
     for (int64_t j = 0; j < L.n; ++j) {
       for (int64_t i = 0; i < width; i += kVec) {
         const int64_t c = std::min(kVec, width - i);
-        const V t = (io::load(xb + j * L.inner + i, c) - V::loadu(hi + i, c)) - V::loadu(lo + i, c);
-        io::store(db + j * L.inner + i, V::loadu(g + i, c) * exp_nan_safe(t), c);
+        const V t = (io::load(xb + j * L.inner + i, c) - V::loadu(hi + row0 + i, c)) -
+                    V::loadu(lo + row0 + i, c);
+        io::store(db + j * L.inner + i, V::loadu(grad + row0 + i, c) * exp_nan_safe(t), c);
       }
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------
-// Cross-entropy of contiguous rows (row r at x + r * x_stride, C classes), class targets.
-// Per row (w: class weights, all 1 without; e: smoothing; z: z-loss):
-//   loss = (1 - e) w_t (lse - x_t) + (e / C) sum_c w_c (lse - x_c) + z lse^2
-// with lse - x_c = (m - x_c) + log1p(s'), both >= 0. sum_c w_c (m - x_c) is summed per
-// chunk against the chunk's max and moved to the row's max as a_c + (m - m_c) W_c: every
-// term >= 0, no cancellation.
+// Cross-entropy statistics of contiguous rows (row r at x + r * x_stride, C classes), class
+// targets: per row nll = (m - x_t) + log1p(s'), and for label smoothing
+// sum_c w_c (m - x_c) + W log1p(s') (w: class weights, all 1 without; W their sum), whose
+// terms are all >= 0. sum_c w_c (m - x_c) is summed per chunk against the chunk's max and
+// moved to the row's max as a_c + (m - m_c) W_c: no cancellation. The caller combines them
+// into the loss.
 
 // sum over a chunk of w_c (m - x_c), and of w_c (the count without weights).
 template <typename T, typename acc_t>
@@ -788,10 +762,9 @@ std::pair<double, double> chunk_gaps(const T* p, int64_t len, acc_t m, const acc
 template <typename T>
 void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* target,
                                  const acc_of<T>* weight, int64_t rows, int64_t classes,
-                                 int64_t ignore_index, double eps, double z, acc_of<T>* loss,
-                                 double* lse) {
+                                 bool smoothing, double* nll, double* smooth, double* lse) {
   using acc_t = acc_of<T>;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, classes));
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / classes);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<double> chunk_m, chunk_a, chunk_w;
     for (int64_t r = begin; r < end; ++r) {
@@ -804,7 +777,7 @@ void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* ta
         const int64_t len = std::min(kChunk, classes - c0);
         const State c = chunk_stats<T, acc_t>(xr + c0, len);
         st = merge(st, c);
-        if (eps > 0) {
+        if (smoothing) {
           const auto [a, wsum] = chunk_gaps<T, acc_t>(xr + c0, len, static_cast<acc_t>(c.m),
                                                       weight == nullptr ? nullptr : weight + c0);
           chunk_m.push_back(c.m);
@@ -812,168 +785,120 @@ void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* ta
           chunk_w.push_back(wsum);
         }
       }
+      lse[r] = finish_lse(st);
       const double log_rest = std::log1p(st.s);
-      const double value = std::isnan(st.s)   ? std::numeric_limits<double>::quiet_NaN()
-                           : std::isinf(st.m) ? st.m
-                                              : st.m + log_rest;
-      lse[r] = value;
-      const int64_t t = target[r];
-      if (t == ignore_index) {
-        loss[r] = 0;
-        continue;
+      nll[r] = (st.m - static_cast<double>(static_cast<acc_t>(xr[target[r]]))) + log_rest;
+      double gaps = 0, total_w = 0;
+      for (size_t k = 0; k < chunk_m.size(); ++k) {
+        gaps += chunk_a[k] + (chunk_w[k] > 0 ? (st.m - chunk_m[k]) * chunk_w[k] : 0.0);
+        total_w += chunk_w[k];
       }
-      if (!std::isfinite(st.m)) {  // torch: a +inf, a NaN or only -inf in the row: NaN
-        loss[r] = std::numeric_limits<acc_t>::quiet_NaN();
-        continue;
-      }
-      const double w_t = weight == nullptr ? 1.0 : static_cast<double>(weight[t]);
-      double row =
-          (1 - eps) * w_t * ((st.m - static_cast<double>(static_cast<acc_t>(xr[t]))) + log_rest);
-      if (eps > 0) {
-        double gaps = 0, total_w = 0;
-        for (size_t k = 0; k < chunk_m.size(); ++k) {
-          gaps += chunk_a[k] + (chunk_w[k] > 0 ? (st.m - chunk_m[k]) * chunk_w[k] : 0.0);
-          total_w += chunk_w[k];
-        }
-        row += eps / static_cast<double>(classes) * (gaps + total_w * log_rest);
-      }
-      row += z * value * value;
-      loss[r] = static_cast<acc_t>(row);
+      smooth[r] = smoothing ? gaps + total_w * log_rest : 0.0;
     }
   });
 }
 
-// dx_c = p_c * coef - (e / C) g w_c - [c == t] (1 - e) g w_t, with p = exp(x - lse) and
-// coef = g ((1 - e) w_t + e W / C + 2 z lse) + g_lse (g = 0 on ignored rows).
+// dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot, from the per-row
+// terms (hi, lo, coef, smooth, one_hot): a pure map. The target's entry is written once more
+// with its one-hot term.
 template <typename T>
-void cross_entropy_backward_typed(const acc_of<T>* grad_loss, const double* grad_lse, const T* x,
-                                  int64_t x_stride, const int64_t* target, const acc_of<T>* weight,
-                                  const double* lse, int64_t rows, int64_t classes,
-                                  int64_t ignore_index, double eps, double z, T* dx) {
+void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* target,
+                                  const acc_of<T>* weight, const acc_of<T>* terms, int64_t rows,
+                                  int64_t classes, T* dx) {
   using acc_t = acc_of<T>;
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
-  double total_w = static_cast<double>(classes);
-  if (weight != nullptr) {
-    total_w = 0;
-    for (int64_t c = 0; c < classes; ++c) total_w += weight[c];
-  }
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, classes));
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / classes);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_stride;
       T* dr = dx + r * classes;
-      const int64_t t = target[r];
-      const bool counted = t != ignore_index;
-      const double g = counted ? grad_loss[r] : 0.0;
-      const double w_t = counted && weight != nullptr ? static_cast<double>(weight[t]) : 1.0;
-      const auto [hi, lo] = split<acc_t>(lse[r]);
-      const acc_t coef = static_cast<acc_t>(
-          g * ((1 - eps) * w_t + eps * total_w / classes + 2 * z * lse[r]) + grad_lse[r]);
-      const acc_t smooth = static_cast<acc_t>(eps / classes * g);
-      const V vhi(hi), vlo(lo), vcoef(coef), vsmooth(smooth);
+      const acc_t* k = terms + r * 5;
+      const acc_t hi = k[0], lo = k[1], coef = k[2], smooth = k[3], one_hot = k[4];
+      const V vhi(hi), vlo(lo), vcoef(coef), vsmooth(smooth), one(acc_t(1));
       for (int64_t j = 0; j < classes; j += kVec) {
         const int64_t count = std::min(kVec, classes - j);
         const V p = exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
-        V d = p * vcoef;
-        if (eps > 0)
-          d = d - vsmooth * (weight == nullptr ? V(acc_t(1)) : V::loadu(weight + j, count));
-        io::store(dr + j, d, count);
+        const V w = weight == nullptr ? one : V::loadu(weight + j, count);
+        io::store(dr + j, p * vcoef - vsmooth * w, count);
       }
-      if (counted) {  // the target's entry, written once more with its one-hot term
-        const acc_t p = std::exp((static_cast<acc_t>(xr[t]) - hi) - lo);
-        const acc_t w_c = weight == nullptr ? acc_t(1) : weight[t];
-        const acc_t d = p * coef - smooth * w_c - static_cast<acc_t>((1 - eps) * g * w_t);
-        dr[t] = static_cast<T>(d);
-      }
+      const int64_t t = target[r];
+      const acc_t p = std::exp((static_cast<acc_t>(xr[t]) - hi) - lo);
+      const acc_t w_t = weight == nullptr ? acc_t(1) : weight[t];
+      dr[t] = static_cast<T>(p * coef - smooth * w_t - one_hot);
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------
-// dtype dispatch: the four floating dtypes, for input and output independently.
+// dtype dispatch: the four floating dtypes, for input and output independently. A nested
+// dispatch names the outer scalar_t first: the inner one declares its own.
 
-template <typename F>
-void with_dtype(c10::ScalarType t, F f) {
-  switch (t) {
-    case c10::ScalarType::Float:
-      return f(float{});
-    case c10::ScalarType::Double:
-      return f(double{});
-    case c10::ScalarType::Half:
-      return f(Half{});
-    case c10::ScalarType::BFloat16:
-      return f(BFloat16{});
-    default:
-      TORCH_CHECK(false, "stablekernels: unsupported dtype ", t);
-  }
-}
+#define SK_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 void softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10::ScalarType y_type,
                      Layout layout, bool log) {
-  with_dtype(x_type, [&](auto xt) {
-    with_dtype(y_type, [&](auto yt) {
-      using T = decltype(xt);
-      using U = decltype(yt);
-      softmax_forward_typed(static_cast<const T*>(x), static_cast<U*>(y), layout, log);
+  SK_DISPATCH(x_type, "stablekernels softmax", [&] {
+    using T = scalar_t;
+    SK_DISPATCH(y_type, "stablekernels softmax", [&] {
+      softmax_forward_typed(static_cast<const T*>(x), static_cast<scalar_t*>(y), layout, log);
     });
   });
 }
 
 void logsumexp_forward(const void* x, c10::ScalarType x_type, void* out, double* lse,
                        Layout layout) {
-  with_dtype(x_type, [&](auto xt) {
-    using T = decltype(xt);
-    logsumexp_forward_typed(static_cast<const T*>(x), static_cast<T*>(out), lse, layout);
+  SK_DISPATCH(x_type, "stablekernels logsumexp", [&] {
+    logsumexp_forward_typed(static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), lse,
+                            layout);
   });
 }
 
 void softmax_backward(const void* grad, const void* y, c10::ScalarType y_type, void* dx,
                       c10::ScalarType dx_type, Layout layout, bool log) {
-  with_dtype(y_type, [&](auto yt) {
-    with_dtype(dx_type, [&](auto dt) {
-      using T = decltype(yt);
-      using U = decltype(dt);
+  SK_DISPATCH(y_type, "stablekernels softmax_backward", [&] {
+    using T = scalar_t;
+    SK_DISPATCH(dx_type, "stablekernels softmax_backward", [&] {
       softmax_backward_typed(static_cast<const T*>(grad), static_cast<const T*>(y),
-                             static_cast<U*>(dx), layout, log);
+                             static_cast<scalar_t*>(dx), layout, log);
     });
   });
 }
 
-void logsumexp_backward(const void* grad, const double* lse, const void* x, c10::ScalarType x_type,
-                        void* dx, Layout layout) {
-  with_dtype(x_type, [&](auto xt) {
-    using T = decltype(xt);
-    logsumexp_backward_typed(static_cast<const acc_of<T>*>(grad), lse, static_cast<const T*>(x),
-                             static_cast<T*>(dx), layout);
+void logsumexp_backward(const void* grad, const void* hi, const void* lo, const void* x,
+                        c10::ScalarType x_type, void* dx, Layout layout) {
+  SK_DISPATCH(x_type, "stablekernels logsumexp_backward", [&] {
+    using acc_t = acc_of<scalar_t>;
+    logsumexp_backward_typed(static_cast<const acc_t*>(grad), static_cast<const acc_t*>(hi),
+                             static_cast<const acc_t*>(lo), static_cast<const scalar_t*>(x),
+                             static_cast<scalar_t*>(dx), layout);
   });
 }
 
 void cross_entropy_forward(const void* x, c10::ScalarType x_type, int64_t x_stride,
                            const int64_t* target, const void* weight, int64_t rows, int64_t classes,
-                           int64_t ignore_index, double label_smoothing, double z_loss, void* loss,
-                           double* lse) {
-  with_dtype(x_type, [&](auto xt) {
-    using T = decltype(xt);
-    cross_entropy_forward_typed(static_cast<const T*>(x), x_stride, target,
-                                static_cast<const acc_of<T>*>(weight), rows, classes, ignore_index,
-                                label_smoothing, z_loss, static_cast<acc_of<T>*>(loss), lse);
+                           bool smoothing, double* nll, double* smooth, double* lse) {
+  SK_DISPATCH(x_type, "stablekernels cross_entropy", [&] {
+    cross_entropy_forward_typed(static_cast<const scalar_t*>(x), x_stride, target,
+                                static_cast<const acc_of<scalar_t>*>(weight), rows, classes,
+                                smoothing, nll, smooth, lse);
   });
 }
 
-void cross_entropy_backward(const void* grad_loss, const double* grad_lse, const void* x,
-                            c10::ScalarType x_type, int64_t x_stride, const int64_t* target,
-                            const void* weight, const double* lse, int64_t rows, int64_t classes,
-                            int64_t ignore_index, double label_smoothing, double z_loss, void* dx) {
-  with_dtype(x_type, [&](auto xt) {
-    using T = decltype(xt);
-    cross_entropy_backward_typed(static_cast<const acc_of<T>*>(grad_loss), grad_lse,
-                                 static_cast<const T*>(x), x_stride, target,
-                                 static_cast<const acc_of<T>*>(weight), lse, rows, classes,
-                                 ignore_index, label_smoothing, z_loss, static_cast<T*>(dx));
+void cross_entropy_backward(const void* x, c10::ScalarType x_type, int64_t x_stride,
+                            const int64_t* target, const void* weight, const void* terms,
+                            int64_t rows, int64_t classes, void* dx) {
+  SK_DISPATCH(x_type, "stablekernels cross_entropy_backward", [&] {
+    using acc_t = acc_of<scalar_t>;
+    cross_entropy_backward_typed(
+        static_cast<const scalar_t*>(x), x_stride, target, static_cast<const acc_t*>(weight),
+        static_cast<const acc_t*>(terms), rows, classes, static_cast<scalar_t*>(dx));
   });
 }
+
+#undef SK_DISPATCH
 
 }  // namespace
 

@@ -1,5 +1,6 @@
 // Device helpers of the CUDA kernels: dtype conversion, 16-byte packs, and warp and block
-// reductions of the (m, s') state (stablekernels/online_softmax.h) and of sums.
+// reductions (cub's WarpReduce, BlockReduce for sums) of the (m, s') state by the merge rule of
+// stablekernels/online_softmax.h, and of sums.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,16 +10,19 @@
 #include <stablekernels/online_softmax.h>
 
 #include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/util_ptx.cuh>
+#include <cub/warp/warp_reduce.cuh>
+#include <cuda/cmath>
+#include <cuda/std/bit>
+#include <cuda/std/functional>
 #include <type_traits>
 
 #include "kernels.h"
 
 namespace stablekernels::cuda::detail {
 
-// The accumulation type of a kernel reading T and writing U: fp64 if either is fp64.
-template <typename T, typename U = T>
-using acc_of =
-    std::conditional_t<std::is_same_v<T, double> || std::is_same_v<U, double>, double, float>;
+using ::cuda::ceil_div;
 
 template <typename A, typename T>
 __device__ __forceinline__ A to_acc(T v) {
@@ -50,8 +54,6 @@ __device__ __forceinline__ U from_acc(A v) {
     return static_cast<U>(v);
   }
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Blocks in a 1-D grid (kernels loop grid-stride beyond).
 inline unsigned grid_size(int64_t blocks) {
@@ -106,12 +108,6 @@ __device__ __forceinline__ A quiet_nan() {
   return static_cast<A>(NAN);
 }
 
-// log(1 + s), accurate for tiny s.
-template <typename A>
-__device__ __forceinline__ A log1p_of(A s) {
-  return log1p(s);
-}
-
 // VEC elements loaded or stored with one 16-byte (or narrower) access.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -122,58 +118,116 @@ struct alignas(sizeof(T) * VEC) Pack {
 template <typename T>
 constexpr int kPack = 16 / sizeof(T);
 
-template <typename A>
-__device__ __forceinline__ RowState<A> shfl_xor(RowState<A> st, int offset) {
-  return {__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset)};
-}
+// ---------------------------------------------------------------------------------------
+// Reductions over a warp or a 1-D block of THREADS (a multiple of 32, at most 1024), by cub,
+// with `op` one of the operators below. The result is in lane (thread) 0; the *_all forms
+// hand it to every thread.
+//
+// Across a block, states (RowState, CeState: a merge is a compare, a branch and an exp) reduce
+// in two levels of cub::WarpReduce, each a shuffle tree of log2 depth: each warp merges its
+// lanes, lane 0 of each warp stores the warp's state, and after one barrier warp 0 merges the
+// kWarps states (5 levels for 32 warps). cub::BlockReduce would instead merge the kWarps
+// states one after the other in thread 0: up to 31 dependent merges, each with an exp.
+// Plain numbers (the backward sums) stay on cub::BlockReduce: there the serial part is a chain
+// of at most 31 adds with their loads all issued up front, about the latency of the 5
+// shuffle-and-add levels of a second warp reduction.
 
-// Every lane of the warp ends with the merged state of the warp.
-template <typename A>
-__device__ __forceinline__ RowState<A> warp_merge(RowState<A> st) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) st = merge(st, shfl_xor(st, offset));
-  return st;
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Every thread of the block ends with the merged state of the block (1-D blocks of THREADS,
-// a multiple of 32). Uses and re-syncs its own shared memory.
-template <int THREADS, typename A>
-__device__ __forceinline__ RowState<A> block_merge(RowState<A> st) {
-  constexpr int kWarps = THREADS / 32;
-  __shared__ A shared_m[kWarps];
-  __shared__ A shared_s[kWarps];
-  st = warp_merge(st);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    shared_m[warp] = st.m;
-    shared_s[warp] = st.s;
+// The merge rule of the (m, s') state (stablekernels/online_softmax.h) as an operator: equal
+// maxima (-inf and +inf included) merge exactly, and a NaN s' stays NaN.
+struct Merge {
+  template <typename A>
+  __device__ __forceinline__ RowState<A> operator()(const RowState<A>& a,
+                                                    const RowState<A>& b) const {
+    return merge(a, b);
   }
-  __syncthreads();
-  st = lane < kWarps ? RowState<A>{shared_m[lane], shared_s[lane]} : RowState<A>::empty();
-  st = warp_merge(st);  // every warp merges the warps' states: no second barrier needed
-  __syncthreads();      // shared memory is free again for the next call
-  return st;
+};
+
+using Sum = ::cuda::std::plus<>;  // cub's shuffles have a fast path for float and double sums
+
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_reduce(V v, Op op) {
+  using Reduce = cub::WarpReduce<V>;
+  // One (empty: whole warps reduce by shuffles) storage per warp of the block.
+  __shared__ typename Reduce::TempStorage temp[32];
+  const unsigned warp = (threadIdx.x + threadIdx.y * blockDim.x) / 32;
+  return Reduce(temp[warp]).Reduce(v, op);
 }
 
-template <int THREADS, typename A>
-__device__ __forceinline__ A block_sum(A v) {
-  constexpr int kWarps = THREADS / 32;
-  __shared__ A shared[kWarps];
-  v = warp_sum(v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = lane < kWarps ? shared[lane] : A(0);
-  v = warp_sum(v);
-  __syncthreads();
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_reduce_all(V v, Op op) {
+  return cub::ShuffleIndex<32>(warp_reduce(v, op), 0, 0xffffffffu);
+}
+
+// The second level of a block's merge: the first kLanes threads (warp 0, or its first half
+// and so on) merge the WARPS states in `partial`, padded with the empty state V::empty() up
+// to a power of two of lanes. The result in thread 0 (other threads get `v` back). Called by
+// every thread once `partial` is written and the block synced.
+template <int WARPS, typename V, typename Op>
+__device__ __forceinline__ V merge_warps(const V* partial, V v, Op op) {
+  constexpr int kLanes = static_cast<int>(::cuda::std::bit_ceil(static_cast<unsigned>(WARPS)));
+  static_assert(kLanes <= 32, "at most 32 warps");
+  const int lane = static_cast<int>(threadIdx.x);
+  if (lane < kLanes) {
+    v = kLanes == WARPS || lane < WARPS ? partial[lane] : V::empty();
+    using Reduce = cub::WarpReduce<V, kLanes>;
+    __shared__ typename Reduce::TempStorage temp;  // empty: a power of two reduces by shuffles
+    v = Reduce(temp).Reduce(v, op);
+  }
   return v;
+}
+
+// The result in thread 0. Back to back calls are safe: the barrier before the warps store
+// their states comes after warp 0 has read the previous call's, so no barrier is needed at the
+// end (the other warps go on to their next row while warp 0 merges).
+template <int THREADS, typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V v, Op op) {
+  static_assert(THREADS % 32 == 0 && THREADS <= 1024, "whole warps, at most 1024 threads");
+  constexpr int kWarps = THREADS / 32;
+  if constexpr (kWarps == 1) {
+    return warp_reduce(v, op);
+  } else if constexpr (std::is_arithmetic_v<V>) {
+    using Reduce = cub::BlockReduce<V, THREADS>;
+    __shared__ typename Reduce::TempStorage temp;
+    v = Reduce(temp).Reduce(v, op);
+    __syncthreads();  // temp is free again for the next call
+    return v;
+  } else {
+    __shared__ V partial[kWarps];
+    v = warp_reduce(v, op);
+    __syncthreads();  // warp 0 is done with the previous call's partial
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    return merge_warps<kWarps>(partial, v, op);
+  }
+}
+
+// The result in every thread, broadcast through shared memory. Two barriers: the first
+// publishes the warps' states to warp 0; the second publishes `total` and also orders warp 0's
+// reads of `partial` before the next call's stores to it. Thread 0 writes `total` again only
+// after the next call's first barrier, which every thread reaches after reading this one.
+template <int THREADS, typename V, typename Op>
+__device__ __forceinline__ V block_reduce_all(V v, Op op) {
+  static_assert(THREADS % 32 == 0 && THREADS <= 1024, "whole warps, at most 1024 threads");
+  constexpr int kWarps = THREADS / 32;
+  if constexpr (kWarps == 1) {
+    return warp_reduce_all(v, op);
+  } else {
+    __shared__ V total;
+    if constexpr (std::is_arithmetic_v<V>) {
+      using Reduce = cub::BlockReduce<V, THREADS>;
+      __shared__ typename Reduce::TempStorage temp;
+      v = Reduce(temp).Reduce(v, op);  // its barrier comes before thread 0 writes total again
+    } else {
+      __shared__ V partial[kWarps];
+      v = warp_reduce(v, op);
+      if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+      __syncthreads();
+      v = merge_warps<kWarps>(partial, v, op);
+    }
+    if (threadIdx.x == 0) total = v;
+    __syncthreads();
+    return total;
+  }
 }
 
 // torch's softmax and log_softmax are NaN on a whole row with a +inf, a NaN or nothing but

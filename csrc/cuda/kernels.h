@@ -45,25 +45,27 @@ cudaError_t logsumexp_forward(const void* x, Dtype x_type, void* out, double* ls
 cudaError_t softmax_backward(const void* grad, const void* y, Dtype y_type, void* dx, Dtype dx_type,
                              const Layout& layout, bool log, void* workspace, cudaStream_t stream);
 
-// dx = grad_row * exp(x - lse_row); grad per row in the accumulation dtype of x, lse per
-// row in fp64; dx contiguous, of x's dtype.
-cudaError_t logsumexp_backward(const void* grad, const double* lse, const void* x, Dtype x_type,
-                               void* dx, const Layout& layout, cudaStream_t stream);
+// dx = grad[r] * exp((x - hi[r]) - lo[r]), a pure map: grad, hi and lo one value per row, in
+// the accumulation dtype of x (hi + lo is the fp64 lse, split by the caller); dx contiguous,
+// of x's dtype.
+cudaError_t logsumexp_backward(const void* grad, const void* hi, const void* lo, const void* x,
+                               Dtype x_type, void* dx, const Layout& layout, cudaStream_t stream);
 
-// Cross-entropy of `rows` rows of `classes` logits (row r at x + r * x_stride) against int64
-// class targets, optional class weights (accumulation dtype of x): per-row loss (fp32,
-// weighted, smoothed, z-loss added, 0 on ignored rows; fp32, or fp64 for fp64 logits) and
-// lse (fp64).
+// Per-row cross-entropy statistics, fp64, of `rows` rows of `classes` logits (row r at
+// x + r * x_stride) and int64 targets in [0, classes): nll = (m - x_t) + log1p(s'), smooth =
+// sum_c w_c (m - x_c) + W log1p(s') if `smoothing` (w the optional class weights, in the
+// accumulation dtype of x, else 1; W their sum), else 0, and lse. nll and smooth are
+// arbitrary on rows whose max is not finite; lse is right on every row.
 cudaError_t cross_entropy_forward(const void* x, Dtype x_type, int64_t x_stride,
                                   const int64_t* target, const void* weight, int64_t rows,
-                                  int64_t classes, int64_t ignore_index, double label_smoothing,
-                                  double z_loss, void* loss, double* lse, cudaStream_t stream);
+                                  int64_t classes, bool smoothing, double* nll, double* smooth,
+                                  double* lse, cudaStream_t stream);
 
 // dx (contiguous, x's dtype): dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c
-// - [c == t] * one_hot, with row_terms = (hi, lo, coef, smooth, one_hot) per row in the
-// accumulation dtype of x.
+// - [c == t] * one_hot, with terms = (hi, lo, coef, smooth, one_hot) per row, (rows, 5)
+// contiguous, in the accumulation dtype of x.
 cudaError_t cross_entropy_backward(const void* x, Dtype x_type, int64_t x_stride,
-                                   const int64_t* target, const void* weight, const void* row_terms,
+                                   const int64_t* target, const void* weight, const void* terms,
                                    int64_t rows, int64_t classes, void* dx, cudaStream_t stream);
 
 }  // namespace stablekernels::cuda

@@ -1,5 +1,5 @@
 // CUDA kernels: softmax, log_softmax and logsumexp, forward and backward (numerics contract
-// of DESIGN.md; stablekernels/online_softmax.h). No torch header.
+// of docs/design.md; stablekernels/online_softmax.h). No torch header.
 //
 // By row length, for contiguous rows (inner == 1):
 //  - warp kernel: one warp per row, several rows per block, the row in registers (up to
@@ -11,8 +11,8 @@
 //    chunk into a workspace; a second kernel merges the row's parts and normalises its chunk
 //    (x read twice; logsumexp reads it once).
 // Each thread folds its elements into (m, s') one by one (RowState::update: one exp per
-// element), then states merge across the warp by shuffles and across the block through
-// shared memory, by the merge rule.
+// element), then states merge across the warp and the block by the merge rule (cub's
+// WarpReduce: a shuffle tree per warp, then one over the warps; common.cuh).
 // Strided rows (inner > 1): one thread per row, neighbouring threads on neighbouring rows, so
 // every load of a warp is contiguous.
 #include "common.cuh"
@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(32 * kWarpRows)
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.y; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarpRows) {
     Tile<T, A, 32, ITEMS, VEC> tile;
-    const RowState<A> st = warp_merge(tile.load(x + row * x_stride, n, threadIdx.x));
-    const A log_sum = log1p_of(st.s);
+    const RowState<A> st = warp_reduce_all(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
+    const A log_sum = log1p(st.s);
     tile.store(y + row * n, n, threadIdx.x,
                [&](A v) { return softmax_value(v, st, log, log_sum); });
   }
@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
     const RowState<A> st =
-        block_merge<kBlockThreads>(tile.load(x + row * x_stride, n, threadIdx.x));
-    const A log_sum = log1p_of(st.s);
+        block_reduce_all<kBlockThreads>(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
+    const A log_sum = log1p(st.s);
     tile.store(y + row * n, n, threadIdx.x,
                [&](A v) { return softmax_value(v, st, log, log_sum); });
   }
@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t begin = blockIdx.x * kChunk;
     const int64_t len = n - begin < kChunk ? n - begin : kChunk;
     Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const RowState<A> st =
-        block_merge<kBlockThreads>(tile.load(x + row * x_stride + begin, len, threadIdx.x));
+    const RowState<A> st = block_reduce<kBlockThreads>(
+        tile.load(x + row * x_stride + begin, len, threadIdx.x), Merge{});
     if (threadIdx.x == 0) {
       part_m[row * parts + blockIdx.x] = st.m;
       part_s[row * parts + blockIdx.x] = st.s;
@@ -132,7 +132,7 @@ __device__ __forceinline__ RowState<A> row_total(const A* part_m, const A* part_
   for (int64_t k = threadIdx.x; k < parts; k += kBlockThreads) {
     st = merge(st, RowState<A>{part_m[row * parts + k], part_s[row * parts + k]});
   }
-  return block_merge<kBlockThreads>(st);
+  return block_reduce_all<kBlockThreads>(st, Merge{});
 }
 
 template <typename T, typename U, int ITEMS, int VEC>
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   constexpr int64_t kChunk = int64_t(kBlockThreads) * ITEMS * VEC;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const RowState<A> st = row_total(part_m, part_s, row, parts);
-    const A log_sum = log1p_of(st.s);
+    const A log_sum = log1p(st.s);
     const int64_t begin = blockIdx.x * kChunk;
     const int64_t len = n - begin < kChunk ? n - begin : kChunk;
     Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kStridedThreads)
     const T* xr = x + o * L.x_stride + i;
     U* yr = y + o * L.block() + i;
     const RowState<A> st = strided_stats<T, A>(xr, L.n, L.inner);
-    const A log_sum = log1p_of(st.s);
+    const A log_sum = log1p(st.s);
     for (int64_t j = 0; j < L.n; ++j) {
       yr[j * L.inner] = from_acc<U>(softmax_value(to_acc<A>(xr[j * L.inner]), st, log, log_sum));
     }
@@ -186,13 +186,10 @@ __global__ void __launch_bounds__(kStridedThreads)
 // ---------------------------------------------------------------------------------------
 // logsumexp forward: the same statistics, one value per row.
 
+// lse in fp64 (the float state's m kept exactly), out in x's dtype (rounded once from A).
 template <typename T, typename A>
 __device__ __forceinline__ void store_lse(T* out, double* lse, int64_t row, RowState<A> st) {
-  // A NaN in the row makes s' NaN: NaN. Else an infinite max is the result, whatever s' is.
-  const double m = static_cast<double>(st.m);
-  const double value = isnan(st.s) ? static_cast<double>(NAN)
-                       : isinf(m)  ? m
-                                   : m + static_cast<double>(log1p_of(st.s));
+  const double value = finish_lse<double>(st);
   lse[row] = value;
   out[row] = from_acc<T>(static_cast<A>(value));
 }
@@ -205,7 +202,7 @@ __global__ void __launch_bounds__(32 * kWarpRows)
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.y; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarpRows) {
     Tile<T, A, 32, ITEMS, VEC> tile;
-    const RowState<A> st = warp_merge(tile.load(x + row * x_stride, n, threadIdx.x));
+    const RowState<A> st = warp_reduce(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
     if (threadIdx.x == 0) store_lse(out, lse, row, st);
   }
 }
@@ -218,7 +215,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
     const RowState<A> st =
-        block_merge<kBlockThreads>(tile.load(x + row * x_stride, n, threadIdx.x));
+        block_reduce<kBlockThreads>(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
     if (threadIdx.x == 0) store_lse(out, lse, row, st);
   }
 }
@@ -308,7 +305,8 @@ __global__ void __launch_bounds__(32 * kWarpRows)
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.y; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarpRows) {
     GradTile<T, A, 32, ITEMS, VEC> tile;
-    const A total = warp_sum(tile.load(grad + row * n, y + row * n, n, threadIdx.x, log));
+    const A total =
+        warp_reduce_all(tile.load(grad + row * n, y + row * n, n, threadIdx.x, log), Sum{});
     tile.store(dx + row * n, n, threadIdx.x, total, log);
   }
 }
@@ -320,8 +318,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   using A = acc_of<T, U>;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     GradTile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const A total =
-        block_sum<kBlockThreads>(tile.load(grad + row * n, y + row * n, n, threadIdx.x, log));
+    const A total = block_reduce_all<kBlockThreads>(
+        tile.load(grad + row * n, y + row * n, n, threadIdx.x, log), Sum{});
     tile.store(dx + row * n, n, threadIdx.x, total, log);
   }
 }
@@ -336,8 +334,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t begin = row * n + blockIdx.x * kChunk;
     const int64_t len = n - blockIdx.x * kChunk < kChunk ? n - blockIdx.x * kChunk : kChunk;
     GradTile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const A total =
-        block_sum<kBlockThreads>(tile.load(grad + begin, y + begin, len, threadIdx.x, log));
+    const A total = block_reduce<kBlockThreads>(
+        tile.load(grad + begin, y + begin, len, threadIdx.x, log), Sum{});
     if (threadIdx.x == 0) partial[row * parts + blockIdx.x] = total;
   }
 }
@@ -352,7 +350,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     A total = 0;
     for (int64_t k = threadIdx.x; k < parts; k += kBlockThreads) total += partial[row * parts + k];
-    total = block_sum<kBlockThreads>(total);
+    total = block_reduce_all<kBlockThreads>(total, Sum{});
     const int64_t begin = row * n + blockIdx.x * kChunk;
     const int64_t len = n - blockIdx.x * kChunk < kChunk ? n - blockIdx.x * kChunk : kChunk;
     GradTile<T, A, kBlockThreads, ITEMS, VEC> tile;
@@ -382,12 +380,14 @@ __global__ void __launch_bounds__(kStridedThreads)
   }
 }
 
-// dx = g_row * exp((x - hi) - lo), with the fp64 lse split into hi + lo in A: x - hi is
-// exact for the entries near lse, so the gradient keeps its precision at large offsets.
+// dx = grad[r] * exp((x - hi[r]) - lo[r]), hi + lo the fp64 lse of row r split in A by the
+// caller: x - hi is exact for the entries near lse, so the gradient keeps its precision at
+// large offsets.
 template <typename T>
 __global__ void __launch_bounds__(256)
-    logsumexp_backward_kernel(const acc_of<T>* __restrict__ grad, const double* __restrict__ lse,
-                              const T* __restrict__ x, T* __restrict__ dx, Layout L) {
+    logsumexp_backward_kernel(const acc_of<T>* __restrict__ grad, const acc_of<T>* __restrict__ hi,
+                              const acc_of<T>* __restrict__ lo, const T* __restrict__ x,
+                              T* __restrict__ dx, Layout L) {
   using A = acc_of<T>;
   const int64_t total = L.outer * L.block();
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
@@ -395,11 +395,8 @@ __global__ void __launch_bounds__(256)
     const int64_t o = e / L.block(), rest = e % L.block();
     const int64_t j = rest / L.inner, i = rest % L.inner;
     const int64_t row = o * L.inner + i;
-    const double l = lse[row];
-    const A hi = static_cast<A>(l);
-    const A lo = isfinite(l) ? static_cast<A>(l - static_cast<double>(hi)) : A(0);
     const A v = to_acc<A>(x[o * L.x_stride + j * L.inner + i]);
-    dx[e] = from_acc<T>(grad[row] * exp((v - hi) - lo));
+    dx[e] = from_acc<T>(grad[row] * exp((v - hi[row]) - lo[row]));
   }
 }
 
@@ -640,16 +637,15 @@ cudaError_t softmax_backward(const void* grad, const void* y, Dtype y_type, void
   });
 }
 
-cudaError_t logsumexp_backward(const void* grad, const double* lse, const void* x, Dtype x_type,
-                               void* dx, const Layout& L, cudaStream_t stream) {
+cudaError_t logsumexp_backward(const void* grad, const void* hi, const void* lo, const void* x,
+                               Dtype x_type, void* dx, const Layout& L, cudaStream_t stream) {
   return detail::with_pair(x_type, x_type, [&](auto xt, auto) -> cudaError_t {
     using T = decltype(xt);
-    using A = detail::acc_of<T>;
-    const int64_t total = L.outer * L.block();
-    if (total == 0) return cudaSuccess;
+    using A = acc_of<T>;
     detail::logsumexp_backward_kernel<T>
-        <<<detail::grid_size(detail::ceil_div(total, 256)), 256, 0, stream>>>(
-            static_cast<const A*>(grad), lse, static_cast<const T*>(x), static_cast<T*>(dx), L);
+        <<<detail::grid_size(detail::ceil_div(L.outer * L.block(), 256)), 256, 0, stream>>>(
+            static_cast<const A*>(grad), static_cast<const A*>(hi), static_cast<const A*>(lo),
+            static_cast<const T*>(x), static_cast<T*>(dx), L);
     return cudaGetLastError();
   });
 }

@@ -14,6 +14,7 @@
 
 #include "../cpu/kernels.h"
 
+using stablekernels::finish_lse;
 using stablekernels::Layout;
 using stablekernels::merge;
 using stablekernels::RowState;
@@ -108,7 +109,7 @@ void test_online_state() {
     expect(ab.m == seq.m && close(ab.s, seq.s, 1e-15), "merge(a, b) at cut " + std::to_string(cut));
     expect(ba.m == seq.m && close(ba.s, seq.s, 1e-15), "merge(b, a) at cut " + std::to_string(cut));
   }
-  expect(close(seq.logsumexp(), reference(row).lse, 1e-15), "online logsumexp");
+  expect(close(finish_lse(seq), reference(row).lse, 1e-15), "online logsumexp");
   // The max term is left out: [0, -20] keeps log_softmax[0] = -log1p(e^-20) exactly.
   S small = S::empty();
   small.update(0.0);
@@ -117,20 +118,26 @@ void test_online_state() {
   // Empty state, ties and infinities.
   const S e = S::empty();
   expect(merge(e, e).m == -kInf && merge(e, e).s == -1, "empty + empty is empty");
-  expect(std::isinf(e.logsumexp()) && e.logsumexp() < 0, "logsumexp of nothing is -inf");
+  expect(finish_lse(e) == -kInf, "logsumexp of nothing is -inf");
   S inf2 = S::empty();
   inf2.update(kInf);
   inf2.update(kInf);
   inf2.update(3.0);
-  expect(inf2.m == kInf && inf2.s == 1 && inf2.logsumexp() == kInf, "two +inf");
+  expect(inf2.m == kInf && inf2.s == 1 && finish_lse(inf2) == kInf, "two +inf");
   S neg = S::empty();
   for (int i = 0; i < 4; ++i) neg.update(-kInf);
-  expect(neg.m == -kInf && neg.logsumexp() == -kInf, "all -inf");
+  expect(neg.m == -kInf && finish_lse(neg) == -kInf, "all -inf");
   S with_nan = S::empty();
   with_nan.update(1.0);
   with_nan.update(kNaN);
   with_nan.update(2.0);
-  expect(std::isnan(with_nan.logsumexp()), "NaN poisons the state");
+  expect(std::isnan(finish_lse(with_nan)), "NaN poisons the state");
+  // An infinite max with a NaN s' is NaN, not the max: NaN wins over +inf, as in torch.
+  expect(std::isnan(finish_lse(RowState<double>{kInf, kNaN})), "NaN with +inf");
+  // A float state finished in double keeps the float max exactly: 1e6 + log1p(1).
+  const RowState<float> big{1e6f, 1.0f};
+  expect(finish_lse<double>(big) == 1e6 + static_cast<double>(std::log1p(1.0f)),
+         "float state finished in double");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -157,6 +164,140 @@ std::vector<std::vector<double>> make_rows(int64_t n, std::mt19937& gen) {
     rows.push_back(r);
   }
   return rows;
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy statistics, against long double loops. Per row, with m the max and s' the
+// sum with one max term left out: nll = (m - x_t) + log1p(s') and smooth = sum_c w_c (m - x_c)
+// + W log1p(s'). Both are formed from gaps m - x >= 0 and log1p(s'), never as lse - x_t,
+// which would cancel: a confident row's nll (down to 1e-17 here) keeps its relative precision.
+
+struct CeRef {
+  double nll, smooth, lse;
+  bool finite_max;  // nll and smooth are only defined then
+};
+
+CeRef ce_reference(const std::vector<double>& x, int64_t t, const std::vector<double>* w) {
+  const Ref ref = reference(x);
+  CeRef out{0, 0, ref.lse, std::isfinite(ref.max) && !std::isnan(ref.lse)};
+  if (!out.finite_max) return out;
+  const double m = ref.max;
+  long double rest = 0, gaps = 0, total_w = 0;
+  bool skipped = false;
+  for (size_t c = 0; c < x.size(); ++c) {
+    const long double wc = w ? (*w)[c] : 1.0L;
+    if (x[c] == m && !skipped) {
+      skipped = true;
+    } else {
+      rest += std::exp(static_cast<long double>(x[c] - m));
+    }
+    gaps += wc * (m - static_cast<long double>(x[c]));  // +inf for a -inf logit
+    total_w += wc;
+  }
+  const long double log_rest = std::log1p(rest);
+  out.nll = static_cast<double>((m - static_cast<long double>(x[t])) + log_rest);
+  out.smooth = static_cast<double>(gaps + total_w * log_rest);
+  return out;
+}
+
+// Rows of `classes` logits at a stride of classes + 3 (a slice of a wider tensor), of every
+// kind of make_rows, in fp32 and fp64, with and without class weights and smoothing.
+template <typename T>
+void test_cross_entropy_forward_typed(const KernelTable& t, c10::ScalarType type,
+                                      const char* name) {
+  const std::string what = std::string(t.capability) + " cross_entropy " + name;
+  std::mt19937 gen(99);
+  std::uniform_real_distribution<double> uniform(0.5, 2.0);
+  for (int64_t classes : {1, 7, 33, 1000, 16384 + 5, 40000}) {
+    const auto rows = make_rows(classes, gen);
+    const int64_t n_rows = static_cast<int64_t>(rows.size()), stride = classes + 3;
+    std::vector<T> x(n_rows * stride, T(0));
+    std::vector<int64_t> target(n_rows);
+    std::vector<std::vector<double>> exact(n_rows);  // the rows as the kernel sees them
+    for (int64_t r = 0; r < n_rows; ++r) {
+      for (int64_t c = 0; c < classes; ++c) {
+        x[r * stride + c] = static_cast<T>(rows[r][c]);
+        exact[r].push_back(static_cast<double>(x[r * stride + c]));
+      }
+      // Row kind 7 is confident in its last class: aim there for the tiny nll.
+      target[r] = r == 7 ? classes - 1 : (r * 7 + 1) % classes;
+    }
+    std::vector<T> w(classes);
+    std::vector<double> w64(classes);
+    for (int64_t c = 0; c < classes; ++c) w64[c] = static_cast<double>(w[c] = uniform(gen));
+    for (bool weighted : {false, true}) {
+      for (bool smoothing : {false, true}) {
+        std::vector<double> nll(n_rows), smooth(n_rows), lse(n_rows);
+        t.cross_entropy_forward(x.data(), type, stride, target.data(),
+                                weighted ? w.data() : nullptr, n_rows, classes, smoothing,
+                                nll.data(), smooth.data(), lse.data());
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const CeRef ref = ce_reference(exact[r], target[r], weighted ? &w64 : nullptr);
+          // fp32 sums of exps, blocks of fp32 gaps: a few 1e-7 relative; fp64 far better.
+          const double rtol = sizeof(T) == 4 ? 2e-6 : 1e-12;
+          bool ok = close(lse[r], ref.lse, rtol, rtol);
+          if (ref.finite_max) {
+            ok = ok && close(nll[r], ref.nll, rtol, 1e-300);
+            ok = ok && (smoothing ? close(smooth[r], ref.smooth, rtol) : smooth[r] == 0.0);
+          }
+          expect(ok, what + " C=" + std::to_string(classes) + " row kind " + std::to_string(r) +
+                         (weighted ? " weighted" : "") + (smoothing ? " smoothing" : ""));
+        }
+      }
+    }
+  }
+}
+
+void test_cross_entropy_forward(const KernelTable& t) {
+  test_cross_entropy_forward_typed<float>(t, c10::ScalarType::Float, "fp32");
+  test_cross_entropy_forward_typed<double>(t, c10::ScalarType::Double, "fp64");
+}
+
+// The backward is a pure map of the per-row terms the router computes: any terms do. hi and
+// lo are the split lse of the row (so exp stays in range), the other terms random.
+void test_cross_entropy_backward(const KernelTable& t) {
+  std::mt19937 gen(7);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (int64_t classes : {1, 5, 64, 1001}) {
+    const int64_t n_rows = 6, stride = classes + 1;
+    std::vector<float> x(n_rows * stride), dx(n_rows * classes), terms(n_rows * 5);
+    std::vector<float> w(classes);
+    std::vector<int64_t> target(n_rows);
+    for (auto& v : x) v = static_cast<float>(2 * normal(gen));
+    for (auto& v : w) v = static_cast<float>(1 + 0.5 * std::fabs(normal(gen)));
+    for (int64_t r = 0; r < n_rows; ++r) {
+      std::vector<double> row(x.begin() + r * stride, x.begin() + r * stride + classes);
+      const double lse = reference(row).lse;
+      const float hi = static_cast<float>(lse);
+      float* k = terms.data() + r * 5;
+      k[0] = hi;
+      k[1] = static_cast<float>(lse - hi);
+      k[2] = static_cast<float>(normal(gen));        // coef
+      k[3] = static_cast<float>(0.1 * normal(gen));  // smooth
+      k[4] = static_cast<float>(normal(gen));        // one_hot
+      target[r] = (r * 3) % classes;
+    }
+    for (bool weighted : {false, true}) {
+      t.cross_entropy_backward(x.data(), c10::ScalarType::Float, stride, target.data(),
+                               weighted ? w.data() : nullptr, terms.data(), n_rows, classes,
+                               dx.data());
+      bool ok = true;
+      for (int64_t r = 0; r < n_rows && ok; ++r) {
+        const float* k = terms.data() + r * 5;
+        for (int64_t c = 0; c < classes && ok; ++c) {
+          const double wc = weighted ? w[c] : 1.0;
+          const double p = std::exp((static_cast<double>(x[r * stride + c]) - k[0]) - k[1]);
+          const double hot = c == target[r] ? k[4] : 0.0;
+          const double want = p * k[2] - k[3] * wc - hot;
+          // fp32 terms: a few ulp of the largest of them (the difference may cancel).
+          const double scale = std::fabs(p * k[2]) + std::fabs(k[3] * wc) + std::fabs(hot);
+          ok = std::fabs(dx[r * classes + c] - want) <= 1e-6 * scale + 1e-30;
+        }
+      }
+      expect(ok, std::string(t.capability) + " cross_entropy backward C=" +
+                     std::to_string(classes) + (weighted ? " weighted" : ""));
+    }
+  }
 }
 
 void test_table(const KernelTable& t) {
@@ -192,9 +333,16 @@ void test_table(const KernelTable& t) {
       expect(close(lse[r], want, 2e-7, 1e-6) && close(out[r], want, 2e-7, 1e-6),
              cap + " logsumexp n=" + std::to_string(n) + " row kind " + std::to_string(r));
     }
-    // Backward of logsumexp: dx = g * exp(x - lse) = g * softmax.
-    std::vector<float> g(outer, 1.5f);
-    t.logsumexp_backward(g.data(), lse.data(), x.data(), c10::ScalarType::Float, dx.data(), L);
+    // Backward of logsumexp: dx = g * exp((x - hi) - lo) = g * softmax, with the fp64 lse
+    // split into float hi + lo as the router does (x - hi is exact near the lse, so the
+    // large-offset rows keep their precision).
+    std::vector<float> g(outer, 1.5f), hi(outer), lo(outer);
+    for (int64_t r = 0; r < outer; ++r) {
+      hi[r] = static_cast<float>(lse[r]);
+      lo[r] = std::isfinite(lse[r]) ? static_cast<float>(lse[r] - hi[r]) : 0.0f;
+    }
+    t.logsumexp_backward(g.data(), hi.data(), lo.data(), x.data(), c10::ScalarType::Float,
+                         dx.data(), L);
     for (int64_t r = 0; r < outer; ++r) {
       const Ref ref = reference(rows[r]);
       bool ok = true;
@@ -255,6 +403,9 @@ void test_table(const KernelTable& t) {
     }
     expect(ok, cap + " softmax backward");
   }
+
+  test_cross_entropy_forward(t);
+  test_cross_entropy_backward(t);
 }
 
 }  // namespace

@@ -1,33 +1,37 @@
-"""The backend registry: which implementations stablekernels knows, where each can run, and
-where its kernels live.
+"""The backend registry: the kernels contract every backend meets, which backends exist, and
+where each can run.
 
-A backend is a module of six kernel functions with the signatures of
-:mod:`stablekernels.backends.torch_ref`::
+A backend is one :class:`Kernels` record, 1:1 with the compiled ops of the extension
+(``torch.ops.stablekernels._fused_*``)::
 
-    softmax(x, dim, out_dtype)             log_softmax(x, dim, out_dtype)
-    logsumexp(x, dim, keepdim) -> (out in x.dtype, the same in float64)
-    softmax_backward(grad, output, dim, input_dtype)
-    log_softmax_backward(grad, output, dim, input_dtype)
-    logsumexp_backward(grad, x, result, dim, keepdim)
+    softmax(x, dim, dtype, log)                     -> y (log_softmax if log)
+    softmax_backward(grad, output, dim, input_dtype, log) -> dx
+    logsumexp(x, dim, keepdim)                      -> (out in x.dtype, lse in float64)
+    logsumexp_backward(grad, x, hi, lo, dim)        -> dx
+    cross_entropy(logits, target, weight, smoothing) -> (nll, smooth, lse), float64 rows
+    cross_entropy_backward(logits, target, weight, terms) -> dx
 
-Each receives a floating tensor with at least one dimension and no zero-size dimension, and
-a ``dim`` already wrapped to be non-negative; it returns a new contiguous tensor. The ops of
-:mod:`stablekernels._library` route every call to one of these modules by name, so a new
-backend plugs in by adding an entry here: nothing in the ops, the API or the tests changes.
+Preconditions, which the routers of :mod:`stablekernels._ops` establish (the kernels only
+assert them): floating inputs with at least one dim and no zero-size dim, ``dim`` wrapped to
+be non-negative, ``grad``/``output`` of one dtype and contiguous, per-row inputs
+(``grad``, ``hi``, ``lo``, ``terms``) flat and contiguous in row order, class targets in
+``[0, C)``. Every kernel returns new contiguous tensors. docs/design.md states each
+kernel's formula.
 
-Whether a backend can serve a device is decided from facts gathered once at import (is the
-extension built, is triton installed, is there a GPU), so that the decision is cheap and
-``torch.compile`` can trace it without a graph break.
+Whether a backend can serve a device type is decided from facts gathered once at import (is
+the extension built, is triton installed, is there a GPU), so that the decision is cheap and
+``torch.compile`` can trace it without a graph break. Each backend's kernels are loaded (and
+their modules imported) on first use, and checked against the contract then.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -36,131 +40,219 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot serve a call (not built, or wrong device)."""
 
 
-def _probe_extension() -> str | None:
-    """None if ``stablekernels._C`` is importable, else why not."""
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels of one backend (see the module doc for signatures and preconditions)."""
+
+    softmax: Callable
+    softmax_backward: Callable
+    logsumexp: Callable
+    logsumexp_backward: Callable
+    cross_entropy: Callable
+    cross_entropy_backward: Callable
+
+
+# The argument names of each kernel, in order: a record whose kernels take others is refused
+# when it loads, so a signature drift between a backend and the routers cannot go unseen.
+KERNEL_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "softmax": ("x", "dim", "dtype", "log"),
+    "softmax_backward": ("grad", "output", "dim", "input_dtype", "log"),
+    "logsumexp": ("x", "dim", "keepdim"),
+    "logsumexp_backward": ("grad", "x", "hi", "lo", "dim"),
+    "cross_entropy": ("logits", "target", "weight", "smoothing"),
+    "cross_entropy_backward": ("logits", "target", "weight", "terms"),
+}
+
+
+def argument_names(kernel: Callable) -> tuple[str, ...]:
+    """The argument names of a Python function or of a custom op (its schema)."""
+    if isinstance(kernel, torch._ops.OpOverloadPacket):
+        kernel = kernel.default
+    if isinstance(kernel, torch._ops.OpOverload):
+        return tuple(a.name for a in kernel._schema.arguments)
+    return tuple(inspect.signature(kernel).parameters)
+
+
+def check_kernels(name: str, kernels: Kernels) -> Kernels:
+    """``kernels`` if it meets the contract, else TypeError naming the backend and kernel."""
+    if not isinstance(kernels, Kernels):
+        raise TypeError(f"backend {name!r} provides {type(kernels).__name__}, not Kernels")
+    for field in fields(Kernels):
+        got = argument_names(getattr(kernels, field.name))
+        if got != KERNEL_ARGUMENTS[field.name]:
+            raise TypeError(
+                f"backend {name!r}: kernel {field.name} takes {got}, the contract says "
+                f"{KERNEL_ARGUMENTS[field.name]}"
+            )
+    return kernels
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether a backend can serve a device type: truthy if it can, else falsy with the
+    reason in words."""
+
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.reason is None
+
+
+YES = Support()
+
+
+# ----------------------------------------------------------------------------------------
+# Facts about this machine, gathered once.
+
+
+def _probe_extension() -> Support:
+    """Whether ``stablekernels._C`` imports and registers the kernels of this contract."""
     if importlib.util.find_spec("stablekernels._C") is None:
-        return (
+        return Support(
             "stablekernels._C is not built (install with `pip install --no-build-isolation .`; "
             "STABLEKERNELS_NO_EXTENSION=1 skips it)"
         )
     try:
-        importlib.import_module("stablekernels._C")
+        from .. import _C  # noqa: F401  (registers the _fused_* ops)
     except ImportError as exc:  # built against another torch, missing symbols, ...
-        return f"stablekernels._C failed to import: {exc}"
-    return None
+        return Support(f"stablekernels._C failed to import: {exc}")
+    if not hasattr(torch.ops.stablekernels, "_fused_softmax"):
+        return Support("stablekernels._C is stale (built from older sources): rebuild it")
+    return YES
 
 
-_EXTENSION_PROBLEM = _probe_extension()
+EXTENSION = _probe_extension()
 _CUDA_PRESENT = torch.cuda.is_available()
-
-
-def _extension_has_kernels(dispatch_key: str) -> bool:
-    return _EXTENSION_PROBLEM is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "stablekernels::fused_softmax", dispatch_key
-    )
-
-
-_EXTENSION_HAS_CUDA = _extension_has_kernels("CUDA")
-
-
-def _serves_any_device(device_type: str) -> str | None:
-    return None
-
-
-def _cpp_reason(device_type: str) -> str | None:
-    if device_type != "cpu":
-        return "the cpp backend runs CPU tensors only"
-    return _EXTENSION_PROBLEM
-
-
-def _cuda_reason(device_type: str) -> str | None:
-    if device_type != "cuda":
-        return "the cuda backend runs CUDA tensors only"
-    if _EXTENSION_PROBLEM is not None:
-        return _EXTENSION_PROBLEM
-    if not _EXTENSION_HAS_CUDA:
-        return "this build of stablekernels._C has no CUDA kernels (built without CUDA)"
-    return None
-
-
+_EXTENSION_HAS_CUDA = bool(EXTENSION) and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "stablekernels::_fused_softmax", "CUDA"
+)
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Read once, at import, like TRITON_INTERPRET itself (triton reads it when imported).
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_reason(device_type: str) -> str | None:
+# ----------------------------------------------------------------------------------------
+# Where each backend runs, and how its kernels load.
+
+
+def _torch_supports(device_type: str) -> Support:
+    return YES
+
+
+def _cpp_supports(device_type: str) -> Support:
+    if device_type != "cpu":
+        return Support("the cpp backend runs CPU tensors only")
+    return EXTENSION
+
+
+def _cuda_supports(device_type: str) -> Support:
+    if device_type != "cuda":
+        return Support("the cuda backend runs CUDA tensors only")
+    if not EXTENSION:
+        return EXTENSION
+    if not _EXTENSION_HAS_CUDA:
+        return Support("this build of stablekernels._C has no CUDA kernels (built without CUDA)")
+    return YES
+
+
+def _triton_supports(device_type: str) -> Support:
     if not _TRITON_INSTALLED:
-        return "triton is not installed"
+        return Support("triton is not installed")
     if TRITON_INTERPRETER:
         if device_type == "cpu":
-            return None
-        return "under TRITON_INTERPRET=1 the triton backend runs CPU tensors only"
+            return YES
+        return Support("under TRITON_INTERPRET=1 the triton backend runs CPU tensors only")
     if device_type == "cpu":
-        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1, set before import)"
+        return Support(
+            "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1, set before import)"
+        )
     if device_type != "cuda":
-        return "the triton backend runs CUDA tensors"
-    return None
+        return Support("the triton backend runs CUDA tensors")
+    return YES
+
+
+def _load_torch() -> Kernels:
+    from . import torch_ref
+
+    return torch_ref.KERNELS
+
+
+def _load_extension() -> Kernels:
+    # The CPU and CUDA kernels of stablekernels._C are the same ops, dispatched by device.
+    ops = torch.ops.stablekernels
+    return Kernels(
+        softmax=ops._fused_softmax,
+        softmax_backward=ops._fused_softmax_backward,
+        logsumexp=ops._fused_logsumexp,
+        logsumexp_backward=ops._fused_logsumexp_backward,
+        cross_entropy=ops._fused_cross_entropy,
+        cross_entropy_backward=ops._fused_cross_entropy_backward,
+    )
+
+
+def _load_triton() -> Kernels:
+    from . import triton
+
+    return triton.KERNELS
 
 
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the ops.
 
-    ``reason(device_type)`` says why the backend cannot run tensors of that device type, or
-    returns None when it can. ``home`` is the device type it is made for. ``module`` names
-    the module holding its kernel functions; it is imported on first use, so an unused
-    backend costs nothing at import.
+    ``supports(device_type)`` says whether it can run tensors of that device type (a
+    :class:`Support`); ``home`` is the device type it is made for; ``load`` imports its
+    module and returns its :class:`Kernels` (called once, through :meth:`kernels`).
     """
 
     name: str
     summary: str
     home: str
-    module: str
-    reason: Callable[[str], str | None]
+    supports: Callable[[str], Support]
+    load: Callable[[], Kernels]
 
     def status(self) -> str:
         """One line for people: where it runs on this machine, or why it does not."""
-        serves = [t for t in local_device_types() if self.reason(t) is None]
+        serves = [t for t in local_device_types() if self.supports(t)]
         if serves:
             return "available for " + ", ".join(serves)
         if self.home not in local_device_types():
             return f"not available: no {self.home.upper()} device on this machine"
-        return f"not available: {self.reason(self.home)}"
+        return f"not available: {self.supports(self.home).reason}"
 
-    def kernels(self) -> ModuleType:
-        return importlib.import_module(self.module)
+    def kernels(self) -> Kernels:
+        return _loaded_kernels(self)
+
+
+@functools.cache
+def _loaded_kernels(backend: Backend) -> Kernels:
+    return check_kernels(backend.name, backend.load())
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend(
-            "torch",
-            "pure PyTorch, any device",
-            "cpu",
-            "stablekernels.backends.torch_ref",
-            _serves_any_device,
-        ),
+        Backend("torch", "pure PyTorch, any device", "cpu", _torch_supports, _load_torch),
         Backend(
             "cpp",
             "C++ kernels in stablekernels._C, CPU tensors",
             "cpu",
-            "stablekernels.backends.extension",
-            _cpp_reason,
+            _cpp_supports,
+            _load_extension,
         ),
         Backend(
             "cuda",
             "CUDA kernels in stablekernels._C, CUDA tensors",
             "cuda",
-            "stablekernels.backends.extension",
-            _cuda_reason,
+            _cuda_supports,
+            _load_extension,
         ),
         Backend(
             "triton",
             "Triton kernels, CUDA tensors (CPU under TRITON_INTERPRET=1)",
             "cuda",
-            "stablekernels.backends.triton",
-            _triton_reason,
+            _triton_supports,
+            _load_triton,
         ),
     )
 }
@@ -183,20 +275,23 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def check_serves(name: str, device: torch.device) -> None:
-    """Raise BackendUnavailableError naming backend, device and reason if ``name`` can't run
-    tensors on ``device``."""
-    reason = get_backend(name).reason(device.type)
-    if reason is not None:
+def check_serves(name: str, device: torch.device) -> Backend:
+    """The backend ``name``, or BackendUnavailableError naming backend, device and reason if
+    it can't run tensors on ``device``."""
+    backend = get_backend(name)
+    support = backend.supports(device.type)
+    if not support:
         raise BackendUnavailableError(
-            f"stablekernels backend {name!r} cannot run on device {str(device)!r}: {reason}"
+            f"stablekernels backend {name!r} cannot run on device {str(device)!r}: "
+            f"{support.reason}"
         )
+    return backend
 
 
 def automatic_backend(device: torch.device) -> str:
     """The first backend of the automatic order that can serve ``device`` (always one)."""
     for name in AUTO_ORDER.get(device.type, _AUTO_ORDER_OTHER):
-        if BACKENDS[name].reason(device.type) is None:
+        if BACKENDS[name].supports(device.type):
             return name
     return "torch"
 
@@ -211,7 +306,7 @@ def available_backends() -> list[str]:
     return [
         name
         for name, backend in BACKENDS.items()
-        if any(backend.reason(t) is None for t in local_device_types())
+        if any(backend.supports(t) for t in local_device_types())
     ]
 
 

@@ -16,15 +16,16 @@
 //
 // and equal maxima merge exactly: (m, s1 + s2 + 1). Equal maxima include -inf == -inf and
 // +inf == +inf, where exp(m2 - m1) would be NaN: so an all -inf row ends as (-inf, n - 1),
-// whose logsumexp -inf + log1p(n - 1) is -inf as torch has it, and a row with +inf ends with
-// m = +inf and a finite s' (logsumexp +inf; callers make softmax of such a row NaN, as
-// torch does). A NaN anywhere makes s' NaN, so every result of the row is NaN. m is never
-// NaN.
+// whose logsumexp is -inf as torch has it, and a row with +inf ends with m = +inf and a
+// finite s' (logsumexp +inf; callers make softmax of such a row NaN, as torch does). A NaN
+// anywhere makes s' NaN, so every result of the row is NaN. finish_lse below turns a final
+// state into the logsumexp with these rules.
 //
 // Header-only, no torch: usable from C++ and CUDA (__host__ __device__ under nvcc).
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -33,6 +34,12 @@
 #endif
 
 namespace stablekernels {
+
+// The accumulation type of a kernel reading T and writing U: double if either is double, else
+// float (halves are computed in float).
+template <typename T, typename U = T>
+using acc_of =
+    std::conditional_t<std::is_same_v<T, double> || std::is_same_v<U, double>, double, float>;
 
 template <typename acc_t>
 struct RowState {
@@ -57,11 +64,6 @@ struct RowState {
     using std::exp;
     return exp(t);
   }
-
-  SK_HOST_DEVICE acc_t logsumexp() const {
-    using std::log1p;
-    return m + log1p(s);
-  }
 };
 
 // (m1, s1) + (m2, s2); see the file comment.
@@ -76,6 +78,21 @@ SK_HOST_DEVICE RowState<acc_t> merge(RowState<acc_t> a, RowState<acc_t> b) {
     return {a.m, a.s + b.s + acc_t(1)};
   }
   return {a.m, a.s + (b.s + acc_t(1)) * RowState<acc_t>::exp_of(b.m - a.m)};
+}
+
+// The logsumexp m + log1p(s') of a row's final state, in R (default acc_t): log1p is taken in
+// acc_t and the sum in R, so finish_lse<double> of a float state keeps the float m exactly.
+// The special rows, whatever s' holds there: NaN when s' is NaN (a NaN in the row); m when m
+// is infinite (+inf for a row with a +inf, -inf for a row of -inf only or an empty one).
+template <typename R = void, typename acc_t>
+SK_HOST_DEVICE std::conditional_t<std::is_void_v<R>, acc_t, R> finish_lse(RowState<acc_t> st) {
+  using out_t = std::conditional_t<std::is_void_v<R>, acc_t, R>;
+  using std::isinf;
+  using std::isnan;
+  using std::log1p;
+  if (isnan(st.s)) return static_cast<out_t>(NAN);
+  if (isinf(st.m)) return static_cast<out_t>(st.m);
+  return static_cast<out_t>(st.m) + static_cast<out_t>(log1p(st.s));
 }
 
 }  // namespace stablekernels

@@ -1,5 +1,6 @@
 """Shared pieces of the Triton kernels: the row view of a tensor, launch heuristics, and the
-(m, s') math of DESIGN.md written as Triton functions.
+(m, s') math of docs/design.md written as Triton functions (the Triton twin of
+stablekernels/_numerics.py, whose accumulation-dtype rule it uses).
 
 Rows: a tensor reduced along ``dim`` is viewed as ``(outer, n, inner)``; row r is
 (o, i) = (r // inner, r % inner) and its element j is at ``o * stride_o + j * stride_n +
@@ -15,6 +16,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from ..._numerics import accumulation_dtype
 
 # The widest row one program holds in registers: longer rows take the split path (several
 # programs per row, their (m, s') merged, then a normalising pass).
@@ -35,19 +38,10 @@ def rows_view(t: torch.Tensor, dim: int) -> torch.Tensor:
         return t.contiguous().view(outer, n, inner)
 
 
-def per_row(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A per-row tensor (the reduced shape, with or without keepdim) as a flat contiguous
-    vector of ``dtype``, in row order (o * inner + i)."""
-    return t.to(dtype).contiguous().reshape(-1)
-
-
 def accumulator(*dtypes: torch.dtype):
-    """tl.float64 if any dtype is fp64, else tl.float32: halves never hold intermediates."""
-    return tl.float64 if torch.float64 in dtypes else tl.float32
-
-
-def workspace_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+    """The accumulation dtype of :func:`stablekernels._numerics.accumulation_dtype` as a
+    Triton dtype."""
+    return tl.float64 if accumulation_dtype(*dtypes) == torch.float64 else tl.float32
 
 
 def launch_shape(n: int) -> tuple[int, int, int]:
@@ -87,7 +81,7 @@ def tile_stats(x, valid):
 
 @triton.jit
 def merge(m1, s1, m2, s2):
-    """(m1, s1') + (m2, s2') by the rule of DESIGN.md; equal maxima (also -inf == -inf)
+    """(m1, s1') + (m2, s2') by the merge rule of docs/design.md; equal maxima (also -inf == -inf)
     merge exactly as s1' + s2' + 1, and a NaN anywhere makes s' NaN."""
     first = m1 >= m2
     m_hi = tl.where(first, m1, m2)
@@ -123,3 +117,13 @@ def nan_unless_finite(value, m):
     """torch's softmax and log_softmax are NaN on a whole row with a +inf, a NaN or nothing
     but -inf, i.e. wherever the row max is not finite."""
     return tl.where((m == m) & (tl.abs(m) != float("inf")), value, float("nan"))
+
+
+@triton.jit
+def finish_lse(m, s):
+    """The float64 logsumexp of row states (m, s'), as _numerics.finish_lse: m + log1p(s'),
+    the max itself where it is infinite (-inf for all -inf, +inf for a +inf), NaN where s'
+    is NaN (a NaN in the row)."""
+    m64 = m.to(tl.float64)
+    lse = tl.where(tl.abs(m) == float("inf"), m64, m64 + log1p(s).to(tl.float64))
+    return tl.where(s != s, float("nan"), lse)

@@ -1,13 +1,12 @@
 """Triton logsumexp, forward and backward.
 
-Forward: lse = m + log1p(s') per row (DESIGN.md), in x's dtype and in float64 (for the
+Forward: lse = m + log1p(s') per row (docs/design.md), in x's dtype and in float64 (for the
 backward). Rows of up to MAX_BLOCK_N elements: several rows per program, one read. Longer
 rows: SPLIT_CHUNK elements per program write their (m, s'), then one program per row merges
 them (still one read of x).
 
-Backward: dx = dy * exp(x - lse), a pure map. The float64 lse is passed as hi + lo in the
-accumulation dtype, and x - lse taken as (x - hi) - lo: exact in its first step for the
-entries near lse, so the gradient keeps its precision at large offsets.
+Backward: dx = dy * exp((x - hi) - lo), a pure map over the per-row dy, hi and lo the router
+gives (the float64 lse split as hi + lo in the accumulation dtype).
 """
 
 from __future__ import annotations
@@ -15,7 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from torch.library import triton_op, wrap_triton
+
+from ..._numerics import accumulation_dtype
 
 from . import common
 from .common import MAX_BLOCK_N
@@ -24,11 +25,7 @@ from .softmax import _row_total, row_parts
 
 @triton.jit
 def _store_lse(OUT_ptr, LSE_ptr, r, m, s, mask, ACC: tl.constexpr):
-    # A NaN in the row makes s' NaN: the result is NaN. Else an infinite max is the result:
-    # -inf (all -inf) or +inf (a +inf), whatever s' is.
-    m64 = m.to(tl.float64)
-    lse = tl.where(tl.abs(m) == float("inf"), m64, m64 + common.log1p(s).to(tl.float64))
-    lse = tl.where(s != s, float("nan"), lse)
+    lse = common.finish_lse(m, s)
     tl.store(LSE_ptr + r, lse, mask=mask)
     tl.store(OUT_ptr + r, lse.to(ACC).to(OUT_ptr.dtype.element_ty), mask=mask)
 
@@ -67,7 +64,9 @@ def _logsumexp_finish_kernel(
     _store_lse(OUT_ptr, LSE_ptr, row, m, s, True, ACC)
 
 
+@triton_op("stablekernels::_triton_logsumexp", mutates_args={})
 def forward(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logsumexp kernel of the contract: (out in x.dtype, lse in float64)."""
     v = common.rows_view(x, dim)
     outer, n, inner = v.shape
     rows = outer * inner
@@ -91,7 +90,7 @@ def forward(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, tor
             num_warps=warps,
         )
     else:
-        m_ws, s_ws, parts = row_parts(v, acc, common.workspace_dtype(x.dtype))
+        m_ws, s_ws, parts = row_parts(v, acc, accumulation_dtype(x.dtype))
         wrap_triton(_logsumexp_finish_kernel)[(rows,)](
             m_ws,
             s_ws,
@@ -140,19 +139,19 @@ def _logsumexp_bwd_kernel(
     tl.store(DX_ptr + o * n * inner + i + cols * inner, dx.to(DX_ptr.dtype.element_ty), mask=valid)
 
 
-def backward(grad, x, result, dim: int, keepdim: bool) -> torch.Tensor:
+@triton_op("stablekernels::_triton_logsumexp_backward", mutates_args={})
+def backward(
+    grad: torch.Tensor, x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, dim: int
+) -> torch.Tensor:
+    """The logsumexp_backward kernel of the contract: grad, hi, lo per row, flat, in row
+    order, in the accumulation dtype."""
     v = common.rows_view(x, dim)
     outer, n, inner = v.shape
-    acc_dtype = common.workspace_dtype(x.dtype)
-    g = common.per_row(grad, acc_dtype)
-    lse = common.per_row(result, torch.float64)
-    hi = lse.to(acc_dtype)
-    lo = torch.where(lse.isfinite(), lse - hi.double(), 0.0).to(acc_dtype)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_n = min(4096, max(16, triton.next_power_of_2(n)))
     grid = (outer * inner, triton.cdiv(n, block_n))
     wrap_triton(_logsumexp_bwd_kernel)[grid](
-        g,
+        grad,
         hi,
         lo,
         v,

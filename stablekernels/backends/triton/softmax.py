@@ -1,6 +1,6 @@
 """Triton softmax and log_softmax, forward and backward.
 
-Forward, for a row x (DESIGN.md, Alg. 4.1 of Blanchard, Higham & Higham):
+Forward, for a row x (docs/design.md, Alg. 4.1 of Blanchard, Higham & Higham):
 
     m = max(x);  s' = sum_{i != argmax} exp(x_i - m)
     softmax_j = exp(x_j - m) / (1 + s')            (IEEE division)
@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from torch.library import triton_op, wrap_triton
+
+from ..._numerics import accumulation_dtype
 
 from . import common
 from .common import MAX_BLOCK_N, SPLIT_CHUNK
@@ -171,12 +173,14 @@ def row_parts(v: torch.Tensor, acc, ws_dtype: torch.dtype):
     return m_ws, s_ws, parts
 
 
-def forward(x: torch.Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> torch.Tensor:
+@triton_op("stablekernels::_triton_softmax", mutates_args={})
+def forward(x: torch.Tensor, dim: int, dtype: torch.dtype, log: bool) -> torch.Tensor:
+    """The softmax kernel of the contract (stablekernels.backends.Kernels.softmax)."""
     v = common.rows_view(x, dim)
     outer, n, inner = v.shape
     rows = outer * inner
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    acc = common.accumulator(x.dtype, out_dtype)
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    acc = common.accumulator(x.dtype, dtype)
     strides = (v.stride(0), v.stride(1), v.stride(2))
     if n <= MAX_BLOCK_N:
         block_r, block_n, warps = common.launch_shape(n)
@@ -195,7 +199,7 @@ def forward(x: torch.Tensor, dim: int, out_dtype: torch.dtype, log: bool) -> tor
             num_warps=warps,
         )
         return y
-    m_ws, s_ws, parts = row_parts(v, acc, common.workspace_dtype(x.dtype, out_dtype))
+    m_ws, s_ws, parts = row_parts(v, acc, accumulation_dtype(x.dtype, dtype))
     wrap_triton(_softmax_finish_kernel)[(rows, parts)](
         v,
         y,
@@ -313,9 +317,13 @@ def _bwd_finish_kernel(
         tl.store(DX_ptr + at, dx.to(DX_ptr.dtype.element_ty), mask=valid)
 
 
-def backward(grad, output, dim: int, input_dtype: torch.dtype, log: bool) -> torch.Tensor:
-    y = output.contiguous()
-    g = grad.to(y.dtype).contiguous()  # autograd hands over expanded grads (e.g. of sum())
+@triton_op("stablekernels::_triton_softmax_backward", mutates_args={})
+def backward(
+    grad: torch.Tensor, output: torch.Tensor, dim: int, input_dtype: torch.dtype, log: bool
+) -> torch.Tensor:
+    """The softmax_backward kernel of the contract: grad and output of one dtype, both
+    contiguous."""
+    y, g = output, grad
     v = common.rows_view(y, dim)
     outer, n, inner = v.shape
     rows = outer * inner
@@ -339,7 +347,7 @@ def backward(grad, output, dim: int, input_dtype: torch.dtype, log: bool) -> tor
         return dx
     parts = triton.cdiv(n, SPLIT_CHUNK)
     partial = torch.empty(
-        rows * parts, dtype=common.workspace_dtype(y.dtype, input_dtype), device=y.device
+        rows * parts, dtype=accumulation_dtype(y.dtype, input_dtype), device=y.device
     )
     grid = (rows, parts)
     wrap_triton(_bwd_parts_kernel)[grid](

@@ -1,0 +1,423 @@
+"""The custom ops of the ``stablekernels`` namespace: schemas, routers and fake kernels.
+
+Every public function ends in one of these ops, each defined once and shared by all
+backends; the backend is an argument, chosen by :mod:`stablekernels._api`::
+
+    softmax(Tensor x, int dim, ScalarType? dtype, str backend) -> Tensor
+    log_softmax(Tensor x, int dim, ScalarType? dtype, str backend) -> Tensor
+    logsumexp(Tensor x, int dim, bool keepdim, str backend) -> (Tensor out, Tensor lse)
+    softmax_backward(Tensor grad, Tensor output, int dim, ScalarType input_dtype,
+                     str backend) -> Tensor
+    log_softmax_backward(...same...) -> Tensor
+    logsumexp_backward(Tensor grad, Tensor x, Tensor result, int dim, bool keepdim,
+                       str backend) -> Tensor
+    cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index,
+                  float label_smoothing, float z_loss, str backend) -> (Tensor loss, Tensor lse)
+    cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, Tensor logits, Tensor target,
+                           Tensor? weight, Tensor lse, int ignore_index,
+                           float label_smoothing, float z_loss, str backend) -> Tensor
+
+``logsumexp`` returns the result in x's dtype and, beside it, the same log-sum-exp in
+float64: the backward uses that one, since exp(x - lse) puts the rounding of the lse into
+every gradient entry (ulp 0.5 at 100 in bf16: up to 28%; ulp 0.06 at 1e6 in fp32: up to
+3%). The public function returns the first output only.
+
+The router of each op (registered as CompositeExplicitAutograd, so it serves every device)
+is the one place that checks the op's arguments. It handles 0-dim and empty inputs itself,
+brings the rest to the preconditions of the backend kernels
+(:mod:`stablekernels.backends`), and computes every per-row quantity on row-sized tensors,
+so that the kernels are the same few passes over the data on every backend:
+
+* the cross-entropy loss of each row from the kernel's pieces (nll, smooth, lse) and the
+  options (ignore_index, class weights, label smoothing, z-loss);
+* the cross-entropy backward's per-row terms (hi, lo, coef, smooth, one_hot);
+* the logsumexp backward's per-row gradient and the hi/lo split of its lse.
+
+A new per-row option of cross-entropy therefore changes this module and the public
+function only (docs/design.md). Outputs are always new contiguous tensors, as
+torch.softmax's are, which is what the fake kernels promise to ``torch.compile``. The
+private kernel ops of the extension (``_fused_*``) get fake kernels here too, so that a
+direct call of one under ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._numerics import accumulation_dtype, split_lse
+
+NAMESPACE = "stablekernels"
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+SCHEMAS = {
+    "softmax": "softmax(Tensor x, int dim, ScalarType? dtype, str backend) -> Tensor",
+    "log_softmax": "log_softmax(Tensor x, int dim, ScalarType? dtype, str backend) -> Tensor",
+    "logsumexp": "logsumexp(Tensor x, int dim, bool keepdim, str backend) "
+    "-> (Tensor out, Tensor lse)",
+    "softmax_backward": "softmax_backward(Tensor grad, Tensor output, int dim, "
+    "ScalarType input_dtype, str backend) -> Tensor",
+    "log_softmax_backward": "log_softmax_backward(Tensor grad, Tensor output, int dim, "
+    "ScalarType input_dtype, str backend) -> Tensor",
+    "logsumexp_backward": "logsumexp_backward(Tensor grad, Tensor x, Tensor result, int dim, "
+    "bool keepdim, str backend) -> Tensor",
+    "cross_entropy": "cross_entropy(Tensor logits, Tensor target, Tensor? weight, "
+    "int ignore_index, float label_smoothing, float z_loss, str backend) "
+    "-> (Tensor loss, Tensor lse)",
+    "cross_entropy_backward": "cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, "
+    "Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index, "
+    "float label_smoothing, float z_loss, str backend) -> Tensor",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks, shared by the routers, the fake kernels and the public functions.
+
+
+def wrap_dim(op: str, dim: int, ndim: int) -> int:
+    """``dim`` as a non-negative index into a tensor of ``ndim`` dims (0-dim counts as 1-dim,
+    as in torch); IndexError in torch's words when out of range."""
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise IndexError(
+            f"{op}(): Dimension out of range (expected to be in range of "
+            f"[{-rank}, {rank - 1}], but got {dim})"
+        )
+    return dim % rank
+
+
+def check_floating(op: str, what: str, dtype: torch.dtype) -> None:
+    if dtype not in FLOATING_DTYPES:
+        raise NotImplementedError(
+            f"{op}(): {what} has dtype {dtype}; stablekernels computes in "
+            "float16, bfloat16, float32 and float64"
+        )
+
+
+def check_same_device(op: str, *tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise RuntimeError(
+                f"{op}(): expected all tensors on one device, got {device} and {t.device}"
+            )
+
+
+def _kernels(op: str, backend: str, *tensors: torch.Tensor) -> backends.Kernels:
+    check_same_device(op, *tensors)
+    return backends.check_serves(backend, tensors[0].device).kernels()
+
+
+def _check_same_shape(op: str, grad: torch.Tensor, output: torch.Tensor) -> None:
+    if grad.shape != output.shape:
+        raise RuntimeError(
+            f"{op}(): grad has shape {tuple(grad.shape)}, expected {tuple(output.shape)}"
+        )
+
+
+def _reduced_shape(shape: torch.Size, dim: int, keepdim: bool) -> list[int]:
+    out = list(shape)
+    if not out:
+        return []
+    if keepdim:
+        out[dim] = 1
+    else:
+        del out[dim]
+    return out
+
+
+def _per_row(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-row tensor (a reduced shape, with or without keepdim) as a flat contiguous
+    vector of ``dtype`` in row order (o * inner + i): the order of a reduced shape's
+    elements."""
+    return t.to(dtype).contiguous().reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Softmax and log_softmax.
+
+
+def _softmax_family(op: str, log: bool):
+    def check(x, dim, dtype):
+        dim = wrap_dim(op, dim, x.dim())
+        out_dtype = x.dtype if dtype is None else dtype
+        check_floating(op, "the input", x.dtype)
+        check_floating(op, "the requested dtype", out_dtype)
+        return dim, out_dtype
+
+    def route(x: torch.Tensor, dim: int, dtype: torch.dtype | None, backend: str):
+        dim, out_dtype = check(x, dim, dtype)
+        kernels = _kernels(op, backend, x)
+        if x.numel() == 0:
+            return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        if x.dim() == 0:
+            return kernels.softmax(x.reshape(1), 0, out_dtype, log).reshape(())
+        return kernels.softmax(x, dim, out_dtype, log)
+
+    def fake(x, dim, dtype, backend):
+        _, out_dtype = check(x, dim, dtype)
+        return x.new_empty(x.shape, dtype=out_dtype)
+
+    return route, fake
+
+
+def _softmax_backward_family(op: str, log: bool):
+    def check(grad, output, dim, input_dtype):
+        dim = wrap_dim(op, dim, output.dim())
+        check_floating(op, "the output", output.dtype)
+        check_floating(op, "the input dtype", input_dtype)
+        check_same_device(op, output, grad)
+        _check_same_shape(op, grad, output)
+        return dim
+
+    def route(grad, output, dim, input_dtype, backend):
+        dim = check(grad, output, dim, input_dtype)
+        kernels = _kernels(op, backend, output, grad)
+        if output.numel() == 0:
+            return output.new_empty(output.shape, dtype=input_dtype)
+        # One dtype, contiguous (autograd hands over expanded grads, e.g. of sum()).
+        grad = grad.to(output.dtype).contiguous()
+        output = output.contiguous()
+        if output.dim() == 0:
+            dx = kernels.softmax_backward(grad.reshape(1), output.reshape(1), 0, input_dtype, log)
+            return dx.reshape(())
+        return kernels.softmax_backward(grad, output, dim, input_dtype, log)
+
+    def fake(grad, output, dim, input_dtype, backend):
+        check(grad, output, dim, input_dtype)
+        return output.new_empty(output.shape, dtype=input_dtype)
+
+    return route, fake
+
+
+# ----------------------------------------------------------------------------------------
+# logsumexp.
+
+
+def _logsumexp_check(x, dim):
+    dim = wrap_dim("logsumexp", dim, x.dim())
+    check_floating("logsumexp", "the input", x.dtype)
+    return dim
+
+
+def _logsumexp_route(x: torch.Tensor, dim: int, keepdim: bool, backend: str):
+    dim = _logsumexp_check(x, dim)
+    kernels = _kernels("logsumexp", backend, x)
+    if x.dim() == 0:
+        out, lse = kernels.logsumexp(x.reshape(1), 0, False)
+        return out.reshape(()), lse.reshape(())
+    if x.numel() == 0:
+        # An empty sum is 0, so an empty row's logsumexp is -inf; empty batches stay empty.
+        shape = _reduced_shape(x.shape, dim, keepdim)
+        return (
+            torch.full(shape, float("-inf"), dtype=x.dtype, device=x.device),
+            torch.full(shape, float("-inf"), dtype=torch.float64, device=x.device),
+        )
+    return kernels.logsumexp(x, dim, keepdim)
+
+
+def _logsumexp_fake(x, dim, keepdim, backend):
+    dim = _logsumexp_check(x, dim)
+    shape = _reduced_shape(x.shape, dim, keepdim)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.float64)
+
+
+def _logsumexp_backward_check(grad, x, result, dim):
+    dim = wrap_dim("logsumexp_backward", dim, x.dim())
+    check_floating("logsumexp_backward", "the input", x.dtype)
+    check_same_device("logsumexp_backward", x, grad, result)
+    return dim
+
+
+def _logsumexp_backward_route(grad, x, result, dim, keepdim, backend):
+    dim = _logsumexp_backward_check(grad, x, result, dim)
+    kernels = _kernels("logsumexp_backward", backend, x, grad, result)
+    if x.numel() == 0:
+        return x.new_empty(x.shape)
+    acc = accumulation_dtype(x.dtype)
+    g = _per_row(grad, acc)
+    hi, lo = split_lse(_per_row(result, torch.float64), acc)
+    if x.dim() == 0:
+        return kernels.logsumexp_backward(g, x.reshape(1), hi, lo, 0).reshape(())
+    return kernels.logsumexp_backward(g, x, hi, lo, dim)
+
+
+def _logsumexp_backward_fake(grad, x, result, dim, keepdim, backend):
+    _logsumexp_backward_check(grad, x, result, dim)
+    return x.new_empty(x.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-entropy of (R, C) logits and (R,) class targets: per-row losses (fp32, fp64 for fp64
+# logits; weighted and smoothed, 0 on ignored rows) and per-row lse (fp64). Reduction and
+# shapes: stablekernels._cross_entropy. Formulas: docs/design.md.
+
+
+def _check_cross_entropy(op, logits, target, weight):
+    if logits.dim() != 2:
+        raise RuntimeError(f"{op}(): logits must be 2-D (rows, classes), got {tuple(logits.shape)}")
+    check_floating(op, "the logits", logits.dtype)
+    if target.dtype != torch.int64 or target.shape != logits.shape[:1]:
+        raise RuntimeError(
+            f"{op}(): target must be int64 of shape ({logits.shape[0]},), got {target.dtype} "
+            f"{tuple(target.shape)}"
+        )
+    if weight is not None:
+        check_floating(op, "the weight", weight.dtype)
+        if weight.shape != logits.shape[1:]:
+            raise RuntimeError(f"{op}(): weight must have shape ({logits.shape[1]},)")
+        check_same_device(op, logits, target, weight)
+    else:
+        check_same_device(op, logits, target)
+
+
+def _class_rows(logits, target, weight, ignore_index):
+    """What every cross-entropy kernel is given: targets in [0, C) (an ignored row's is 0),
+    which rows count, and the class weights in the accumulation dtype. A counted target out
+    of [0, C) raises IndexError in torch's words: no kernel reads out of its row."""
+    counted = target != ignore_index
+    bad = counted & ((target < 0) | (target >= logits.shape[1]))
+    if bad.any():
+        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+    safe = torch.where(counted, target, 0)
+    w = None if weight is None else weight.to(accumulation_dtype(logits.dtype)).contiguous()
+    return safe, counted, w
+
+
+def cross_entropy_row_loss(nll, smooth, lse, w_t, counted, classes, label_smoothing, z_loss):
+    """Each row's loss (fp64) from the kernel's pieces (nll, smooth, lse: fp64 rows) and the
+    options: ``(1 - e) w_t nll + (e / C) smooth + z lse^2``; NaN on a row with a NaN, a +inf
+    or only -inf (where lse is not finite, as torch), 0 on rows not ``counted``."""
+    loss = (1 - label_smoothing) * w_t * nll
+    if label_smoothing:
+        loss = loss + (label_smoothing / classes) * smooth
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(lse.isfinite(), loss, float("nan"))
+    return torch.where(counted, loss, 0.0)
+
+
+def _cross_entropy_route(logits, target, weight, ignore_index, label_smoothing, z_loss, backend):
+    _check_cross_entropy("cross_entropy", logits, target, weight)
+    kernels = _kernels("cross_entropy", backend, logits)
+    rows, classes = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    if rows == 0:
+        return logits.new_empty(0, dtype=acc), logits.new_empty(0, dtype=torch.float64)
+    safe, counted, w = _class_rows(logits, target, weight, ignore_index)
+    if classes == 0:  # no class a row could count for: only ignored rows are valid
+        lse = logits.new_full((rows,), float("-inf"), dtype=torch.float64)
+        nll = smooth = torch.full_like(lse, float("nan"))
+    else:
+        nll, smooth, lse = kernels.cross_entropy(logits, safe, w, label_smoothing > 0)
+    w_t = 1.0 if w is None else w.double()[safe]
+    loss = cross_entropy_row_loss(nll, smooth, lse, w_t, counted, classes, label_smoothing, z_loss)
+    return loss.to(acc), lse
+
+
+def _cross_entropy_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, backend):
+    _check_cross_entropy("cross_entropy", logits, target, weight)
+    rows = logits.shape[0]
+    return (
+        logits.new_empty(rows, dtype=accumulation_dtype(logits.dtype)),
+        logits.new_empty(rows, dtype=torch.float64),
+    )
+
+
+def cross_entropy_backward_terms(
+    grad_loss, grad_lse, lse, safe, counted, w, classes, label_smoothing, z_loss, acc
+):
+    """The per-row terms (R, 5) = (hi, lo, coef, smooth, one_hot) in ``acc`` of
+
+        dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot
+
+    with g = grad_loss (0 on ignored rows), W = sum_c w_c:
+    coef = g ((1 - e) w_t + e W / C + 2 z lse) + grad_lse, smooth = (e / C) g,
+    one_hot = (1 - e) g w_t. Computed in fp64."""
+    e = label_smoothing
+    g = torch.where(counted, grad_loss.double(), 0.0)
+    w_t = 1.0 if w is None else w.double()[safe]
+    total_w = float(classes) if w is None else w.double().sum()
+    lse = lse.double()
+    coef = g * ((1 - e) * w_t + e * total_w / classes) + grad_lse.double()
+    if z_loss:
+        coef = coef + g * (2 * z_loss) * lse
+    hi, lo = split_lse(lse, acc)
+    smooth = (e / classes) * g
+    one_hot = (1 - e) * g * w_t
+    return torch.stack([hi, lo, coef.to(acc), smooth.to(acc), one_hot.to(acc)], dim=1)
+
+
+def _cross_entropy_backward_route(
+    grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, backend
+):
+    _check_cross_entropy("cross_entropy_backward", logits, target, weight)
+    kernels = _kernels("cross_entropy_backward", backend, logits, grad_loss, grad_lse, lse)
+    if logits.numel() == 0:
+        return torch.zeros_like(logits)
+    rows, classes = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    safe, counted, w = _class_rows(logits, target, weight, ignore_index)
+    terms = cross_entropy_backward_terms(
+        grad_loss, grad_lse, lse, safe, counted, w, classes, label_smoothing, z_loss, acc
+    )
+    return kernels.cross_entropy_backward(logits, safe, w, terms)
+
+
+def _cross_entropy_backward_fake(
+    grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, backend
+):
+    _check_cross_entropy("cross_entropy_backward", logits, target, weight)
+    return torch.empty_like(logits)
+
+
+_ROUTES = {
+    "softmax": _softmax_family("softmax", log=False),
+    "log_softmax": _softmax_family("log_softmax", log=True),
+    "logsumexp": (_logsumexp_route, _logsumexp_fake),
+    "softmax_backward": _softmax_backward_family("softmax_backward", log=False),
+    "log_softmax_backward": _softmax_backward_family("log_softmax_backward", log=True),
+    "logsumexp_backward": (_logsumexp_backward_route, _logsumexp_backward_fake),
+    "cross_entropy": (_cross_entropy_route, _cross_entropy_fake),
+    "cross_entropy_backward": (_cross_entropy_backward_route, _cross_entropy_backward_fake),
+}
+for _name, (_route, _fake) in _ROUTES.items():
+    _lib.impl(_name, _route, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", _fake, lib=_lib)
+
+
+# ----------------------------------------------------------------------------------------
+# Fake kernels of the extension's private kernel ops (their preconditions are the routers').
+
+
+def _fused_reduced(x, dim, keepdim):
+    shape = _reduced_shape(x.shape, dim, keepdim)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.float64)
+
+
+def _fused_rows(logits, target, weight, smoothing):
+    rows = logits.shape[0]
+    return tuple(logits.new_empty(rows, dtype=torch.float64) for _ in range(3))
+
+
+_FUSED_FAKES = {
+    "_fused_softmax": lambda x, dim, dtype, log: x.new_empty(x.shape, dtype=dtype),
+    "_fused_softmax_backward": lambda grad, output, dim, input_dtype, log: output.new_empty(
+        output.shape, dtype=input_dtype
+    ),
+    "_fused_logsumexp": _fused_reduced,
+    "_fused_logsumexp_backward": lambda grad, x, hi, lo, dim: x.new_empty(x.shape),
+    "_fused_cross_entropy": _fused_rows,
+    "_fused_cross_entropy_backward": lambda logits, target, weight, terms: logits.new_empty(
+        logits.shape
+    ),
+}
+if backends.EXTENSION:  # the ops exist only where stablekernels._C loaded
+    for _name, _fake in _FUSED_FAKES.items():
+        torch.library.register_fake(f"{NAMESPACE}::{_name}", _fake, lib=_lib)
+
+ops = torch.ops.stablekernels
