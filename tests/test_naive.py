@@ -1,11 +1,11 @@
-"""The textbook formulas fail where the seed tutorials say they fail, and stablekernels
-does not."""
+"""The textbook formulas of stablekernels.naive fail where the seed tutorials say they fail
+(NaN, inf, a log-probability rounded to 0), agree with torch where they are safe, and
+stablekernels' ops do not fail on the same inputs."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,17 +48,3 @@ def test_naive_agrees_where_it_is_safe():
     torch.testing.assert_close(sk.naive.softmax(x, 1), torch.softmax(x, 1))
     torch.testing.assert_close(sk.naive.log_softmax(x, 1), torch.log_softmax(x, 1))
     torch.testing.assert_close(sk.naive.logsumexp(x, 1, True), torch.logsumexp(x, 1, True))
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_seed_float32_underflow_and_overflow():
-    # Seed examples 1-3: 1e-50 is stored as 0 and 1e39 as inf in float32, so x * y / y is
-    # NaN either way; the limits of float32 are 1.4e-45 and 3.4e38.
-    x = np.float32(1)
-    assert np.isnan(x * np.float32(1e-50) / np.float32(1e-50))
-    assert np.isnan(x * np.float32(1e39) / np.float32(1e39))
-    assert np.nextafter(np.float32(0), np.float32(1)) == pytest.approx(1.4013e-45, rel=1e-4)
-    assert np.finfo(np.float32).max == pytest.approx(3.40282e38, rel=1e-5)
-    one = torch.tensor(1.0)
-    assert (one * torch.tensor(1e-50) / torch.tensor(1e-50)).isnan()
-    assert (one * torch.tensor(1e39) / torch.tensor(1e39)).isnan()
