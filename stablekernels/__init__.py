@@ -12,8 +12,12 @@ The ops are ``torch.ops.stablekernels.*`` custom ops with autograd and fake kern
 work under ``torch.compile(fullgraph=True)``.
 """
 
-from . import _autograd  # noqa: F401  (registers the autograd of the ops)
-from . import distributed, naive, nn
+from . import (
+    _autograd,  # noqa: F401  (registers the autograd of the ops)
+    distributed,
+    naive,
+    nn,
+)
 from ._api import available_backends, log_softmax, logsumexp, softmax, use_backend
 from ._cross_entropy import cross_entropy
 from .backends import BackendUnavailableError

@@ -17,7 +17,6 @@ import torch
 from ._numerics import accumulation_dtype
 from ._ops import NAMESPACE, _lib, ops
 
-
 # ----------------------------------------------------------------------------------------
 # Autograd of the forward ops.
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._api import _check_tensor, resolve_backend
 from . import backends
+from ._api import _check_tensor, resolve_backend
 from ._numerics import accumulation_dtype, finish_lse, row_stats
 from ._ops import cross_entropy_backward_terms, cross_entropy_row_loss, ops, wrap_dim
 

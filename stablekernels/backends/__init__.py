@@ -282,8 +282,7 @@ def check_serves(name: str, device: torch.device) -> Backend:
     support = backend.supports(device.type)
     if not support:
         raise BackendUnavailableError(
-            f"stablekernels backend {name!r} cannot run on device {str(device)!r}: "
-            f"{support.reason}"
+            f"stablekernels backend {name!r} cannot run on device {str(device)!r}: {support.reason}"
         )
     return backend
 

@@ -51,8 +51,10 @@ def cross_entropy(
         nll[part] = ((m - x.gather(1, target[part, None])) + log_rest)[:, 0].double()
         if smoothing:
             gaps = m - x  # +inf for a -inf logit: torch's smooth term is then inf too
-            total = (gaps.sum(1) + classes * log_rest[:, 0]) if w is None else (
-                (gaps * w).sum(1) + w.sum() * log_rest[:, 0]
+            total = (
+                (gaps.sum(1) + classes * log_rest[:, 0])
+                if w is None
+                else ((gaps * w).sum(1) + w.sum() * log_rest[:, 0])
             )
             smooth[part] = total.double()
     return nll, smooth, lse

@@ -17,7 +17,6 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..._numerics import accumulation_dtype
-
 from . import common
 from .common import MAX_BLOCK_N
 from .softmax import _row_total, row_parts

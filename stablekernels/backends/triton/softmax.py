@@ -28,7 +28,6 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..._numerics import accumulation_dtype
-
 from . import common
 from .common import MAX_BLOCK_N, SPLIT_CHUNK
 
