@@ -176,6 +176,34 @@ def test_special_values_as_torch(backend):
         torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
+# Runs of -inf logits covering whole tiles and chunks of the kernels (Triton tiles of 2048,
+# CPU chunks of 16384) at the start, the middle and the end of a row: with label smoothing the
+# loss is inf, as torch's, never the NaN of a -inf - -inf in the running sums.
+@pytest.mark.parametrize(
+    "classes, start, stop",
+    [
+        (10, 3, 4),
+        (4096, 0, 2048),
+        (4096, 2048, 4096),
+        (40000, 0, 16384),
+        (40000, 16384, 32768),
+        (40000, 32768, 40000),
+    ],
+)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_smoothing_with_tiles_of_minus_inf_is_inf_as_torch(backend, classes, start, stop, weighted):
+    x = torch.randn(2, classes)
+    x[0, start:stop] = float("-inf")
+    target = torch.tensor([stop % classes, 1])
+    weight = torch.rand(classes) + 0.5 if weighted else None
+    ours = sk.cross_entropy(
+        x, target, weight, reduction="none", label_smoothing=0.1, backend=backend
+    )
+    theirs = F.cross_entropy(x, target, weight, reduction="none", label_smoothing=0.1)
+    assert ours[0].item() == theirs[0].item() == float("inf")
+    torch.testing.assert_close(ours[1], theirs[1])
+
+
 def test_nn_module(backend):
     x = torch.randn(7, 9)
     target = torch.randint(0, 9, (7,))

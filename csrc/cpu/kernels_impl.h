@@ -747,7 +747,10 @@ std::pair<double, double> chunk_gaps(const T* p, int64_t len, acc_t m, const acc
   BlockSum<acc_t> gaps, weights;
   for (int64_t j = 0; j < len; j += kVec) {
     const int64_t count = std::min(kVec, len - j);
-    const V d = vm - io::load(p + j, count);  // +inf for a -inf logit, as torch's smooth term
+    // A -inf logit's gap is +inf, as torch's smooth term, also in a chunk whose max is -inf
+    // (where m - x would be -inf - -inf = NaN).
+    const V x = io::load(p + j, count);
+    const V d = V::blendv(vm - x, V(infinity<acc_t>()), x == V(-infinity<acc_t>()));
     if (w != nullptr) {
       const V wv = V::loadu(w + j, count);  // lanes past count load 0
       gaps.add(V::set(V(acc_t(0)), d * wv, count));
@@ -790,7 +793,8 @@ void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* ta
       nll[r] = (st.m - static_cast<double>(static_cast<acc_t>(xr[target[r]]))) + log_rest;
       double gaps = 0, total_w = 0;
       for (size_t k = 0; k < chunk_m.size(); ++k) {
-        gaps += chunk_a[k] + (chunk_w[k] > 0 ? (st.m - chunk_m[k]) * chunk_w[k] : 0.0);
+        gaps += chunk_a[k] +
+                (chunk_w[k] > 0 && st.m != chunk_m[k] ? (st.m - chunk_m[k]) * chunk_w[k] : 0.0);
         total_w += chunk_w[k];
       }
       smooth[r] = smoothing ? gaps + total_w * log_rest : 0.0;

@@ -30,8 +30,10 @@ struct MergeCe {
   __device__ __forceinline__ CeState<A> operator()(const CeState<A>& a, const CeState<A>& b) const {
     const RowState<A> st = merge(a.st, b.st);
     A gaps = a.gaps + b.gaps;
-    if (a.weights > 0) gaps += (st.m - a.st.m) * a.weights;
-    if (b.weights > 0) gaps += (st.m - b.st.m) * b.weights;
+    // Each side's gaps move to the merged max; a side already at it moves by nothing (also
+    // when both maxima are -inf, where st.m - a.st.m would be NaN).
+    if (a.weights > 0 && st.m != a.st.m) gaps += (st.m - a.st.m) * a.weights;
+    if (b.weights > 0 && st.m != b.st.m) gaps += (st.m - b.st.m) * b.weights;
     return {st, gaps, a.weights + b.weights};
   }
 };

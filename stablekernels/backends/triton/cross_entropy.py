@@ -66,8 +66,10 @@ def _cross_entropy_fwd_kernel(
             gaps_t = tl.sum(tl.where(valid, w * d, 0.0), axis=0)
             w_t = tl.sum(w, axis=0)
             m_new = tl.maximum(m, m_t)
-            gaps = gaps + tl.where(total_w > 0, (m_new - m) * total_w, 0.0)
-            gaps = gaps + gaps_t + tl.where(w_t > 0, (m_new - m_t) * w_t, 0.0)
+            # Move both sums to the new max; a side already at it moves by nothing (also when
+            # both maxima are -inf, where m_new - m would be NaN).
+            gaps = gaps + tl.where((total_w > 0) & (m_new != m), (m_new - m) * total_w, 0.0)
+            gaps = gaps + gaps_t + tl.where((w_t > 0) & (m_new != m_t), (m_new - m_t) * w_t, 0.0)
             total_w = total_w + w_t
         m, s = common.merge(m, s, m_t, s_t)
     log_rest = common.log1p(s)
