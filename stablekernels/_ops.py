@@ -288,11 +288,16 @@ def _class_rows(logits, target, weight, ignore_index):
     return safe, counted, w
 
 
-def cross_entropy_row_loss(nll, smooth, lse, w_t, counted, classes, label_smoothing, z_loss):
+def _target_weights(safe, w):
+    """w_t per row in fp64 (1 without class weights)."""
+    return 1.0 if w is None else w.double()[safe]
+
+
+def cross_entropy_row_loss(nll, smooth, lse, safe, counted, w, classes, label_smoothing, z_loss):
     """Each row's loss (fp64) from the kernel's pieces (nll, smooth, lse: fp64 rows) and the
     options: ``(1 - e) w_t nll + (e / C) smooth + z lse^2``; NaN on a row with a NaN, a +inf
     or only -inf (where lse is not finite, as torch), 0 on rows not ``counted``."""
-    loss = (1 - label_smoothing) * w_t * nll
+    loss = (1 - label_smoothing) * _target_weights(safe, w) * nll
     if label_smoothing:
         loss = loss + (label_smoothing / classes) * smooth
     if z_loss:
@@ -314,8 +319,9 @@ def _cross_entropy_route(logits, target, weight, ignore_index, label_smoothing, 
         nll = smooth = torch.full_like(lse, float("nan"))
     else:
         nll, smooth, lse = kernels.cross_entropy(logits, safe, w, label_smoothing > 0)
-    w_t = 1.0 if w is None else w.double()[safe]
-    loss = cross_entropy_row_loss(nll, smooth, lse, w_t, counted, classes, label_smoothing, z_loss)
+    loss = cross_entropy_row_loss(
+        nll, smooth, lse, safe, counted, w, classes, label_smoothing, z_loss
+    )
     return loss.to(acc), lse
 
 
@@ -340,7 +346,7 @@ def cross_entropy_backward_terms(
     one_hot = (1 - e) g w_t. Computed in fp64."""
     e = label_smoothing
     g = torch.where(counted, grad_loss.double(), 0.0)
-    w_t = 1.0 if w is None else w.double()[safe]
+    w_t = _target_weights(safe, w)
     total_w = float(classes) if w is None else w.double().sum()
     lse = lse.double()
     coef = g * ((1 - e) * w_t + e * total_w / classes) + grad_lse.double()

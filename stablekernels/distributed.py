@@ -132,7 +132,7 @@ class _CrossEntropy(torch.autograd.Function):
         if bad.any():
             raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
         loss = cross_entropy_row_loss(
-            total - x_target, smooth, total, 1.0, counted, classes, label_smoothing, 0.0
+            total - x_target, smooth, total, t_local, counted, None, classes, label_smoothing, 0.0
         )
         ctx.save_for_backward(rows, total, t_local, owned, counted)
         ctx.options = (label_smoothing, classes, backend)
