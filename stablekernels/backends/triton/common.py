@@ -11,6 +11,7 @@ by strides), so tensors past 2**31 elements address correctly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -24,6 +25,31 @@ from ..._numerics import accumulation_dtype
 MAX_BLOCK_N = 8192
 # Elements per program on the split path.
 SPLIT_CHUNK = 8192
+# Part states one program of the split path's merge reads at a time.
+PARTS_BLOCK = 1024
+# CUDA's limit on a grid's x dimension; every launcher puts all its programs there.
+MAX_PROGRAMS = 2**31 - 1
+
+
+def on_device(t: torch.Tensor):
+    """The launch context of a kernel on ``t``: ``t``'s CUDA device made current, so that
+    Triton (which launches on the current device and its current stream) runs on the
+    tensor's device, ordered after the work queued there (a tensor on cuda:1 while cuda:0 is
+    current). A no-op for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def grid(programs: int) -> tuple[int]:
+    """A 1-D grid of ``programs``; RuntimeError where that passes CUDA's limit of 2**31 - 1
+    (only for tensors of 2**31 rows or more)."""
+    if programs > MAX_PROGRAMS:
+        raise RuntimeError(
+            f"stablekernels (triton): {programs} programs exceed CUDA's grid limit of "
+            f"{MAX_PROGRAMS}; use the cuda backend for this tensor"
+        )
+    return (programs,)
 
 
 def rows_view(t: torch.Tensor, dim: int) -> torch.Tensor:

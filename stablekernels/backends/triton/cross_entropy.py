@@ -9,6 +9,9 @@ a + (m_new - m) W at each merge (every term >= 0). It writes the per-row pieces
 
 in float64; the router combines them with the options.
 
+Targets must be in [0, classes): the kernels device_assert it (the CPU router checks it on
+the host first). Every grid is 1-D and launches run on the logits' device.
+
 Backward: one program per (row, tile), a pure map over the per-row terms the router gives:
 
     dx_c = p_c * coef - smooth * w_c - [c == t] * one_hot,   p_c = exp((x_c - hi) - lo)
@@ -26,7 +29,17 @@ from . import common
 TILE = 2048
 
 
-@triton.jit
+def _check_classes(op: str, classes: int) -> None:
+    if classes == 0:
+        raise RuntimeError(
+            f"{op}: expects logits with at least one class (the stablekernels router guarantees it)"
+        )
+
+
+# debug=True keeps the kernels' device_assert (targets in [0, classes)) in the compiled
+# code: a bad target stops the kernel, as torch's nll_loss does, instead of a read outside
+# the row; the routers check CPU targets on the host, where that costs no synchronisation.
+@triton.jit(debug=True)
 def _cross_entropy_fwd_kernel(
     X_ptr,
     T_ptr,
@@ -74,7 +87,9 @@ def _cross_entropy_fwd_kernel(
         m, s = common.merge(m, s, m_t, s_t)
     log_rest = common.log1p(s)
     tl.store(LSE_ptr + row, common.finish_lse(m, s))
-    x_t = tl.load(X_ptr + base + tl.load(T_ptr + row)).to(ACC)
+    t = tl.load(T_ptr + row)
+    tl.device_assert((t >= 0) & (t < classes), "cross_entropy: target out of bounds")
+    x_t = tl.load(X_ptr + base + t).to(ACC)
     tl.store(NLL_ptr + row, ((m - x_t) + log_rest).to(tl.float64))
     if SMOOTH:
         tl.store(SMOOTH_ptr + row, (gaps + total_w * log_rest).to(tl.float64))
@@ -86,58 +101,63 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(nll, smooth, lse) per row, float64; ``smooth`` is 0 unless ``smoothing``."""
     rows, classes = logits.shape
+    _check_classes("_triton_cross_entropy", classes)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     nll = torch.empty(rows, dtype=torch.float64, device=logits.device)
     smooth = torch.zeros(rows, dtype=torch.float64, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float64, device=logits.device)
-    wrap_triton(_cross_entropy_fwd_kernel)[(rows,)](
-        logits,
-        target,
-        weight if weight is not None else nll,
-        nll,
-        smooth,
-        lse,
-        classes,
-        logits.stride(0),
-        HAS_WEIGHT=weight is not None,
-        SMOOTH=smoothing,
-        ACC=common.accumulator(logits.dtype),
-        TILE=TILE,
-        num_warps=8,
-    )
+    with common.on_device(logits):
+        wrap_triton(_cross_entropy_fwd_kernel)[common.grid(rows)](
+            logits,
+            target,
+            weight if weight is not None else nll,
+            nll,
+            smooth,
+            lse,
+            classes,
+            logits.stride(0),
+            HAS_WEIGHT=weight is not None,
+            SMOOTH=smoothing,
+            ACC=common.accumulator(logits.dtype),
+            TILE=TILE,
+            num_warps=8,
+        )
     return nll, smooth, lse
 
 
-@triton.jit
+@triton.jit(debug=True)
 def _cross_entropy_bwd_kernel(
     X_ptr,
     T_ptr,
     W_ptr,
-    HI_ptr,
-    LO_ptr,
-    COEF_ptr,
-    SMOOTH_ptr,
-    ONE_HOT_ptr,
+    TERMS_ptr,
     DX_ptr,
     classes,
     stride_x,
+    tiles,
     HAS_WEIGHT: tl.constexpr,
     ACC: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE).to(tl.int64)
+    """Tile `tile` of row `row` (program row * tiles + tile); TERMS is (rows, 5)
+    contiguous: hi, lo, coef, smooth, one_hot."""
+    program = tl.program_id(0).to(tl.int64)
+    row, tile = program // tiles, program % tiles
+    t = tl.load(T_ptr + row)
+    tl.device_assert((t >= 0) & (t < classes), "cross_entropy: target out of bounds")
+    terms = TERMS_ptr + row * 5
+    cols = tile * TILE + tl.arange(0, TILE).to(tl.int64)
     valid = cols < classes
     x = tl.load(X_ptr + row * stride_x + cols, mask=valid, other=0.0).to(ACC)
-    p = tl.exp((x - tl.load(HI_ptr + row)) - tl.load(LO_ptr + row))
-    d = p * tl.load(COEF_ptr + row)
+    p = tl.exp((x - tl.load(terms)) - tl.load(terms + 1))
+    d = p * tl.load(terms + 2)
     if HAS_WEIGHT:
         w = tl.load(W_ptr + cols, mask=valid, other=0.0).to(ACC)
     else:
         w = 1.0
-    d -= tl.load(SMOOTH_ptr + row) * w
-    d -= tl.where(cols == tl.load(T_ptr + row), tl.load(ONE_HOT_ptr + row), 0.0)
+    d -= tl.load(terms + 3) * w
+    d -= tl.where(cols == t, tl.load(terms + 4), 0.0)
     tl.store(DX_ptr + row * classes + cols, d.to(DX_ptr.dtype.element_ty), mask=valid)
 
 
@@ -145,27 +165,27 @@ def _cross_entropy_bwd_kernel(
 def backward(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, terms: torch.Tensor
 ) -> torch.Tensor:
-    """dx from the per-row terms (R, 5) = (hi, lo, coef, smooth, one_hot)."""
+    """dx from the per-row terms (R, 5) = (hi, lo, coef, smooth, one_hot), contiguous."""
     rows, classes = logits.shape
+    _check_classes("_triton_cross_entropy_backward", classes)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    hi, lo, coef, smooth, one_hot = (t.contiguous() for t in terms.unbind(1))
+    terms = terms.contiguous()
     dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    wrap_triton(_cross_entropy_bwd_kernel)[(rows, triton.cdiv(classes, TILE))](
-        logits,
-        target,
-        weight if weight is not None else hi,
-        hi,
-        lo,
-        coef,
-        smooth,
-        one_hot,
-        dx,
-        classes,
-        logits.stride(0),
-        HAS_WEIGHT=weight is not None,
-        ACC=common.accumulator(logits.dtype),
-        TILE=TILE,
-        num_warps=4,
-    )
+    tiles = triton.cdiv(classes, TILE)
+    with common.on_device(logits):
+        wrap_triton(_cross_entropy_bwd_kernel)[common.grid(rows * tiles)](
+            logits,
+            target,
+            weight if weight is not None else terms,
+            terms,
+            dx,
+            classes,
+            logits.stride(0),
+            tiles,
+            HAS_WEIGHT=weight is not None,
+            ACC=common.accumulator(logits.dtype),
+            TILE=TILE,
+            num_warps=4,
+        )
     return dx

@@ -2,8 +2,8 @@
 
 Forward: lse = m + log1p(s') per row (docs/design.md), in x's dtype and in float64 (for the
 backward). Rows of up to MAX_BLOCK_N elements: several rows per program, one read. Longer
-rows: SPLIT_CHUNK elements per program write their (m, s'), then one program per row merges
-them (still one read of x).
+rows: SPLIT_CHUNK elements per program write their (m, s'), one program per row merges
+them, and the lse of the merged states is stored (still one read of x).
 
 Backward: dx = dy * exp((x - hi) - lo), a pure map over the per-row dy, hi and lo the router
 gives (the float64 lse split as hi + lo in the accumulation dtype).
@@ -19,7 +19,10 @@ from torch.library import triton_op, wrap_triton
 from ..._numerics import accumulation_dtype
 from . import common
 from .common import MAX_BLOCK_N
-from .softmax import _row_total, row_parts
+from .softmax import row_states
+
+# Rows per program of the split path's last step (the lse of merged row states).
+FINISH_ROWS = 256
 
 
 @triton.jit
@@ -56,11 +59,13 @@ def _logsumexp_fwd_kernel(
 
 @triton.jit
 def _logsumexp_finish_kernel(
-    M_ptr, S_ptr, OUT_ptr, LSE_ptr, parts, ACC: tl.constexpr, PARTS: tl.constexpr
+    ROW_M_ptr, ROW_S_ptr, OUT_ptr, LSE_ptr, rows, ACC: tl.constexpr, BLOCK_R: tl.constexpr
 ):
-    row = tl.program_id(0).to(tl.int64)
-    m, s = _row_total(M_ptr, S_ptr, row, parts, PARTS)
-    _store_lse(OUT_ptr, LSE_ptr, row, m, s, True, ACC)
+    """The lse of BLOCK_R rows' merged (m, s')."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m = tl.load(ROW_M_ptr + r, mask=r < rows, other=0.0)
+    s = tl.load(ROW_S_ptr + r, mask=r < rows, other=0.0)
+    _store_lse(OUT_ptr, LSE_ptr, r, m, s, r < rows, ACC)
 
 
 @triton_op("stablekernels::_triton_logsumexp", mutates_args={})
@@ -73,32 +78,27 @@ def forward(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, tor
     lse = torch.empty(rows, dtype=torch.float64, device=x.device)
     acc = common.accumulator(x.dtype)
     strides = (v.stride(0), v.stride(1), v.stride(2))
-    if n <= MAX_BLOCK_N:
-        block_r, block_n, warps = common.launch_shape(n)
-        wrap_triton(_logsumexp_fwd_kernel)[(triton.cdiv(rows, block_r),)](
-            v,
-            out,
-            lse,
-            rows,
-            n,
-            inner,
-            *strides,
-            ACC=acc,
-            BLOCK_R=block_r,
-            BLOCK_N=block_n,
-            num_warps=warps,
-        )
-    else:
-        m_ws, s_ws, parts = row_parts(v, acc, accumulation_dtype(x.dtype))
-        wrap_triton(_logsumexp_finish_kernel)[(rows,)](
-            m_ws,
-            s_ws,
-            out,
-            lse,
-            parts,
-            ACC=acc,
-            PARTS=triton.next_power_of_2(parts),
-        )
+    with common.on_device(x):
+        if n <= MAX_BLOCK_N:
+            block_r, block_n, warps = common.launch_shape(n)
+            wrap_triton(_logsumexp_fwd_kernel)[common.grid(triton.cdiv(rows, block_r))](
+                v,
+                out,
+                lse,
+                rows,
+                n,
+                inner,
+                *strides,
+                ACC=acc,
+                BLOCK_R=block_r,
+                BLOCK_N=block_n,
+                num_warps=warps,
+            )
+        else:
+            row_m, row_s, _ = row_states(v, acc, accumulation_dtype(x.dtype))
+            wrap_triton(_logsumexp_finish_kernel)[common.grid(triton.cdiv(rows, FINISH_ROWS))](
+                row_m, row_s, out, lse, rows, ACC=acc, BLOCK_R=FINISH_ROWS, num_warps=4
+            )
     shape = list(x.shape)
     if keepdim:
         shape[dim] = 1
@@ -120,13 +120,15 @@ def _logsumexp_bwd_kernel(
     stride_xo,
     stride_xn,
     stride_xi,
+    tiles,
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
+    """Tile `tile` of row `row` (program row * tiles + tile)."""
+    program = tl.program_id(0).to(tl.int64)
+    row, tile = program // tiles, program % tiles
     o, i = row // inner, row % inner
-    cols = part * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     valid = cols < n
     g = tl.load(G_ptr + row).to(ACC)
     hi = tl.load(HI_ptr + row).to(ACC)
@@ -148,21 +150,23 @@ def backward(
     outer, n, inner = v.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_n = min(4096, max(16, triton.next_power_of_2(n)))
-    grid = (outer * inner, triton.cdiv(n, block_n))
-    wrap_triton(_logsumexp_bwd_kernel)[grid](
-        grad,
-        hi,
-        lo,
-        v,
-        dx,
-        outer * inner,
-        n,
-        inner,
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        ACC=common.accumulator(x.dtype),
-        BLOCK_N=block_n,
-        num_warps=4,
-    )
+    tiles = triton.cdiv(n, block_n)
+    with common.on_device(x):
+        wrap_triton(_logsumexp_bwd_kernel)[common.grid(outer * inner * tiles)](
+            grad,
+            hi,
+            lo,
+            v,
+            dx,
+            outer * inner,
+            n,
+            inner,
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            tiles,
+            ACC=common.accumulator(x.dtype),
+            BLOCK_N=block_n,
+            num_warps=4,
+        )
     return dx

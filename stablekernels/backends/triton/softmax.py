@@ -8,8 +8,8 @@ Forward, for a row x (docs/design.md, Alg. 4.1 of Blanchard, Higham & Higham):
 
 Rows of up to MAX_BLOCK_N elements: one program holds BLOCK_R rows in registers (one read,
 one write). Longer rows: the split path, SPLIT_CHUNK elements per program: programs write
-their (m, s') to a workspace, then each program merges its row's parts and normalises its
-chunk (x read twice).
+their (m, s') to a workspace, one program per row merges its row's parts once, then each
+program normalises its chunk (x read twice).
 
 Backward, with y the forward output:
 
@@ -17,7 +17,11 @@ Backward, with y the forward output:
     log_softmax:  dx = dy - exp(y) * sum(dy)
 
 one read of y and dy and one write of dx per row that fits a program; long rows sum in
-parts first.
+parts first (each row's parts added once).
+
+Every grid is 1-D (program = row * parts + part on the split path), so no launch meets
+CUDA's limit of 65535 on the y and z dimensions; launches run on the tensor's device
+(common.on_device).
 """
 
 from __future__ import annotations
@@ -78,9 +82,10 @@ def _row_parts_kernel(
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """(m, s') of chunk `part` of row `row`, tile by tile, into the workspace."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
+    """(m, s') of chunk `part` of row `row` (program row * parts + part), tile by tile, into
+    the workspace."""
+    program = tl.program_id(0).to(tl.int64)
+    row, part = program // parts, program % parts
     o, i = row // inner, row % inner
     base = o * stride_xo + i * stride_xi
     begin = part * CHUNK
@@ -93,24 +98,33 @@ def _row_parts_kernel(
         x = tl.load(X_ptr + base + cols * stride_xn, mask=valid, other=-float("inf")).to(ACC)
         m_t, s_t = common.tile_stats(x[None, :], valid[None, :])  # one row: shape [1]
         m_run, s_run = common.merge(m_run, s_run, tl.max(m_t, axis=0), tl.max(s_t, axis=0))
-    tl.store(M_ptr + row * parts + part, m_run)
-    tl.store(S_ptr + row * parts + part, s_run)
+    tl.store(M_ptr + program, m_run)
+    tl.store(S_ptr + program, s_run)
 
 
 @triton.jit
-def _row_total(M_ptr, S_ptr, row, parts, PARTS: tl.constexpr):
-    k = tl.arange(0, PARTS)
-    ms = tl.load(M_ptr + row * parts + k, mask=k < parts, other=-float("inf"))
-    ss = tl.load(S_ptr + row * parts + k, mask=k < parts, other=-1.0)
-    return common.merge_parts(ms, ss, k)
+def _merge_parts_kernel(M_ptr, S_ptr, ROW_M_ptr, ROW_S_ptr, parts, BLOCK: tl.constexpr):
+    """Row `row`'s part states merged once into its (m, s'), BLOCK parts at a time."""
+    row = tl.program_id(0).to(tl.int64)
+    m_run = tl.full([], -float("inf"), ROW_M_ptr.dtype.element_ty)
+    s_run = tl.full([], -1.0, ROW_S_ptr.dtype.element_ty)
+    for start in range(0, parts, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        valid = k < parts
+        ms = tl.load(M_ptr + row * parts + k, mask=valid, other=-float("inf"))
+        ss = tl.load(S_ptr + row * parts + k, mask=valid, other=-1.0)
+        m_block, s_block = common.merge_parts(ms, ss, k)
+        m_run, s_run = common.merge(m_run, s_run, m_block, s_block)
+    tl.store(ROW_M_ptr + row, m_run)
+    tl.store(ROW_S_ptr + row, s_run)
 
 
 @triton.jit
 def _softmax_finish_kernel(
     X_ptr,
     Y_ptr,
-    M_ptr,
-    S_ptr,
+    ROW_M_ptr,
+    ROW_S_ptr,
     n,
     inner,
     stride_xo,
@@ -121,12 +135,13 @@ def _softmax_finish_kernel(
     ACC: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PARTS: tl.constexpr,
 ):
-    """Merge the row's parts, then normalise chunk `part` of it."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
-    m, s = _row_total(M_ptr, S_ptr, row, parts, PARTS)
+    """Normalise chunk `part` of row `row` (program row * parts + part) by the row's
+    merged (m, s')."""
+    program = tl.program_id(0).to(tl.int64)
+    row, part = program // parts, program % parts
+    m = tl.load(ROW_M_ptr + row)
+    s = tl.load(ROW_S_ptr + row)
     o, i = row // inner, row % inner
     x_base = o * stride_xo + i * stride_xi
     y_base = o * n * inner + i
@@ -145,19 +160,20 @@ def _softmax_finish_kernel(
         tl.store(Y_ptr + y_base + cols * inner, y.to(Y_ptr.dtype.element_ty), mask=valid)
 
 
-def row_parts(v: torch.Tensor, acc, ws_dtype: torch.dtype):
+def row_states(v: torch.Tensor, acc, ws_dtype: torch.dtype):
     """(m, s', parts) of the split-row path: the rows of ``v`` (outer, n, inner) cut into
-    ``parts`` chunks of SPLIT_CHUNK, one program per (row, chunk); m and s' are flat
-    (rows * parts) workspaces of ``ws_dtype``, to be merged by the caller's finish kernel."""
+    ``parts`` chunks of SPLIT_CHUNK, one program per (row, chunk) writing the chunk's
+    (m, s'), then one program per row merging its parts once; m and s' are (rows,)
+    tensors of ``ws_dtype``. Call on ``v``'s device (common.on_device)."""
     outer, n, inner = v.shape
     rows = outer * inner
     parts = triton.cdiv(n, SPLIT_CHUNK)
-    m_ws = torch.empty(rows * parts, dtype=ws_dtype, device=v.device)
-    s_ws = torch.empty(rows * parts, dtype=ws_dtype, device=v.device)
-    wrap_triton(_row_parts_kernel)[(rows, parts)](
+    part_m = torch.empty(rows * parts, dtype=ws_dtype, device=v.device)
+    part_s = torch.empty(rows * parts, dtype=ws_dtype, device=v.device)
+    wrap_triton(_row_parts_kernel)[common.grid(rows * parts)](
         v,
-        m_ws,
-        s_ws,
+        part_m,
+        part_s,
         n,
         inner,
         v.stride(0),
@@ -169,7 +185,12 @@ def row_parts(v: torch.Tensor, acc, ws_dtype: torch.dtype):
         BLOCK_N=2048,
         num_warps=8,
     )
-    return m_ws, s_ws, parts
+    row_m = torch.empty(rows, dtype=ws_dtype, device=v.device)
+    row_s = torch.empty(rows, dtype=ws_dtype, device=v.device)
+    wrap_triton(_merge_parts_kernel)[common.grid(rows)](
+        part_m, part_s, row_m, row_s, parts, BLOCK=common.PARTS_BLOCK, num_warps=4
+    )
+    return row_m, row_s, parts
 
 
 @triton_op("stablekernels::_triton_softmax", mutates_args={})
@@ -181,40 +202,39 @@ def forward(x: torch.Tensor, dim: int, dtype: torch.dtype, log: bool) -> torch.T
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     acc = common.accumulator(x.dtype, dtype)
     strides = (v.stride(0), v.stride(1), v.stride(2))
-    if n <= MAX_BLOCK_N:
-        block_r, block_n, warps = common.launch_shape(n)
-        grid = (triton.cdiv(rows, block_r),)
-        wrap_triton(_softmax_fwd_kernel)[grid](
+    with common.on_device(x):
+        if n <= MAX_BLOCK_N:
+            block_r, block_n, warps = common.launch_shape(n)
+            wrap_triton(_softmax_fwd_kernel)[common.grid(triton.cdiv(rows, block_r))](
+                v,
+                y,
+                rows,
+                n,
+                inner,
+                *strides,
+                LOG=log,
+                ACC=acc,
+                BLOCK_R=block_r,
+                BLOCK_N=block_n,
+                num_warps=warps,
+            )
+            return y
+        row_m, row_s, parts = row_states(v, acc, accumulation_dtype(x.dtype, dtype))
+        wrap_triton(_softmax_finish_kernel)[common.grid(rows * parts)](
             v,
             y,
-            rows,
+            row_m,
+            row_s,
             n,
             inner,
             *strides,
+            parts,
             LOG=log,
             ACC=acc,
-            BLOCK_R=block_r,
-            BLOCK_N=block_n,
-            num_warps=warps,
+            CHUNK=SPLIT_CHUNK,
+            BLOCK_N=2048,
+            num_warps=8,
         )
-        return y
-    m_ws, s_ws, parts = row_parts(v, acc, accumulation_dtype(x.dtype, dtype))
-    wrap_triton(_softmax_finish_kernel)[(rows, parts)](
-        v,
-        y,
-        m_ws,
-        s_ws,
-        n,
-        inner,
-        *strides,
-        parts,
-        LOG=log,
-        ACC=acc,
-        CHUNK=SPLIT_CHUNK,
-        BLOCK_N=2048,
-        PARTS=triton.next_power_of_2(parts),
-        num_warps=8,
-    )
     return y
 
 
@@ -263,9 +283,10 @@ def _bwd_parts_kernel(
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The part `part` of the row's sum(dy * y) (softmax) or sum(dy) (log_softmax)."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
+    """Chunk `part` of row `row`'s (program row * parts + part) sum(dy * y) (softmax) or
+    sum(dy) (log_softmax)."""
+    program = tl.program_id(0).to(tl.int64)
+    row, part = program // parts, program % parts
     base = (row // inner) * n * inner + row % inner
     begin = part * CHUNK
     end = tl.minimum(begin + CHUNK, n)
@@ -278,7 +299,18 @@ def _bwd_parts_kernel(
             total += g
         else:
             total += g * tl.load(Y_ptr + base + cols * inner, mask=valid, other=0.0).to(ACC)
-    tl.store(P_ptr + row * parts + part, tl.sum(total, axis=0))
+    tl.store(P_ptr + program, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _sum_parts_kernel(P_ptr, TOTAL_ptr, parts, BLOCK: tl.constexpr):
+    """Row `row`'s part sums added once, BLOCK parts at a time."""
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK], dtype=TOTAL_ptr.dtype.element_ty)
+    for start in range(0, parts, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        total += tl.load(P_ptr + row * parts + k, mask=k < parts, other=0.0)
+    tl.store(TOTAL_ptr + row, tl.sum(total, axis=0))
 
 
 @triton.jit
@@ -286,7 +318,7 @@ def _bwd_finish_kernel(
     G_ptr,
     Y_ptr,
     DX_ptr,
-    P_ptr,
+    TOTAL_ptr,
     n,
     inner,
     parts,
@@ -294,12 +326,10 @@ def _bwd_finish_kernel(
     ACC: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PARTS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
-    k = tl.arange(0, PARTS)
-    total = tl.sum(tl.load(P_ptr + row * parts + k, mask=k < parts, other=0.0), axis=0)
+    program = tl.program_id(0).to(tl.int64)
+    row, part = program // parts, program % parts
+    total = tl.load(TOTAL_ptr + row)
     base = (row // inner) * n * inner + row % inner
     begin = part * CHUNK
     end = tl.minimum(begin + CHUNK, n)
@@ -328,53 +358,55 @@ def backward(
     rows = outer * inner
     dx = torch.empty(y.shape, dtype=input_dtype, device=y.device)
     acc = common.accumulator(y.dtype, input_dtype)
-    if n <= MAX_BLOCK_N:
-        block_r, block_n, warps = common.launch_shape(n)
-        wrap_triton(_softmax_bwd_kernel)[(triton.cdiv(rows, block_r),)](
+    with common.on_device(y):
+        if n <= MAX_BLOCK_N:
+            block_r, block_n, warps = common.launch_shape(n)
+            wrap_triton(_softmax_bwd_kernel)[common.grid(triton.cdiv(rows, block_r))](
+                g,
+                y,
+                dx,
+                rows,
+                n,
+                inner,
+                LOG=log,
+                ACC=acc,
+                BLOCK_R=block_r,
+                BLOCK_N=block_n,
+                num_warps=warps,
+            )
+            return dx
+        parts = triton.cdiv(n, SPLIT_CHUNK)
+        sum_dtype = accumulation_dtype(y.dtype, input_dtype)
+        partial = torch.empty(rows * parts, dtype=sum_dtype, device=y.device)
+        wrap_triton(_bwd_parts_kernel)[common.grid(rows * parts)](
+            g,
+            y,
+            partial,
+            n,
+            inner,
+            parts,
+            LOG=log,
+            ACC=acc,
+            CHUNK=SPLIT_CHUNK,
+            BLOCK_N=2048,
+            num_warps=8,
+        )
+        total = torch.empty(rows, dtype=sum_dtype, device=y.device)
+        wrap_triton(_sum_parts_kernel)[common.grid(rows)](
+            partial, total, parts, BLOCK=common.PARTS_BLOCK, num_warps=4
+        )
+        wrap_triton(_bwd_finish_kernel)[common.grid(rows * parts)](
             g,
             y,
             dx,
-            rows,
+            total,
             n,
             inner,
+            parts,
             LOG=log,
             ACC=acc,
-            BLOCK_R=block_r,
-            BLOCK_N=block_n,
-            num_warps=warps,
+            CHUNK=SPLIT_CHUNK,
+            BLOCK_N=2048,
+            num_warps=8,
         )
-        return dx
-    parts = triton.cdiv(n, SPLIT_CHUNK)
-    partial = torch.empty(
-        rows * parts, dtype=accumulation_dtype(y.dtype, input_dtype), device=y.device
-    )
-    grid = (rows, parts)
-    wrap_triton(_bwd_parts_kernel)[grid](
-        g,
-        y,
-        partial,
-        n,
-        inner,
-        parts,
-        LOG=log,
-        ACC=acc,
-        CHUNK=SPLIT_CHUNK,
-        BLOCK_N=2048,
-        num_warps=8,
-    )
-    wrap_triton(_bwd_finish_kernel)[grid](
-        g,
-        y,
-        dx,
-        partial,
-        n,
-        inner,
-        parts,
-        LOG=log,
-        ACC=acc,
-        CHUNK=SPLIT_CHUNK,
-        BLOCK_N=2048,
-        PARTS=triton.next_power_of_2(parts),
-        num_warps=8,
-    )
     return dx

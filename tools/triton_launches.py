@@ -1,0 +1,144 @@
+"""Every launch the Triton backend makes, recorded instead of run.
+
+:func:`recorded_launches` replaces ``wrap_triton`` in the backend's modules and
+``torch.cuda.device`` by recorders, so that calling a ``_triton_*`` op on fake CUDA tensors
+(``FakeTensorMode``; no GPU needed) runs its launcher and records each kernel launch: the
+kernel, its grid, its arguments (tensors as their dtypes), its keyword options and the
+CUDA device made current around it. :func:`launch_matrix` calls every launcher over the
+shapes and dtypes that take each of its branches. tools/gpu_resources.py compiles what
+they record for real GPUs; tests/test_triton_launches.py checks the launches themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from stablekernels._numerics import accumulation_dtype
+from stablekernels.backends.triton import cross_entropy, logsumexp, softmax
+
+LAUNCHING_MODULES = (softmax, logsumexp, cross_entropy)
+# Dtype pairs (input, output) of softmax: one dtype, and halves written as float32.
+SOFTMAX_PAIRS = (
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Row lengths that take every block size of common.launch_shape (16 .. MAX_BLOCK_N) and the
+# split path (several parts of common.SPLIT_CHUNK); ROWS rows. Both divisible by 16, as
+# most shapes are: Triton compiles one variant per specialisation of an integer argument
+# (== 1, divisible by 16), and the aligned one is the vectorised one.
+ROW_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 3 * 8192)
+ROWS = 64
+# The row length at which rows along dim 0 (strided) are launched too.
+STRIDED_ROW_LENGTH = 1024
+# Class counts of cross-entropy: within one tile (cross_entropy.TILE) and over several.
+CLASS_COUNTS = (1024, 32000)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    kernel: object  # the triton.JITFunction (or the interpreter's wrapper of it)
+    grid: tuple
+    args: tuple  # tensors replaced by their dtypes
+    shapes: tuple  # the tensor arguments' shapes (None for the others)
+    options: dict  # constexprs and launch options (num_warps ...)
+    device: torch.device | None  # the CUDA device current at the launch, None if none set
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", repr(fn))
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Within the block, Triton launches of the backend are recorded into the yielded list
+    (and not run); ``torch.cuda.device`` only sets the device the recorder reports."""
+    launches: list[Launch] = []
+    current: list[torch.device | None] = [None]
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            self.previous = current[0]
+            current[0] = self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    def as_arg(value):
+        return value.dtype if isinstance(value, torch.Tensor) else value
+
+    def shape(value):
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def wrap_triton(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **options):
+                    launches.append(
+                        Launch(
+                            kernel,
+                            tuple(grid),
+                            tuple(map(as_arg, args)),
+                            tuple(map(shape, args)),
+                            options,
+                            current[0],
+                        )
+                    )
+
+                return launch
+
+        return Launcher()
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.cuda, "device", RecordingDevice))
+        for module in LAUNCHING_MODULES:
+            stack.enter_context(mock.patch.object(module, "wrap_triton", wrap_triton))
+        yield launches
+
+
+def launch_matrix(device: str = "cuda:0") -> list[Launch]:
+    """The launches of every ``_triton_*`` op over ROW_LENGTHS (rows along the last dim and,
+    for softmax at STRIDED_ROW_LENGTH, along dim 0), the dtypes the ops take, log and not,
+    and cross-entropy with and without class weights and label smoothing: fake tensors on
+    ``device``."""
+    ops = torch.ops.stablekernels
+    with FakeTensorMode(), recorded_launches() as launches:
+        for n in ROW_LENGTHS:
+            for x_dtype, y_dtype in SOFTMAX_PAIRS:
+                for log in (False, True):
+                    x = torch.empty(ROWS, n, dtype=x_dtype, device=device)
+                    y = ops._triton_softmax(x, 1, y_dtype, log)
+                    ops._triton_softmax_backward(y, y, 1, x_dtype, log)
+                    if n == STRIDED_ROW_LENGTH:
+                        ops._triton_softmax(x.t(), 0, y_dtype, log)
+            for dtype in DTYPES:
+                x = torch.empty(ROWS, n, dtype=dtype, device=device)
+                acc = accumulation_dtype(dtype)
+                ops._triton_logsumexp(x, 1, False)
+                row = torch.empty(ROWS, dtype=acc, device=device)
+                ops._triton_logsumexp_backward(row, x, row, row, 1)
+        for classes in CLASS_COUNTS:
+            for dtype in DTYPES:
+                acc = accumulation_dtype(dtype)
+                logits = torch.empty(ROWS, classes, dtype=dtype, device=device)
+                target = torch.empty(ROWS, dtype=torch.int64, device=device)
+                for weight in (None, torch.empty(classes, dtype=acc, device=device)):
+                    for smoothing in (False, True):
+                        ops._triton_cross_entropy(logits, target, weight, smoothing)
+                    terms = torch.empty(ROWS, 5, dtype=acc, device=device)
+                    ops._triton_cross_entropy_backward(logits, target, weight, terms)
+    return launches
