@@ -9,6 +9,8 @@ per-row values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._api import _check_tensor, log_softmax, logsumexp, resolve_backend
@@ -18,11 +20,12 @@ from ._ops import ops
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _as_rows(t: torch.Tensor, classes: int) -> torch.Tensor:
-    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C)."""
+def _as_rows(t: torch.Tensor, batch_shape, classes: int) -> torch.Tensor:
+    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C) (also for C == 0)."""
+    rows = math.prod(batch_shape)
     if t.dim() == 1:
         return t.reshape(1, classes)
-    return t.movedim(1, -1).reshape(-1, classes)
+    return t.movedim(1, -1).reshape(rows, classes)
 
 
 def _check_options(input, weight, reduction, label_smoothing, classes):
@@ -103,7 +106,7 @@ def cross_entropy(
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
     _check_options(input, weight, reduction, label_smoothing, classes)
     name = resolve_backend(backend, input.device)
-    logits = _as_rows(input, classes)
+    logits = _as_rows(input, batch_shape, classes)
 
     if target.is_floating_point():
         if target.shape != input.shape:
@@ -112,16 +115,17 @@ def cross_entropy(
                 f"{tuple(target.shape)}, expected {tuple(input.shape)}"
             )
         rows, lse = _soft_rows(
-            logits, _as_rows(target, classes), weight, label_smoothing, z_loss, name
+            logits, _as_rows(target, batch_shape, classes), weight, label_smoothing, z_loss, name
         )
-        denominator = rows.new_tensor(float(rows.numel()))
+        # torch divides by input.numel() / C: NaN for C == 0
+        denominator = rows.new_tensor(float(rows.numel()) if classes else float("nan"))
     else:
         flat = _class_targets(target, batch_shape, classes)
         rows, lse = ops.cross_entropy(
             logits, flat, weight, ignore_index, label_smoothing, z_loss, name
         )
         counted = flat != ignore_index
-        if weight is None:
+        if weight is None or classes == 0:  # with no classes, every row is ignored
             denominator = counted.sum().to(rows.dtype)
         else:
             denominator = torch.where(counted, weight[torch.where(counted, flat, 0)], 0).sum()
@@ -144,7 +148,7 @@ def _soft_rows(logits, probabilities, weight, label_smoothing, z_loss, backend):
     classes = logits.shape[1]
     acc = accumulation_dtype(logits.dtype)
     p = probabilities.to(acc)
-    if label_smoothing:
+    if label_smoothing and classes:
         p = p * (1 - label_smoothing) + label_smoothing / classes
     logp = log_softmax(logits, -1, dtype=acc, backend=backend)
     if weight is not None:

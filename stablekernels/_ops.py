@@ -276,13 +276,20 @@ def _check_cross_entropy(op, logits, target, weight):
 
 
 def _class_rows(logits, target, weight, ignore_index):
-    """What every cross-entropy kernel is given: targets in [0, C) (an ignored row's is 0),
-    which rows count, and the class weights in the accumulation dtype. A counted target out
-    of [0, C) raises IndexError in torch's words: no kernel reads out of its row."""
+    """What every cross-entropy kernel is given: targets (an ignored row's is 0), which rows
+    count, and the class weights in the accumulation dtype.
+
+    A counted target out of [0, C) is an error, reported without waiting for the device:
+    IndexError in torch's words where the targets are on the host (CPU tensors); elsewhere a
+    device-side assert (``torch._assert_async``, as torch's nll_loss on CUDA), so the router
+    never synchronises and works under CUDA graph capture. The GPU kernels assert it too."""
     counted = target != ignore_index
     bad = counted & ((target < 0) | (target >= logits.shape[1]))
-    if bad.any():
-        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+    if target.device.type == "cpu":
+        if bad.any():
+            raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+    else:
+        torch._assert_async(~bad.any(), "cross_entropy: a target is out of bounds")
     safe = torch.where(counted, target, 0)
     w = None if weight is None else weight.to(accumulation_dtype(logits.dtype)).contiguous()
     return safe, counted, w
@@ -314,11 +321,13 @@ def _cross_entropy_route(logits, target, weight, ignore_index, label_smoothing, 
     if rows == 0:
         return logits.new_empty(0, dtype=acc), logits.new_empty(0, dtype=torch.float64)
     safe, counted, w = _class_rows(logits, target, weight, ignore_index)
-    if classes == 0:  # no class a row could count for: only ignored rows are valid
+    if classes == 0:
+        # No class a row could count for (a counted row is reported above): every row is
+        # ignored. As torch, its smoothing term is (e / 0) * 0 = NaN, the rest 0.
         lse = logits.new_full((rows,), float("-inf"), dtype=torch.float64)
-        nll = smooth = torch.full_like(lse, float("nan"))
-    else:
-        nll, smooth, lse = kernels.cross_entropy(logits, safe, w, label_smoothing > 0)
+        loss = torch.full_like(lse, float("nan") if label_smoothing else 0.0)
+        return loss.to(acc), lse
+    nll, smooth, lse = kernels.cross_entropy(logits, safe, w, label_smoothing > 0)
     loss = cross_entropy_row_loss(
         nll, smooth, lse, safe, counted, w, classes, label_smoothing, z_loss
     )

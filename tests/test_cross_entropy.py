@@ -303,3 +303,74 @@ def test_opcheck_cross_entropy_ops(backend):
     ]:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+def _outcome(call):
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001 (compared by type and message below)
+        return error
+
+
+def _same_outcome(ours, theirs):
+    if isinstance(theirs, Exception) or isinstance(ours, Exception):
+        assert type(ours) is type(theirs), (ours, theirs)
+        assert str(ours) == str(theirs), (ours, theirs)
+    else:
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape,target", [((3, 0), [-100, -100, -100]), ((3, 0), [-100, 0, -100]),
+                                          ((0,), -100), ((0,), 0)])  # fmt: skip
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_no_classes_as_torch(backend, shape, target, reduction, weighted, label_smoothing):
+    """Zero classes: ignored rows give torch's loss (0; NaN for the mean of nothing and for
+    the smoothing term (e / 0) * 0), a counted row torch's IndexError; no kernel runs on it."""
+    x = torch.randn(shape, requires_grad=True)
+    target = torch.tensor(target)
+    options = dict(reduction=reduction, label_smoothing=label_smoothing)
+    weight = torch.ones(0) if weighted else None
+    ours = _outcome(lambda: sk.cross_entropy(x, target, weight, backend=backend, **options))
+    _same_outcome(ours, _outcome(lambda: F.cross_entropy(x, target, weight, **options)))
+    if isinstance(ours, torch.Tensor):
+        ours.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_no_classes_with_class_probabilities_as_torch(backend, reduction, label_smoothing):
+    x, p = torch.randn(3, 0), torch.rand(3, 0)
+    options = dict(reduction=reduction, label_smoothing=label_smoothing)
+    _same_outcome(
+        sk.cross_entropy(x, p, backend=backend, **options), F.cross_entropy(x, p, **options)
+    )
+
+
+def test_target_check_never_waits_for_the_device():
+    """Off the CPU the router checks targets with a device-side assert: no value reaches the
+    host (on meta tensors, which have no values, any data-dependent step raises), so no
+    synchronisation, and CUDA graph capture works (tests/test_gpu.py shows both on a GPU)."""
+    from stablekernels._ops import _class_rows
+
+    logits = torch.empty(4, 10, device="meta")
+    target = torch.zeros(4, dtype=torch.int64, device="meta")
+    safe, counted, w = _class_rows(logits, target, torch.ones(10, device="meta"), -100)
+    assert safe.shape == counted.shape == (4,) and w.shape == (10,)
+    with pytest.raises(IndexError, match="Target 10 is out of bounds"):
+        _class_rows(torch.randn(4, 10), torch.tensor([0, 10, 2, 3]), None, -100)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the compiled extension is not built")
+def test_cpp_kernels_called_directly_refuse_a_target_outside_the_row():
+    """The kernel ops check their targets themselves: no read or write outside a row."""
+    x = torch.randn(3, 10)
+    for bad in (10, -1):
+        target = torch.tensor([0, bad, 2])
+        with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+            torch.ops.stablekernels._fused_cross_entropy(x, target, None, False)
+        with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+            terms = torch.zeros(3, 5)
+            torch.ops.stablekernels._fused_cross_entropy_backward(x, target, None, terms)

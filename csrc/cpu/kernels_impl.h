@@ -20,6 +20,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <stablekernels/online_softmax.h>
 
@@ -762,6 +763,12 @@ std::pair<double, double> chunk_gaps(const T* p, int64_t len, acc_t m, const acc
   return {gaps.result(), w != nullptr ? weights.result() : static_cast<double>(len)};
 }
 
+// A class target in [0, classes), or IndexError in torch's words (the router checks first;
+// this keeps a direct call of the kernel op from reading or writing outside a row).
+inline void check_target(int64_t t, int64_t classes) {
+  TORCH_CHECK_INDEX(t >= 0 && t < classes, "Target ", t, " is out of bounds.");
+}
+
 template <typename T>
 void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* target,
                                  const acc_of<T>* weight, int64_t rows, int64_t classes,
@@ -790,7 +797,9 @@ void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* ta
       }
       lse[r] = finish_lse(st);
       const double log_rest = std::log1p(st.s);
-      nll[r] = (st.m - static_cast<double>(static_cast<acc_t>(xr[target[r]]))) + log_rest;
+      const int64_t t = target[r];
+      check_target(t, classes);
+      nll[r] = (st.m - static_cast<double>(static_cast<acc_t>(xr[t]))) + log_rest;
       double gaps = 0, total_w = 0;
       for (size_t k = 0; k < chunk_m.size(); ++k) {
         gaps += chunk_a[k] +
@@ -828,6 +837,7 @@ void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* t
         io::store(dr + j, p * vcoef - vsmooth * w, count);
       }
       const int64_t t = target[r];
+      check_target(t, classes);
       const acc_t p = std::exp((static_cast<acc_t>(xr[t]) - hi) - lo);
       const acc_t w_t = weight == nullptr ? acc_t(1) : weight[t];
       dr[t] = static_cast<T>(p * coef - smooth * w_t - one_hot);

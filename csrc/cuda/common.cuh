@@ -9,6 +9,7 @@
 #include <stablekernels/layout.h>
 #include <stablekernels/online_softmax.h>
 
+#include <cassert>
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/util_ptx.cuh>
@@ -19,6 +20,14 @@
 #include <type_traits>
 
 #include "kernels.h"
+
+// A device-side assert kept in release builds (as torch's CUDA_KERNEL_ASSERT; NDEBUG would
+// remove assert()): the kernel traps and the stream reports cudaErrorAssert at the next
+// synchronisation, without the host waiting for it.
+#define SK_DEVICE_ASSERT(cond)                                                              \
+  do {                                                                                      \
+    if (!(cond)) __assert_fail(#cond, __FILE__, static_cast<unsigned>(__LINE__), __func__); \
+  } while (0)
 
 namespace stablekernels::cuda::detail {
 

@@ -65,7 +65,9 @@ __global__ void __launch_bounds__(kRowThreads)
     const double m = static_cast<double>(c.st.m);
     const double log_rest = static_cast<double>(log1p(c.st.s));
     lse[row] = finish_lse<double>(c.st);
-    nll[row] = (m - static_cast<double>(to_acc<A>(xr[target[row]]))) + log_rest;
+    const int64_t t = target[row];
+    SK_DEVICE_ASSERT(t >= 0 && t < classes);  // as torch's nll_loss: no read outside the row
+    nll[row] = (m - static_cast<double>(to_acc<A>(xr[t]))) + log_rest;
     smooth[row] =
         smoothing ? static_cast<double>(c.gaps) + static_cast<double>(c.weights) * log_rest : 0.0;
   }
