@@ -45,6 +45,8 @@ def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
         os.path.join(ROOT, "csrc", "include"),
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90",
+        "--threads",
+        "2",  # the two targets side by side
         "-Werror",
         "all-warnings",
         "-Xcompiler",

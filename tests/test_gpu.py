@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import stablekernels as sk
 from stablekernels import backends
@@ -109,6 +110,57 @@ def test_non_default_stream(gpu_backend):
         y = sk.log_softmax(x, backend=gpu_backend)
     torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(y, torch.log_softmax(x, -1))
+
+
+def test_cross_entropy_never_synchronises_and_is_captured(gpu_backend):
+    """Targets are checked on the device (no host sync), so a training step's loss can be
+    captured in a CUDA graph."""
+    x = torch.randn(64, 32000, device="cuda", requires_grad=True)
+    target = torch.randint(0, 32000, (64,), device="cuda")
+    weight = torch.rand(32000, device="cuda")
+    sk.cross_entropy(x, target, weight, backend=gpu_backend).backward()  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = sk.cross_entropy(x, target, weight, label_smoothing=0.1, backend=gpu_backend)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static_x = x.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = sk.cross_entropy(static_x, target, backend=gpu_backend)
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss, F.cross_entropy(static_x, target))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_tensor_on_another_device_than_the_current_one(gpu_backend):
+    x = torch.randn(64, 20000, device="cuda:1", requires_grad=True)
+    target = torch.randint(0, 20000, (64,), device="cuda:1")
+    with torch.cuda.device(0):
+        y = sk.softmax(x, backend=gpu_backend)
+        lse = sk.logsumexp(x, backend=gpu_backend)
+        loss = sk.cross_entropy(x, target, backend=gpu_backend)
+        (y.sum() + lse.sum() + loss).backward()
+    torch.testing.assert_close(y, torch.softmax(x, -1))
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1))
+    torch.testing.assert_close(loss, F.cross_entropy(x, target))
+
+
+def test_one_row_of_more_than_65535_split_parts(gpu_backend):
+    """5.4e8 elements in one row: more parts than a grid's y dimension holds."""
+    n = 65536 * 8192 + 12345
+    x = torch.randn(n, device="cuda", requires_grad=True)  # 2.2 GB
+    lse = sk.logsumexp(x, 0, backend=gpu_backend)
+    exact = torch.logsumexp(x.detach().double(), 0)
+    torch.testing.assert_close(lse.double(), exact, rtol=1e-6, atol=0)
+    lse.backward()
+    probability = torch.exp(x.detach()[-5:].double() - exact)  # about 2e-9 each
+    torch.testing.assert_close(x.grad[-5:].double(), probability, rtol=1e-4, atol=0)
+    y = sk.softmax(x.detach(), 0, backend=gpu_backend)
+    torch.testing.assert_close(y[-5:].double(), probability, rtol=1e-4, atol=0)
 
 
 @pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="the triton backend is not available")
