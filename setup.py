@@ -18,6 +18,7 @@ The extension is built against the torch already installed, so build without iso
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import platform
@@ -143,22 +144,32 @@ def extension_build() -> dict:
         ) from None
 
     class BuildWithCapabilities(BuildExtension):
-        """Compiles each capability's kernel file with its own flags, then the rest."""
+        """Compiles each capability's kernel file with its own flags, side by side (MAX_JOBS
+        at a time, each in a build folder of its own: torch's ninja build writes one
+        build.ninja per folder), then the rest."""
 
         def build_extension(self, ext):
             base = ext.extra_compile_args
-            objects = []
-            for source, flags in getattr(ext, "per_source_flags", {}).items():
-                postargs = {**base, "cxx": base["cxx"] + flags}
-                objects += self.compiler.compile(
+
+            def compile_capability(item):
+                source, flags = item
+                name = os.path.splitext(os.path.basename(source))[0]
+                return self.compiler.compile(
                     [source],
-                    output_dir=self.build_temp,
+                    output_dir=os.path.join(self.build_temp, name),
                     macros=ext.define_macros,
                     include_dirs=ext.include_dirs,
                     debug=self.debug,
-                    extra_postargs=postargs,
+                    extra_postargs={**base, "cxx": base["cxx"] + flags},
                     depends=ext.depends,
                 )
+
+            capability_sources = getattr(ext, "per_source_flags", {}).items()
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+                objects = [
+                    o for objs in pool.map(compile_capability, capability_sources) for o in objs
+                ]
             ext.extra_objects = list(ext.extra_objects or []) + objects
             super().build_extension(ext)
 
