@@ -25,12 +25,11 @@ def _triton_compiles_for_nvidia() -> bool:
 
 @pytest.mark.skipif(not _triton_compiles_for_nvidia(), reason="triton with its CUDA backend")
 def test_every_triton_variant_compiles_for_sm80_and_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The tool compiles in processes of its own, without TRITON_INTERPRET.
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "gpu_resources.py"), "--check"],
         capture_output=True,
         text=True,
-        env=env,
         timeout=1500,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]

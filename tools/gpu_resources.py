@@ -139,7 +139,6 @@ def triton_compiled(arch: int) -> list[Compiled]:
 def _triton_all_archs() -> list[Compiled]:
     """triton_compiled for every arch, one process per arch (the compiles are CPU-bound)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     procs = {
         arch: subprocess.Popen(
             [sys.executable, __file__, "--triton-json", str(arch)],
