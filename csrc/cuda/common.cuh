@@ -239,17 +239,115 @@ __device__ __forceinline__ V block_reduce_all(V v, Op op) {
   }
 }
 
-// torch's softmax and log_softmax are NaN on a whole row with a +inf, a NaN or nothing but
-// -inf, i.e. wherever the merged max is not finite (or s' is NaN).
-template <typename A>
-__device__ __forceinline__ bool row_is_nan(const RowState<A>& st) {
-  return !isfinite(st.m) || isnan(st.s);
+// The programs (q, r) = (p / d, p % d) of a grid-stride loop p = blockIdx.x, + gridDim.x, ...
+// without a 64-bit division (a call whose spills would cost every kernel using it): 32-bit
+// divisions once, then additions.
+struct GridWalk {
+  int64_t q, r, dq, dr, d;
+
+  __device__ __forceinline__ explicit GridWalk(int64_t divisor) : d(divisor) {
+    const uint32_t b = blockIdx.x, g = gridDim.x;
+    if (divisor > 0xffffffffLL) {
+      q = 0, r = b, dq = 0, dr = g;
+    } else {
+      const uint32_t dd = static_cast<uint32_t>(divisor);
+      q = b / dd, r = b % dd, dq = g / dd, dr = g % dd;
+    }
+  }
+
+  __device__ __forceinline__ void next() {
+    q += dq;
+    r += dr;
+    if (r >= d) r -= d, ++q;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Groups of R threads sharing a row (R a power of two): R <= 32 lanes of a warp (several rows
+// per warp), or a whole block of R threads. The result in every thread of the group.
+
+struct Max {  // NaN is ignored, as fmax does; a NaN element reaches the result through s'
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const {
+    return fmax(a, b);
+  }
+};
+
+template <int R, typename V, typename Op>
+__device__ __forceinline__ V group_reduce_all(V v, Op op) {
+  static_assert((R & (R - 1)) == 0 && R >= 2 && R <= 1024, "a power of two of threads");
+  if constexpr (R <= 32) {
+    using Reduce = cub::WarpReduce<V, R>;
+    __shared__ typename Reduce::TempStorage temp[32];  // empty: shuffles only
+    const unsigned group = threadIdx.x / R;
+    v = Reduce(temp[group % 32]).Reduce(v, op);
+    return cub::ShuffleIndex<R>(v, 0, cub::WarpMask<R>(group % (32 / R)));
+  } else {
+    return block_reduce_all<R>(v, op);
+  }
 }
 
-template <typename A>
-__device__ __forceinline__ A softmax_value(A v, const RowState<A>& st, bool log, A log_sum) {
-  if (row_is_nan(st)) return quiet_nan<A>();
-  return log ? (v - st.m) - log_sum : exp(v - st.m) / (A(1) + st.s);  // IEEE division
+// ---------------------------------------------------------------------------------------
+// Rows read and written in 16-byte packs. A row at p is read in the frame of its packs: frame
+// position 0 is the 16-byte boundary at or before p, so element j of the row sits at frame
+// position j + pack_shift(p) and every full pack is one aligned 16-byte access. Packs that
+// cross the row's ends are read element by element (padded), so any length and any
+// element-aligned start takes the vector path for its body.
+
+template <typename T>
+__device__ __forceinline__ int pack_shift(const T* p) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % kPack<T>);
+}
+
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// row[j, j + kPack<T>): one 16-byte load when the pack lies inside [0, n) and is aligned
+// (always, for the row the frame is taken from); else element by element, `pad` outside.
+template <typename T>
+__device__ __forceinline__ Pack<T, kPack<T>> load_pack(const T* __restrict__ row, int64_t j,
+                                                       int64_t n, T pad) {
+  constexpr int kVec = kPack<T>;
+  Pack<T, kVec> p;
+  if (j >= 0 && j + kVec <= n && aligned16(row + j)) {
+    p = *reinterpret_cast<const Pack<T, kVec>*>(row + j);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) p.v[e] = j + e >= 0 && j + e < n ? row[j + e] : pad;
+  }
+  return p;
+}
+
+// Writes row[j, j + VEC) (the part inside [0, n)) from values in A, each rounded once: in
+// 16-byte stores when the span is whole and aligned, else element by element.
+template <typename U, int VEC, typename A>
+__device__ __forceinline__ void store_values(U* __restrict__ row, int64_t j, int64_t n,
+                                             const A (&v)[VEC]) {
+  constexpr int kSub = kPack<U>;
+  static_assert(VEC % kSub == 0, "whole 16-byte stores of U");
+  if (j >= 0 && j + VEC <= n && aligned16(row + j)) {
+#pragma unroll
+    for (int c = 0; c < VEC / kSub; ++c) {
+      Pack<U, kSub> p;
+#pragma unroll
+      for (int e = 0; e < kSub; ++e) p.v[e] = from_acc<U>(v[c * kSub + e]);
+      *reinterpret_cast<Pack<U, kSub>*>(row + j + c * kSub) = p;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (j + e >= 0 && j + e < n) row[j + e] = from_acc<U>(v[e]);
+    }
+  }
+}
+
+// The number of elements of [j, j + VEC) inside [0, n).
+template <int VEC>
+__device__ __forceinline__ int64_t inside(int64_t j, int64_t n) {
+  const int64_t lo = j > 0 ? j : 0, hi = j + VEC < n ? j + VEC : n;
+  return hi > lo ? hi - lo : 0;
 }
 
 }  // namespace stablekernels::cuda::detail

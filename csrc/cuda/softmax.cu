@@ -1,70 +1,119 @@
 // CUDA kernels: softmax, log_softmax and logsumexp, forward and backward (numerics contract
-// of docs/design.md; stablekernels/online_softmax.h). No torch header.
+// of docs/design.md; stablekernels/online_softmax.h). No torch header. The bandwidth model
+// behind the shapes below: docs/cuda_model.md.
 //
-// By row length, for contiguous rows (inner == 1):
-//  - warp kernel: one warp per row, several rows per block, the row in registers (up to
-//    kWarpPacks 16-byte packs per lane, or 32 single elements per lane when rows are not
-//    16-byte aligned);
-//  - block kernel: one block of kBlockThreads per row, the row in registers (kBlockPacks per
-//    thread): each element read once and written once;
-//  - split path, rows longer than a block holds: each block computes the (m, s') of its
-//    chunk into a workspace; a second kernel merges the row's parts and normalises its chunk
-//    (x read twice; logsumexp reads it once).
-// Each thread folds its elements into (m, s') one by one (RowState::update: one exp per
-// element), then states merge across the warp and the block by the merge rule (cub's
-// WarpReduce: a shuffle tree per warp, then one over the warps; common.cuh).
-// Strided rows (inner > 1): one thread per row, neighbouring threads on neighbouring rows, so
-// every load of a warp is contiguous.
+// Contiguous rows (inner == 1) are held in registers by a group of R threads (R a power of
+// two from 4 to 512, sized from the row length: several rows per block up to R = 32, a block
+// per row beyond). Every thread first issues all of its loads (ITEMS 16-byte packs, in the
+// frame of the row's packs, common.cuh), then:
+//  - forward: the row's max (a group reduction), one exp per element against it, the sums of
+//    the two-pass form (SumsAtMax: exps below the max, the count at it) reduced, and each
+//    element written as exp(x - m) * (1 / (1 + s')) or (x - m) - log1p(s');
+//  - backward: sum(g * y) (or sum(g)) reduced, then dx.
+// Rows longer than a group of 512 holds take the split path: a block per piece of a row
+// writes the piece's state (row_parts_kernel, backward_parts_kernel), one block per row
+// merges them (merge_parts_kernel, sum_parts_kernel), and a block per piece writes its
+// outputs from the row's state (x read twice; logsumexp reads it once).
+// Strided rows (inner > 1): a block takes up to 32 neighbouring rows (columns of the outer
+// block, contiguous in memory) and splits their length over its other threads; each thread
+// folds its elements online (one exp each), the states merge across the block, and a second
+// pass writes the outputs.
 #include "common.cuh"
 
 namespace stablekernels::cuda {
 namespace detail {
 namespace {
 
-constexpr int kWarpRows = 4;         // rows per block of the warp kernel
-constexpr int kWarpPacks = 8;        // 16-byte packs per lane in the warp kernel
-constexpr int kWarpScalars = 32;     // elements per lane when unaligned
-constexpr int kBlockThreads = 1024;  // threads per row of the block kernel
-constexpr int kBlockPacks = 8;       // 16-byte packs per thread in the block kernel
-constexpr int kBlockScalars = 8;     // elements per thread when unaligned
+constexpr int kMaxRowThreads = 512;  // threads of the largest group (a block per row)
 constexpr int kStridedThreads = 256;
 
+// 16-byte packs per thread: 32 elements in fp32, bf16 and fp16 (16 in fp64) forward; the
+// backward holds grad and y, 4 packs of each.
+template <typename T>
+constexpr int kForwardItems = sizeof(T) == 2 ? 4 : 8;
+constexpr int kBackwardItems = 4;
+
+// Threads of a block whose groups have R threads: 128 (several rows) up to R = 32, else R.
+__host__ __device__ constexpr int block_threads(int R) { return R <= 32 ? 128 : R; }
+
+// Thread `lane` of a group of R holds packs k = 0 .. ITEMS - 1 at frame positions
+// (k * R + lane) * VEC of its piece; as element indices of the row, from `first` (the frame
+// position of the piece's start minus the row's pack shift):
+template <int R, int VEC>
+__device__ __forceinline__ int64_t slot(int64_t first, int k, int lane) {
+  return first + (static_cast<int64_t>(k) * R + lane) * VEC;
+}
+
+template <typename T>
+__device__ __forceinline__ T minus_infinity() {
+  return from_acc<T>(-infinity<float>());
+}
+
 // ---------------------------------------------------------------------------------------
-// A tile of one row held by THREADS threads (LANES == 32 for a warp), ITEMS packs of VEC
-// elements each; element (k, e) of thread t is at ((k * LANES + t) * VEC + e).
+// The forward pass over one piece of a row held in registers: loads, max, exps, sums. The
+// piece spans frame positions [first + shift, first + shift + R * ITEMS * VEC) of the row;
+// `count` is the number of its elements inside [0, n).
 
-template <typename T, typename A, int LANES, int ITEMS, int VEC>
-struct Tile {
-  A v[ITEMS][VEC];
+template <typename T, typename A, int R, int ITEMS>
+struct ForwardPiece {
+  static constexpr int kVec = kPack<T>;
+  A v[ITEMS][kVec];  // x, then exp(x - m) (softmax) or x - m (log_softmax)
+  A m;
+  SumsAtMax<A> sums;
 
-  // Loads x[0, len) (len a multiple of VEC, x aligned to the pack) and folds it in.
-  __device__ __forceinline__ RowState<A> load(const T* x, int64_t len, int lane) {
-    RowState<A> st = RowState<A>::empty();
+  __device__ __forceinline__ void load(const T* __restrict__ row, int64_t first, int64_t n,
+                                       int lane) {
+    Pack<T, kVec> p[ITEMS];
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
-      const int64_t at = (static_cast<int64_t>(k) * LANES + lane) * VEC;
-      if (at < len) {
-        const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(x + at);
+      const int64_t j = slot<R, kVec>(first, k, lane);
+      if (j < n) {
+        p[k] = load_pack(row, j, n, minus_infinity<T>());
+      } else {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          v[k][e] = to_acc<A>(p.v[e]);
-          st.update(v[k][e]);
+        for (int e = 0; e < kVec; ++e) p[k].v[e] = minus_infinity<T>();
+      }
+    }
+    m = -infinity<A>();
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        v[k][e] = to_acc<A>(p[k].v[e]);
+        m = fmax(m, v[k][e]);
+      }
+    }
+  }
+
+  // Given the piece's max in m: one exp per element into v (or x - m when `log`), and the
+  // thread's sums.
+  __device__ __forceinline__ void exps(int64_t first, int64_t n, int lane, bool log) {
+    sums = SumsAtMax<A>::empty();
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      if (slot<R, kVec>(first, k, lane) < n) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const A x = v[k][e];
+          const A ex = sums.add(x, m);
+          v[k][e] = log ? x - m : ex;
         }
       }
     }
-    return st;
   }
 
-  template <typename U, typename F>
-  __device__ __forceinline__ void store(U* y, int64_t len, int lane, F f) const {
+  // The row's outputs: v * scale (softmax) or v - shift (log_softmax), one of them per row.
+  template <typename U>
+  __device__ __forceinline__ void store(U* __restrict__ row, int64_t first, int64_t n, int lane,
+                                        bool log, A scale, A shift) const {
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
-      const int64_t at = (static_cast<int64_t>(k) * LANES + lane) * VEC;
-      if (at < len) {
-        Pack<U, VEC> p;
+      const int64_t j = slot<R, kVec>(first, k, lane);
+      if (j < n) {
+        A out[kVec];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) p.v[e] = from_acc<U>(f(v[k][e]));
-        *reinterpret_cast<Pack<U, VEC>*>(y + at) = p;
+        for (int e = 0; e < kVec; ++e) out[e] = log ? v[k][e] - shift : v[k][e] * scale;
+        store_values(row, j, n, out);
       }
     }
   }
@@ -73,118 +122,27 @@ struct Tile {
 // ---------------------------------------------------------------------------------------
 // Forward, rows in registers.
 
-template <typename T, typename U, int ITEMS, int VEC>
-__global__ void __launch_bounds__(32 * kWarpRows)
-    softmax_warp_kernel(const T* __restrict__ x, U* __restrict__ y, int64_t rows, int64_t n,
-                        int64_t x_stride, bool log) {
+// LOG a template argument: each instantiation has one exp per element (a run-time flag lets
+// the compiler duplicate the exp loop, one copy per value).
+template <typename T, typename U, int R, int ITEMS, bool LOG>
+__global__ void __launch_bounds__(block_threads(R))
+    softmax_rows_kernel(const T* __restrict__ x, U* __restrict__ y, int64_t rows, int64_t n,
+                        int64_t x_stride) {
   using A = acc_of<T, U>;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.y; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarpRows) {
-    Tile<T, A, 32, ITEMS, VEC> tile;
-    const RowState<A> st = warp_reduce_all(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
-    const A log_sum = log1p(st.s);
-    tile.store(y + row * n, n, threadIdx.x,
-               [&](A v) { return softmax_value(v, st, log, log_sum); });
+  constexpr int kRowsPerBlock = block_threads(R) / R;
+  const int lane = static_cast<int>(threadIdx.x) % R;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / R; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const T* xr = x + row * x_stride;
+    const int64_t first = -pack_shift(xr);
+    ForwardPiece<T, A, R, ITEMS> piece;
+    piece.load(xr, first, n, lane);
+    piece.m = group_reduce_all<R>(piece.m, Max{});
+    piece.exps(first, n, lane, LOG);
+    const RowState<A> st = state_at_max(piece.m, group_reduce_all<R>(piece.sums, Sum{}), A(n));
+    piece.store(y + row * n, first, n, lane, LOG, softmax_scale(st), log_softmax_shift(st));
   }
 }
-
-template <typename T, typename U, int ITEMS, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
-    softmax_block_kernel(const T* __restrict__ x, U* __restrict__ y, int64_t rows, int64_t n,
-                         int64_t x_stride, bool log) {
-  using A = acc_of<T, U>;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const RowState<A> st =
-        block_reduce_all<kBlockThreads>(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
-    const A log_sum = log1p(st.s);
-    tile.store(y + row * n, n, threadIdx.x,
-               [&](A v) { return softmax_value(v, st, log, log_sum); });
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Forward, split path: chunk `part` of row `row` is grid (part, row).
-
-template <typename T, typename A, int ITEMS, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
-    row_parts_kernel(const T* __restrict__ x, A* __restrict__ part_m, A* __restrict__ part_s,
-                     int64_t rows, int64_t n, int64_t x_stride, int64_t parts) {
-  constexpr int64_t kChunk = int64_t(kBlockThreads) * ITEMS * VEC;
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const int64_t begin = blockIdx.x * kChunk;
-    const int64_t len = n - begin < kChunk ? n - begin : kChunk;
-    Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const RowState<A> st = block_reduce<kBlockThreads>(
-        tile.load(x + row * x_stride + begin, len, threadIdx.x), Merge{});
-    if (threadIdx.x == 0) {
-      part_m[row * parts + blockIdx.x] = st.m;
-      part_s[row * parts + blockIdx.x] = st.s;
-    }
-  }
-}
-
-// The merged state of a row's parts, in every thread of the block.
-template <typename A>
-__device__ __forceinline__ RowState<A> row_total(const A* part_m, const A* part_s, int64_t row,
-                                                 int64_t parts) {
-  RowState<A> st = RowState<A>::empty();
-  for (int64_t k = threadIdx.x; k < parts; k += kBlockThreads) {
-    st = merge(st, RowState<A>{part_m[row * parts + k], part_s[row * parts + k]});
-  }
-  return block_reduce_all<kBlockThreads>(st, Merge{});
-}
-
-template <typename T, typename U, int ITEMS, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
-    softmax_finish_kernel(const T* __restrict__ x, U* __restrict__ y,
-                          const acc_of<T, U>* __restrict__ part_m,
-                          const acc_of<T, U>* __restrict__ part_s, int64_t rows, int64_t n,
-                          int64_t x_stride, int64_t parts, bool log) {
-  using A = acc_of<T, U>;
-  constexpr int64_t kChunk = int64_t(kBlockThreads) * ITEMS * VEC;
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const RowState<A> st = row_total(part_m, part_s, row, parts);
-    const A log_sum = log1p(st.s);
-    const int64_t begin = blockIdx.x * kChunk;
-    const int64_t len = n - begin < kChunk ? n - begin : kChunk;
-    Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    tile.load(x + row * x_stride + begin, len, threadIdx.x);
-    tile.store(y + row * n + begin, len, threadIdx.x,
-               [&](A v) { return softmax_value(v, st, log, log_sum); });
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Forward, strided rows: thread per row.
-
-template <typename T, typename A>
-__device__ __forceinline__ RowState<A> strided_stats(const T* x, int64_t n, int64_t inner) {
-  RowState<A> st = RowState<A>::empty();
-  for (int64_t j = 0; j < n; ++j) st.update(to_acc<A>(x[j * inner]));
-  return st;
-}
-
-template <typename T, typename U>
-__global__ void __launch_bounds__(kStridedThreads)
-    softmax_strided_kernel(const T* __restrict__ x, U* __restrict__ y, Layout L, bool log) {
-  using A = acc_of<T, U>;
-  const int64_t rows = L.rows();
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = row / L.inner, i = row % L.inner;
-    const T* xr = x + o * L.x_stride + i;
-    U* yr = y + o * L.block() + i;
-    const RowState<A> st = strided_stats<T, A>(xr, L.n, L.inner);
-    const A log_sum = log1p(st.s);
-    for (int64_t j = 0; j < L.n; ++j) {
-      yr[j * L.inner] = from_acc<U>(softmax_value(to_acc<A>(xr[j * L.inner]), st, log, log_sum));
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// logsumexp forward: the same statistics, one value per row.
 
 // lse in fp64 (the float state's m kept exactly), out in x's dtype (rounded once from A).
 template <typename T, typename A>
@@ -194,53 +152,220 @@ __device__ __forceinline__ void store_lse(T* out, double* lse, int64_t row, RowS
   out[row] = from_acc<T>(static_cast<A>(value));
 }
 
-template <typename T, int ITEMS, int VEC>
-__global__ void __launch_bounds__(32 * kWarpRows)
-    logsumexp_warp_kernel(const T* __restrict__ x, T* __restrict__ out, double* __restrict__ lse,
+template <typename T, int R, int ITEMS>
+__global__ void __launch_bounds__(block_threads(R))
+    logsumexp_rows_kernel(const T* __restrict__ x, T* __restrict__ out, double* __restrict__ lse,
                           int64_t rows, int64_t n, int64_t x_stride) {
   using A = acc_of<T>;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.y; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarpRows) {
-    Tile<T, A, 32, ITEMS, VEC> tile;
-    const RowState<A> st = warp_reduce(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
-    if (threadIdx.x == 0) store_lse(out, lse, row, st);
+  constexpr int kRowsPerBlock = block_threads(R) / R;
+  const int lane = static_cast<int>(threadIdx.x) % R;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / R; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const T* xr = x + row * x_stride;
+    const int64_t first = -pack_shift(xr);
+    ForwardPiece<T, A, R, ITEMS> piece;
+    piece.load(xr, first, n, lane);
+    piece.m = group_reduce_all<R>(piece.m, Max{});
+    piece.exps(first, n, lane, false);
+    const RowState<A> st = state_at_max(piece.m, group_reduce_all<R>(piece.sums, Sum{}), A(n));
+    if (lane == 0) store_lse(out, lse, row, st);
   }
 }
 
-template <typename T, int ITEMS, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
-    logsumexp_block_kernel(const T* __restrict__ x, T* __restrict__ out, double* __restrict__ lse,
-                           int64_t rows, int64_t n, int64_t x_stride) {
-  using A = acc_of<T>;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    Tile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const RowState<A> st =
-        block_reduce<kBlockThreads>(tile.load(x + row * x_stride, n, threadIdx.x), Merge{});
-    if (threadIdx.x == 0) store_lse(out, lse, row, st);
-  }
-}
+// ---------------------------------------------------------------------------------------
+// Forward, split path. Piece `part` of a row covers frame positions [part, part + 1) * kSpan
+// of the row; program p of the 1-D grid is (row, part) = (p / parts, p % parts).
 
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    logsumexp_finish_kernel(const acc_of<T>* __restrict__ part_m,
-                            const acc_of<T>* __restrict__ part_s, T* __restrict__ out,
-                            double* __restrict__ lse, int64_t rows, int64_t parts) {
+__host__ __device__ constexpr int64_t forward_span() {
+  return int64_t(kMaxRowThreads) * kForwardItems<T> * kPack<T>;
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMaxRowThreads)
+    row_parts_kernel(const T* __restrict__ x, A* __restrict__ part_m, A* __restrict__ part_s,
+                     int64_t rows, int64_t n, int64_t x_stride, int64_t parts) {
+  constexpr int64_t kSpan = forward_span<T>();
+  const int lane = static_cast<int>(threadIdx.x);
+  for (GridWalk w(parts); w.q < rows; w.next()) {
+    const int64_t row = w.q, part = w.r, p = row * parts + part;
+    const T* xr = x + row * x_stride;
+    const int64_t first = part * kSpan - pack_shift(xr);
+    ForwardPiece<T, A, kMaxRowThreads, kForwardItems<T>> piece;
+    piece.load(xr, first, n, lane);
+    piece.m = group_reduce_all<kMaxRowThreads>(piece.m, Max{});
+    piece.exps(first, n, lane, false);
+    const SumsAtMax<A> sums = group_reduce_all<kMaxRowThreads>(piece.sums, Sum{});
+    const int64_t count = (first + kSpan < n ? first + kSpan : n) - (first > 0 ? first : 0);
+    const RowState<A> st = state_at_max(piece.m, sums, static_cast<A>(count > 0 ? count : 0));
+    if (lane == 0) {
+      part_m[p] = st.m;
+      part_s[p] = st.s;
+    }
+  }
+}
+
+constexpr int kMergeThreads = 256;
+
+// One block per row merges the row's parts into its state (row_m, row_s); for logsumexp
+// (out != nullptr) thread 0 also stores the result.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_parts_kernel(const A* __restrict__ part_m, const A* __restrict__ part_s, int64_t rows,
+                       int64_t parts, A* __restrict__ row_m, A* __restrict__ row_s,
+                       T* __restrict__ out, double* __restrict__ lse) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const auto st = row_total(part_m, part_s, row, parts);
-    if (threadIdx.x == 0) store_lse(out, lse, row, st);
+    RowState<A> st = RowState<A>::empty();
+    for (int64_t k = threadIdx.x; k < parts; k += kMergeThreads) {
+      st = merge(st, RowState<A>{part_m[row * parts + k], part_s[row * parts + k]});
+    }
+    st = block_reduce<kMergeThreads>(st, Merge{});
+    if (threadIdx.x == 0) {
+      row_m[row] = st.m;
+      row_s[row] = st.s;
+      if (out != nullptr) store_lse(out, lse, row, st);
+    }
+  }
+}
+
+template <typename T, typename U, bool LOG>
+__global__ void __launch_bounds__(kMaxRowThreads)
+    softmax_finish_kernel(const T* __restrict__ x, U* __restrict__ y,
+                          const acc_of<T, U>* __restrict__ row_m,
+                          const acc_of<T, U>* __restrict__ row_s, int64_t rows, int64_t n,
+                          int64_t x_stride, int64_t parts) {
+  using A = acc_of<T, U>;
+  constexpr int64_t kSpan = forward_span<T>();
+  const int lane = static_cast<int>(threadIdx.x);
+  for (GridWalk w(parts); w.q < rows; w.next()) {
+    const int64_t row = w.q, part = w.r, p = row * parts + part;
+    const RowState<A> st{row_m[row], row_s[row]};
+    const T* xr = x + row * x_stride;
+    const int64_t first = part * kSpan - pack_shift(xr);
+    ForwardPiece<T, A, kMaxRowThreads, kForwardItems<T>> piece;
+    piece.load(xr, first, n, lane);
+    piece.m = st.m;
+    piece.exps(first, n, lane, LOG);
+    piece.store(y + row * n, first, n, lane, LOG, softmax_scale(st), log_softmax_shift(st));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Strided rows: a block takes the rows (o, i0 .. i0 + TX) of outer block o, TX = blockDim.x
+// neighbouring columns (contiguous in memory), and splits their length n over its
+// blockDim.y = kStridedThreads / TX threads; program p is (o, tile) = (p / tiles, p % tiles).
+
+struct StridedTile {
+  int64_t o, i;  // outer block, column of this thread
+  bool active;   // i < inner
+};
+
+// `w` walks (o, tile) over L.outer by the tiles of a row block (GridWalk(tiles)).
+__device__ __forceinline__ StridedTile strided_tile(const GridWalk& w, const Layout& L) {
+  const int64_t i = w.r * blockDim.x + threadIdx.x;
+  return {w.q, i, i < L.inner};
+}
+
+// The merge of the blockDim.y values of each column (a state or a sum), in every thread of
+// the column: lanes of a column within a warp by shuffles, then the warps through shared
+// memory.
+template <typename V, typename Op>
+__device__ __forceinline__ V column_reduce_all(V v, Op op) {
+  const unsigned tx = blockDim.x;  // a power of two <= 32
+  for (unsigned offset = 16; offset >= tx; offset /= 2) {
+    v = op(v, cub::ShuffleDown<32>(v, static_cast<int>(offset), 31, 0xffffffffu));
+  }
+  // Lanes < tx of each warp hold their column's merge over the warp.
+  constexpr int kWarps = kStridedThreads / 32;
+  __shared__ V partial[kWarps][32];
+  __shared__ V total[32];
+  const unsigned linear = threadIdx.y * tx + threadIdx.x, warp = linear / 32, lane = linear % 32;
+  __syncthreads();  // the previous call's readers of `total` are done
+  if (lane < tx) partial[warp][lane] = v;
+  __syncthreads();
+  if (linear < tx) {
+    V acc = partial[0][linear];
+    for (int w = 1; w < kWarps; ++w) acc = op(acc, partial[w][linear]);
+    total[linear] = acc;
+  }
+  __syncthreads();
+  return total[threadIdx.x];
+}
+
+// Calls use(j, x_j...) for this thread's elements j = threadIdx.y + k * blockDim.y < n of a
+// column of each of `columns` (element j at column[j * inner]), issuing 16 bytes of loads per
+// column before using them.
+template <typename T, int COLUMNS, typename F>
+__device__ __forceinline__ void for_column(const T* const (&columns)[COLUMNS], int64_t n,
+                                           int64_t inner, F use) {
+  constexpr int kUnroll = 16 / sizeof(T);
+  const int64_t step = blockDim.y;
+  int64_t j = threadIdx.y;
+  for (; j + (kUnroll - 1) * step < n; j += kUnroll * step) {
+    T v[COLUMNS][kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int c = 0; c < COLUMNS; ++c) v[c][u] = columns[c][(j + u * step) * inner];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if constexpr (COLUMNS == 1) {
+        use(j + u * step, v[0][u]);
+      } else {
+        use(j + u * step, v[0][u], v[1][u]);
+      }
+    }
+  }
+  for (; j < n; j += step) {
+    if constexpr (COLUMNS == 1) {
+      use(j, columns[0][j * inner]);
+    } else {
+      use(j, columns[0][j * inner], columns[1][j * inner]);
+    }
+  }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ RowState<A> strided_state(const T* __restrict__ xc, int64_t n,
+                                                     int64_t inner, bool active) {
+  RowState<A> st = RowState<A>::empty();
+  if (active) {
+    const T* columns[1] = {xc};
+    for_column(columns, n, inner, [&](int64_t, T v) { st.update(to_acc<A>(v)); });
+  }
+  return column_reduce_all(st, Merge{});
+}
+
+template <typename T, typename U>
+__global__ void __launch_bounds__(kStridedThreads)
+    softmax_strided_kernel(const T* __restrict__ x, U* __restrict__ y, Layout L, int64_t tiles,
+                           bool log) {
+  using A = acc_of<T, U>;
+  for (GridWalk w(tiles); w.q < L.outer; w.next()) {
+    const StridedTile t = strided_tile(w, L);
+    const T* xc = x + t.o * L.x_stride + t.i;
+    const RowState<A> st = strided_state<T, A>(xc, L.n, L.inner, t.active);
+    if (!t.active) continue;
+    const A scale = softmax_scale(st), shift = log_softmax_shift(st);
+    U* yc = y + t.o * L.block() + t.i;
+    const T* columns[1] = {xc};
+    for_column(columns, L.n, L.inner, [&](int64_t j, T x_j) {
+      const A v = to_acc<A>(x_j);
+      yc[j * L.inner] = from_acc<U>(log ? (v - st.m) - shift : exp(v - st.m) * scale);
+    });
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kStridedThreads)
     logsumexp_strided_kernel(const T* __restrict__ x, T* __restrict__ out, double* __restrict__ lse,
-                             Layout L) {
+                             Layout L, int64_t tiles) {
   using A = acc_of<T>;
-  const int64_t rows = L.rows();
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = row / L.inner, i = row % L.inner;
-    store_lse(out, lse, row, strided_stats<T, A>(x + o * L.x_stride + i, L.n, L.inner));
+  for (GridWalk w(tiles); w.q < L.outer; w.next()) {
+    const StridedTile t = strided_tile(w, L);
+    const RowState<A> st = strided_state<T, A>(x + t.o * L.x_stride + t.i, L.n, L.inner, t.active);
+    if (t.active && threadIdx.y == 0) store_lse(out, lse, t.o * L.inner + t.i, st);
   }
 }
 
@@ -257,24 +382,31 @@ __device__ __forceinline__ A backward_value(A g, A y, A total, bool log) {
   return log ? g - exp(y) * total : y * (g - total);
 }
 
-// grad and y of one row tile, in registers.
-template <typename T, typename A, int LANES, int ITEMS, int VEC>
-struct GradTile {
-  A g[ITEMS][VEC], y[ITEMS][VEC];
+// grad and y of one piece of a row, in registers as read (T), converted where used.
+template <typename T, typename A, int R, int ITEMS>
+struct BackwardPiece {
+  static constexpr int kVec = kPack<T>;
+  Pack<T, kVec> g[ITEMS], y[ITEMS];
 
-  __device__ __forceinline__ A load(const T* grad, const T* out, int64_t len, int lane, bool log) {
+  // Loads both, then returns this thread's sum of the backward terms.
+  __device__ __forceinline__ A load(const T* __restrict__ grad, const T* __restrict__ out,
+                                    int64_t first, int64_t n, int lane, bool log) {
+    const T zero = from_acc<T>(0.0f);
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      const int64_t j = slot<R, kVec>(first, k, lane);
+      if (j < n) {
+        g[k] = load_pack(grad, j, n, zero);
+        y[k] = load_pack(out, j, n, zero);
+      }
+    }
     A total = 0;
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
-      const int64_t at = (static_cast<int64_t>(k) * LANES + lane) * VEC;
-      if (at < len) {
-        const Pack<T, VEC> pg = *reinterpret_cast<const Pack<T, VEC>*>(grad + at);
-        const Pack<T, VEC> py = *reinterpret_cast<const Pack<T, VEC>*>(out + at);
+      if (slot<R, kVec>(first, k, lane) < n) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          g[k][e] = to_acc<A>(pg.v[e]);
-          y[k][e] = to_acc<A>(py.v[e]);
-          total += backward_term(g[k][e], y[k][e], log);
+        for (int e = 0; e < kVec; ++e) {
+          total += backward_term(to_acc<A>(g[k].v[e]), to_acc<A>(y[k].v[e]), log);
         }
       }
     }
@@ -282,216 +414,286 @@ struct GradTile {
   }
 
   template <typename U>
-  __device__ __forceinline__ void store(U* dx, int64_t len, int lane, A total, bool log) const {
+  __device__ __forceinline__ void store(U* __restrict__ dx, int64_t first, int64_t n, int lane,
+                                        A total, bool log) const {
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
-      const int64_t at = (static_cast<int64_t>(k) * LANES + lane) * VEC;
-      if (at < len) {
-        Pack<U, VEC> p;
+      const int64_t j = slot<R, kVec>(first, k, lane);
+      if (j < n) {
+        A d[kVec];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e)
-          p.v[e] = from_acc<U>(backward_value(g[k][e], y[k][e], total, log));
-        *reinterpret_cast<Pack<U, VEC>*>(dx + at) = p;
+        for (int e = 0; e < kVec; ++e) {
+          d[e] = backward_value(to_acc<A>(g[k].v[e]), to_acc<A>(y[k].v[e]), total, log);
+        }
+        store_values(dx, j, n, d);
       }
     }
   }
 };
 
-template <typename T, typename U, int ITEMS, int VEC>
-__global__ void __launch_bounds__(32 * kWarpRows)
-    backward_warp_kernel(const T* __restrict__ grad, const T* __restrict__ y, U* __restrict__ dx,
+template <typename T, typename U, int R, int ITEMS>
+__global__ void __launch_bounds__(block_threads(R))
+    backward_rows_kernel(const T* __restrict__ grad, const T* __restrict__ y, U* __restrict__ dx,
                          int64_t rows, int64_t n, bool log) {
   using A = acc_of<T, U>;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.y; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarpRows) {
-    GradTile<T, A, 32, ITEMS, VEC> tile;
+  constexpr int kRowsPerBlock = block_threads(R) / R;
+  const int lane = static_cast<int>(threadIdx.x) % R;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / R; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t first = -pack_shift(grad + row * n);
+    BackwardPiece<T, A, R, ITEMS> piece;
     const A total =
-        warp_reduce_all(tile.load(grad + row * n, y + row * n, n, threadIdx.x, log), Sum{});
-    tile.store(dx + row * n, n, threadIdx.x, total, log);
+        group_reduce_all<R>(piece.load(grad + row * n, y + row * n, first, n, lane, log), Sum{});
+    piece.store(dx + row * n, first, n, lane, total, log);
   }
 }
 
-template <typename T, typename U, int ITEMS, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
-    backward_block_kernel(const T* __restrict__ grad, const T* __restrict__ y, U* __restrict__ dx,
-                          int64_t rows, int64_t n, bool log) {
-  using A = acc_of<T, U>;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    GradTile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const A total = block_reduce_all<kBlockThreads>(
-        tile.load(grad + row * n, y + row * n, n, threadIdx.x, log), Sum{});
-    tile.store(dx + row * n, n, threadIdx.x, total, log);
-  }
+template <typename T>
+__host__ __device__ constexpr int64_t backward_span() {
+  return int64_t(kMaxRowThreads) * kBackwardItems * kPack<T>;
 }
 
-template <typename T, typename A, int ITEMS, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMaxRowThreads)
     backward_parts_kernel(const T* __restrict__ grad, const T* __restrict__ y,
                           A* __restrict__ partial, int64_t rows, int64_t n, int64_t parts,
                           bool log) {
-  constexpr int64_t kChunk = int64_t(kBlockThreads) * ITEMS * VEC;
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const int64_t begin = row * n + blockIdx.x * kChunk;
-    const int64_t len = n - blockIdx.x * kChunk < kChunk ? n - blockIdx.x * kChunk : kChunk;
-    GradTile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    const A total = block_reduce<kBlockThreads>(
-        tile.load(grad + begin, y + begin, len, threadIdx.x, log), Sum{});
-    if (threadIdx.x == 0) partial[row * parts + blockIdx.x] = total;
+  const int lane = static_cast<int>(threadIdx.x);
+  for (GridWalk w(parts); w.q < rows; w.next()) {
+    const int64_t row = w.q, part = w.r, p = row * parts + part;
+    const int64_t first = part * backward_span<T>() - pack_shift(grad + row * n);
+    BackwardPiece<T, A, kMaxRowThreads, kBackwardItems> piece;
+    const A total = block_reduce<kMaxRowThreads>(
+        piece.load(grad + row * n, y + row * n, first, n, lane, log), Sum{});
+    if (lane == 0) partial[p] = total;
   }
 }
 
-template <typename T, typename U, int ITEMS, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
+template <typename A>
+__global__ void __launch_bounds__(kMergeThreads)
+    sum_parts_kernel(const A* __restrict__ partial, int64_t rows, int64_t parts,
+                     A* __restrict__ row_total) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    A total = 0;
+    for (int64_t k = threadIdx.x; k < parts; k += kMergeThreads) total += partial[row * parts + k];
+    total = block_reduce<kMergeThreads>(total, Sum{});
+    if (threadIdx.x == 0) row_total[row] = total;
+  }
+}
+
+template <typename T, typename U>
+__global__ void __launch_bounds__(kMaxRowThreads)
     backward_finish_kernel(const T* __restrict__ grad, const T* __restrict__ y, U* __restrict__ dx,
-                           const acc_of<T, U>* __restrict__ partial, int64_t rows, int64_t n,
+                           const acc_of<T, U>* __restrict__ row_total, int64_t rows, int64_t n,
                            int64_t parts, bool log) {
   using A = acc_of<T, U>;
-  constexpr int64_t kChunk = int64_t(kBlockThreads) * ITEMS * VEC;
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    A total = 0;
-    for (int64_t k = threadIdx.x; k < parts; k += kBlockThreads) total += partial[row * parts + k];
-    total = block_reduce_all<kBlockThreads>(total, Sum{});
-    const int64_t begin = row * n + blockIdx.x * kChunk;
-    const int64_t len = n - blockIdx.x * kChunk < kChunk ? n - blockIdx.x * kChunk : kChunk;
-    GradTile<T, A, kBlockThreads, ITEMS, VEC> tile;
-    tile.load(grad + begin, y + begin, len, threadIdx.x, log);
-    tile.store(dx + begin, len, threadIdx.x, total, log);
+  const int lane = static_cast<int>(threadIdx.x);
+  for (GridWalk w(parts); w.q < rows; w.next()) {
+    const int64_t row = w.q, part = w.r, p = row * parts + part;
+    const int64_t first = part * backward_span<T>() - pack_shift(grad + row * n);
+    BackwardPiece<T, A, kMaxRowThreads, kBackwardItems> piece;
+    piece.load(grad + row * n, y + row * n, first, n, lane, log);
+    piece.store(dx + row * n, first, n, lane, row_total[row], log);
   }
 }
 
 template <typename T, typename U>
 __global__ void __launch_bounds__(kStridedThreads)
     backward_strided_kernel(const T* __restrict__ grad, const T* __restrict__ y, U* __restrict__ dx,
-                            Layout L, bool log) {
+                            Layout L, int64_t tiles, bool log) {
   using A = acc_of<T, U>;
-  const int64_t rows = L.rows();
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t base = (row / L.inner) * L.block() + row % L.inner;
+  for (GridWalk w(tiles); w.q < L.outer; w.next()) {
+    const StridedTile t = strided_tile(w, L);
+    const int64_t base = t.o * L.block() + t.i;
+    const T* columns[2] = {grad + base, y + base};
     A total = 0;
-    for (int64_t j = 0; j < L.n; ++j) {
-      const int64_t at = base + j * L.inner;
-      total += backward_term(to_acc<A>(grad[at]), to_acc<A>(y[at]), log);
+    if (t.active) {
+      for_column(columns, L.n, L.inner, [&](int64_t, T g, T out) {
+        total += backward_term(to_acc<A>(g), to_acc<A>(out), log);
+      });
     }
-    for (int64_t j = 0; j < L.n; ++j) {
-      const int64_t at = base + j * L.inner;
-      dx[at] = from_acc<U>(backward_value(to_acc<A>(grad[at]), to_acc<A>(y[at]), total, log));
+    total = column_reduce_all(total, Sum{});
+    if (!t.active) continue;
+    for_column(columns, L.n, L.inner, [&](int64_t j, T g, T out) {
+      dx[base + j * L.inner] =
+          from_acc<U>(backward_value(to_acc<A>(g), to_acc<A>(out), total, log));
+    });
+  }
+}
+
+// logsumexp backward: dx = grad[r] * exp((x - hi[r]) - lo[r]), hi + lo the fp64 lse of row r
+// split in A by the caller: x - hi is exact for the entries near lse, so the gradient keeps
+// its precision at large offsets. Contiguous rows: a block per row, 16-byte packs.
+constexpr int kMapThreads = 256;
+constexpr int kMapItems = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kMapThreads)
+    logsumexp_backward_kernel(const acc_of<T>* __restrict__ grad, const acc_of<T>* __restrict__ hi,
+                              const acc_of<T>* __restrict__ lo, const T* __restrict__ x,
+                              T* __restrict__ dx, int64_t rows, int64_t n, int64_t x_stride) {
+  using A = acc_of<T>;
+  constexpr int kVec = kPack<T>;
+  constexpr int64_t kSpan = int64_t(kMapThreads) * kMapItems * kVec;
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + row * x_stride;
+    const A g = grad[row], h = hi[row], l = lo[row];
+    for (int64_t first = -pack_shift(xr); first < n; first += kSpan) {
+      Pack<T, kVec> p[kMapItems];
+#pragma unroll
+      for (int k = 0; k < kMapItems; ++k) {
+        const int64_t j = slot<kMapThreads, kVec>(first, k, lane);
+        if (j < n) p[k] = load_pack(xr, j, n, from_acc<T>(0.0f));
+      }
+#pragma unroll
+      for (int k = 0; k < kMapItems; ++k) {
+        const int64_t j = slot<kMapThreads, kVec>(first, k, lane);
+        if (j < n) {
+          A d[kVec];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) d[e] = g * exp((to_acc<A>(p[k].v[e]) - h) - l);
+          store_values(dx + row * n, j, n, d);
+        }
+      }
     }
   }
 }
 
-// dx = grad[r] * exp((x - hi[r]) - lo[r]), hi + lo the fp64 lse of row r split in A by the
-// caller: x - hi is exact for the entries near lse, so the gradient keeps its precision at
-// large offsets.
+// Strided rows: the tiles of the strided kernels; each thread's row terms are read once.
 template <typename T>
-__global__ void __launch_bounds__(256)
-    logsumexp_backward_kernel(const acc_of<T>* __restrict__ grad, const acc_of<T>* __restrict__ hi,
-                              const acc_of<T>* __restrict__ lo, const T* __restrict__ x,
-                              T* __restrict__ dx, Layout L) {
+__global__ void __launch_bounds__(kStridedThreads)
+    logsumexp_backward_strided_kernel(const acc_of<T>* __restrict__ grad,
+                                      const acc_of<T>* __restrict__ hi,
+                                      const acc_of<T>* __restrict__ lo, const T* __restrict__ x,
+                                      T* __restrict__ dx, Layout L, int64_t tiles) {
   using A = acc_of<T>;
-  const int64_t total = L.outer * L.block();
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = e / L.block(), rest = e % L.block();
-    const int64_t j = rest / L.inner, i = rest % L.inner;
-    const int64_t row = o * L.inner + i;
-    const A v = to_acc<A>(x[o * L.x_stride + j * L.inner + i]);
-    dx[e] = from_acc<T>(grad[row] * exp((v - hi[row]) - lo[row]));
+  for (GridWalk w(tiles); w.q < L.outer; w.next()) {
+    const StridedTile t = strided_tile(w, L);
+    if (!t.active) continue;
+    const int64_t row = t.o * L.inner + t.i;
+    const A g = grad[row], h = hi[row], l = lo[row];
+    const T* xc = x + t.o * L.x_stride + t.i;
+    T* dc = dx + t.o * L.block() + t.i;
+    const T* columns[1] = {xc};
+    for_column(columns, L.n, L.inner, [&](int64_t j, T x_j) {
+      dc[j * L.inner] = from_acc<T>(g * exp((to_acc<A>(x_j) - h) - l));
+    });
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Launch plans.
 
-enum class Plan {
-  kWarpPacks,
-  kWarpScalars,
-  kBlockPacks,
-  kBlockScalars,
-  kSplitPacks,
-  kSplitScalars,
-  kStrided
-};
-
+// Rows of n elements in groups of R threads holding ITEMS packs each: the smallest R (4 to
+// kMaxRowThreads) that holds a row wherever its packs start, or 0 (the split path).
 template <typename T>
-bool aligned(const void* p, int64_t stride_elements, int64_t n) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride_elements % kPack<T> == 0 &&
-         n % kPack<T> == 0;
+int row_threads(int64_t n, int items, bool aligned_rows) {
+  const int64_t packs = ceil_div(n + (aligned_rows ? 0 : kPack<T> - 1), int64_t(kPack<T>));
+  for (int r = 4; r <= kMaxRowThreads; r *= 2) {
+    if (int64_t(r) * items >= packs) return r;
+  }
+  return 0;
 }
 
+// Whether every row of x starts on a 16-byte boundary (then no row needs an extra pack).
 template <typename T>
-Plan plan_for(const Layout& L, bool aligned_rows) {
-  if (L.inner != 1) return Plan::kStrided;
-  const int64_t warp_capacity = aligned_rows ? 32 * kWarpPacks * kPack<T> : 32 * kWarpScalars;
-  const int64_t block_capacity = aligned_rows ? int64_t(kBlockThreads) * kBlockPacks * kPack<T>
-                                              : kBlockThreads * kBlockScalars;
-  if (L.n <= warp_capacity) return aligned_rows ? Plan::kWarpPacks : Plan::kWarpScalars;
-  if (L.n <= block_capacity) return aligned_rows ? Plan::kBlockPacks : Plan::kBlockScalars;
-  return aligned_rows ? Plan::kSplitPacks : Plan::kSplitScalars;
+bool rows_aligned(const void* p, int64_t stride_elements) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride_elements % kPack<T> == 0;
 }
 
 template <typename T>
-int64_t chunk_of(Plan plan) {
-  return plan == Plan::kSplitPacks ? int64_t(kBlockThreads) * kBlockPacks * kPack<T>
-                                   : int64_t(kBlockThreads) * kBlockScalars;
+int64_t parts_of(int64_t n, int64_t span) {
+  return ceil_div(n + kPack<T> - 1, span);  // room for any pack shift
 }
 
-dim3 split_grid(int64_t parts, int64_t rows) {
-  return dim3(static_cast<unsigned>(parts), static_cast<unsigned>(rows < 65535 ? rows : 65535));
+// Calls f(std::integral_constant<int, R>) for R in 4 .. kMaxRowThreads.
+template <typename F>
+cudaError_t with_row_threads(int r, F f) {
+  switch (r) {
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    case 256:
+      return f(std::integral_constant<int, 256>{});
+    case 512:
+      return f(std::integral_constant<int, 512>{});
+  }
+  return cudaErrorInvalidValue;
 }
 
-const dim3 kWarpBlock(32, kWarpRows);
+template <int R>
+unsigned row_blocks(int64_t rows) {
+  return grid_size(ceil_div(rows, int64_t(block_threads(R) / R)));
+}
+
+// The strided kernels' block: TX neighbouring columns (a power of two up to 32) by
+// kStridedThreads / TX threads along the row.
+dim3 strided_block(int64_t inner) {
+  unsigned tx = 1;
+  while (tx < 32 && tx < inner) tx *= 2;
+  return dim3(tx, kStridedThreads / tx);
+}
+
+int64_t strided_tiles(const Layout& L, dim3 block) {
+  return ceil_div(L.inner, static_cast<int64_t>(block.x));
+}
+
+unsigned strided_blocks(const Layout& L, dim3 block) {
+  return grid_size(L.outer * strided_tiles(L, block));
+}
 
 template <typename T, typename U>
 cudaError_t softmax_forward_typed(const T* x, U* y, const Layout& L, bool log, void* workspace,
                                   cudaStream_t s) {
   using A = acc_of<T, U>;
   const int64_t rows = L.rows();
-  const Plan plan = plan_for<T>(L, aligned<T>(x, L.x_stride, L.n) && aligned<U>(y, L.n, L.n));
-  switch (plan) {
-    case Plan::kWarpPacks:
-      softmax_warp_kernel<T, U, kWarpPacks, kPack<T>>
-          <<<grid_size(ceil_div(rows, kWarpRows)), kWarpBlock, 0, s>>>(x, y, rows, L.n, L.x_stride,
-                                                                       log);
-      break;
-    case Plan::kWarpScalars:
-      softmax_warp_kernel<T, U, kWarpScalars, 1>
-          <<<grid_size(ceil_div(rows, kWarpRows)), kWarpBlock, 0, s>>>(x, y, rows, L.n, L.x_stride,
-                                                                       log);
-      break;
-    case Plan::kBlockPacks:
-      softmax_block_kernel<T, U, kBlockPacks, kPack<T>>
-          <<<grid_size(rows), kBlockThreads, 0, s>>>(x, y, rows, L.n, L.x_stride, log);
-      break;
-    case Plan::kBlockScalars:
-      softmax_block_kernel<T, U, kBlockScalars, 1>
-          <<<grid_size(rows), kBlockThreads, 0, s>>>(x, y, rows, L.n, L.x_stride, log);
-      break;
-    case Plan::kSplitPacks:
-    case Plan::kSplitScalars: {
-      const int64_t parts = ceil_div(L.n, chunk_of<T>(plan));
-      A* part_m = static_cast<A*>(workspace);
-      A* part_s = part_m + rows * parts;
-      const dim3 grid = split_grid(parts, rows);
-      if (plan == Plan::kSplitPacks) {
-        row_parts_kernel<T, A, kBlockPacks, kPack<T>>
-            <<<grid, kBlockThreads, 0, s>>>(x, part_m, part_s, rows, L.n, L.x_stride, parts);
-        softmax_finish_kernel<T, U, kBlockPacks, kPack<T>><<<grid, kBlockThreads, 0, s>>>(
-            x, y, part_m, part_s, rows, L.n, L.x_stride, parts, log);
-      } else {
-        row_parts_kernel<T, A, kBlockScalars, 1>
-            <<<grid, kBlockThreads, 0, s>>>(x, part_m, part_s, rows, L.n, L.x_stride, parts);
-        softmax_finish_kernel<T, U, kBlockScalars, 1><<<grid, kBlockThreads, 0, s>>>(
-            x, y, part_m, part_s, rows, L.n, L.x_stride, parts, log);
-      }
-      break;
-    }
-    case Plan::kStrided:
-      softmax_strided_kernel<T, U>
-          <<<grid_size(ceil_div(rows, kStridedThreads)), kStridedThreads, 0, s>>>(x, y, L, log);
-      break;
+  if (L.inner != 1) {
+    const dim3 block = strided_block(L.inner);
+    softmax_strided_kernel<T, U>
+        <<<strided_blocks(L, block), block, 0, s>>>(x, y, L, strided_tiles(L, block), log);
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
+  const int r = row_threads<T>(L.n, kForwardItems<T>, rows_aligned<T>(x, L.x_stride));
+  if (r == 0) {
+    const int64_t parts = parts_of<T>(L.n, forward_span<T>());
+    A* part_m = static_cast<A*>(workspace);
+    A* part_s = part_m + rows * parts;
+    A* row_m = part_s + rows * parts;
+    A* row_s = row_m + rows;
+    row_parts_kernel<T, A><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
+        x, part_m, part_s, rows, L.n, L.x_stride, parts);
+    merge_parts_kernel<T, A><<<grid_size(rows), kMergeThreads, 0, s>>>(
+        part_m, part_s, rows, parts, row_m, row_s, static_cast<T*>(nullptr), nullptr);
+    if (log) {
+      softmax_finish_kernel<T, U, true><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
+          x, y, row_m, row_s, rows, L.n, L.x_stride, parts);
+    } else {
+      softmax_finish_kernel<T, U, false><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
+          x, y, row_m, row_s, rows, L.n, L.x_stride, parts);
+    }
+    return cudaGetLastError();
+  }
+  return with_row_threads(r, [&](auto threads) {
+    constexpr int R = decltype(threads)::value;
+    if (log) {
+      softmax_rows_kernel<T, U, R, kForwardItems<T>, true>
+          <<<row_blocks<R>(rows), block_threads(R), 0, s>>>(x, y, rows, L.n, L.x_stride);
+    } else {
+      softmax_rows_kernel<T, U, R, kForwardItems<T>, false>
+          <<<row_blocks<R>(rows), block_threads(R), 0, s>>>(x, y, rows, L.n, L.x_stride);
+    }
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -499,49 +701,31 @@ cudaError_t logsumexp_forward_typed(const T* x, T* out, double* lse, const Layou
                                     void* workspace, cudaStream_t s) {
   using A = acc_of<T>;
   const int64_t rows = L.rows();
-  const Plan plan = plan_for<T>(L, aligned<T>(x, L.x_stride, L.n));
-  switch (plan) {
-    case Plan::kWarpPacks:
-      logsumexp_warp_kernel<T, kWarpPacks, kPack<T>>
-          <<<grid_size(ceil_div(rows, kWarpRows)), kWarpBlock, 0, s>>>(x, out, lse, rows, L.n,
-                                                                       L.x_stride);
-      break;
-    case Plan::kWarpScalars:
-      logsumexp_warp_kernel<T, kWarpScalars, 1>
-          <<<grid_size(ceil_div(rows, kWarpRows)), kWarpBlock, 0, s>>>(x, out, lse, rows, L.n,
-                                                                       L.x_stride);
-      break;
-    case Plan::kBlockPacks:
-      logsumexp_block_kernel<T, kBlockPacks, kPack<T>>
-          <<<grid_size(rows), kBlockThreads, 0, s>>>(x, out, lse, rows, L.n, L.x_stride);
-      break;
-    case Plan::kBlockScalars:
-      logsumexp_block_kernel<T, kBlockScalars, 1>
-          <<<grid_size(rows), kBlockThreads, 0, s>>>(x, out, lse, rows, L.n, L.x_stride);
-      break;
-    case Plan::kSplitPacks:
-    case Plan::kSplitScalars: {
-      const int64_t parts = ceil_div(L.n, chunk_of<T>(plan));
-      A* part_m = static_cast<A*>(workspace);
-      A* part_s = part_m + rows * parts;
-      if (plan == Plan::kSplitPacks) {
-        row_parts_kernel<T, A, kBlockPacks, kPack<T>>
-            <<<split_grid(parts, rows), kBlockThreads, 0, s>>>(x, part_m, part_s, rows, L.n,
-                                                               L.x_stride, parts);
-      } else {
-        row_parts_kernel<T, A, kBlockScalars, 1><<<split_grid(parts, rows), kBlockThreads, 0, s>>>(
-            x, part_m, part_s, rows, L.n, L.x_stride, parts);
-      }
-      logsumexp_finish_kernel<T>
-          <<<grid_size(rows), kBlockThreads, 0, s>>>(part_m, part_s, out, lse, rows, parts);
-      break;
-    }
-    case Plan::kStrided:
-      logsumexp_strided_kernel<T>
-          <<<grid_size(ceil_div(rows, kStridedThreads)), kStridedThreads, 0, s>>>(x, out, lse, L);
-      break;
+  if (L.inner != 1) {
+    const dim3 block = strided_block(L.inner);
+    logsumexp_strided_kernel<T>
+        <<<strided_blocks(L, block), block, 0, s>>>(x, out, lse, L, strided_tiles(L, block));
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
+  const int r = row_threads<T>(L.n, kForwardItems<T>, rows_aligned<T>(x, L.x_stride));
+  if (r == 0) {
+    const int64_t parts = parts_of<T>(L.n, forward_span<T>());
+    A* part_m = static_cast<A*>(workspace);
+    A* part_s = part_m + rows * parts;
+    A* row_m = part_s + rows * parts;
+    A* row_s = row_m + rows;
+    row_parts_kernel<T, A><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
+        x, part_m, part_s, rows, L.n, L.x_stride, parts);
+    merge_parts_kernel<T, A><<<grid_size(rows), kMergeThreads, 0, s>>>(part_m, part_s, rows, parts,
+                                                                       row_m, row_s, out, lse);
+    return cudaGetLastError();
+  }
+  return with_row_threads(r, [&](auto threads) {
+    constexpr int R = decltype(threads)::value;
+    logsumexp_rows_kernel<T, R, kForwardItems<T>>
+        <<<row_blocks<R>(rows), block_threads(R), 0, s>>>(x, out, lse, rows, L.n, L.x_stride);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T, typename U>
@@ -549,49 +733,43 @@ cudaError_t softmax_backward_typed(const T* grad, const T* y, U* dx, const Layou
                                    void* workspace, cudaStream_t s) {
   using A = acc_of<T, U>;
   const int64_t rows = L.rows();
-  const bool packs =
-      aligned<T>(grad, L.n, L.n) && aligned<T>(y, L.n, L.n) && aligned<U>(dx, L.n, L.n);
-  const Plan plan = plan_for<T>(L, packs);
-  switch (plan) {
-    case Plan::kWarpPacks:
-      backward_warp_kernel<T, U, kWarpPacks, kPack<T>>
-          <<<grid_size(ceil_div(rows, kWarpRows)), kWarpBlock, 0, s>>>(grad, y, dx, rows, L.n, log);
-      break;
-    case Plan::kWarpScalars:
-      backward_warp_kernel<T, U, kWarpScalars, 1>
-          <<<grid_size(ceil_div(rows, kWarpRows)), kWarpBlock, 0, s>>>(grad, y, dx, rows, L.n, log);
-      break;
-    case Plan::kBlockPacks:
-      backward_block_kernel<T, U, kBlockPacks, kPack<T>>
-          <<<grid_size(rows), kBlockThreads, 0, s>>>(grad, y, dx, rows, L.n, log);
-      break;
-    case Plan::kBlockScalars:
-      backward_block_kernel<T, U, kBlockScalars, 1>
-          <<<grid_size(rows), kBlockThreads, 0, s>>>(grad, y, dx, rows, L.n, log);
-      break;
-    case Plan::kSplitPacks:
-    case Plan::kSplitScalars: {
-      const int64_t parts = ceil_div(L.n, chunk_of<T>(plan));
-      A* partial = static_cast<A*>(workspace);
-      const dim3 grid = split_grid(parts, rows);
-      if (plan == Plan::kSplitPacks) {
-        backward_parts_kernel<T, A, kBlockPacks, kPack<T>>
-            <<<grid, kBlockThreads, 0, s>>>(grad, y, partial, rows, L.n, parts, log);
-        backward_finish_kernel<T, U, kBlockPacks, kPack<T>>
-            <<<grid, kBlockThreads, 0, s>>>(grad, y, dx, partial, rows, L.n, parts, log);
-      } else {
-        backward_parts_kernel<T, A, kBlockScalars, 1>
-            <<<grid, kBlockThreads, 0, s>>>(grad, y, partial, rows, L.n, parts, log);
-        backward_finish_kernel<T, U, kBlockScalars, 1>
-            <<<grid, kBlockThreads, 0, s>>>(grad, y, dx, partial, rows, L.n, parts, log);
-      }
-      break;
-    }
-    case Plan::kStrided:
-      backward_strided_kernel<T, U>
-          <<<grid_size(ceil_div(rows, kStridedThreads)), kStridedThreads, 0, s>>>(grad, y, dx, L,
-                                                                                  log);
-      break;
+  if (L.inner != 1) {
+    const dim3 block = strided_block(L.inner);
+    backward_strided_kernel<T, U>
+        <<<strided_blocks(L, block), block, 0, s>>>(grad, y, dx, L, strided_tiles(L, block), log);
+    return cudaGetLastError();
+  }
+  const int r = row_threads<T>(L.n, kBackwardItems, rows_aligned<T>(grad, L.n));
+  if (r == 0) {
+    const int64_t parts = parts_of<T>(L.n, backward_span<T>());
+    A* partial = static_cast<A*>(workspace);
+    A* row_total = partial + rows * parts;
+    backward_parts_kernel<T, A><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
+        grad, y, partial, rows, L.n, parts, log);
+    sum_parts_kernel<A><<<grid_size(rows), kMergeThreads, 0, s>>>(partial, rows, parts, row_total);
+    backward_finish_kernel<T, U><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
+        grad, y, dx, row_total, rows, L.n, parts, log);
+    return cudaGetLastError();
+  }
+  return with_row_threads(r, [&](auto threads) {
+    constexpr int R = decltype(threads)::value;
+    backward_rows_kernel<T, U, R, kBackwardItems>
+        <<<row_blocks<R>(rows), block_threads(R), 0, s>>>(grad, y, dx, rows, L.n, log);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi,
+                                     const acc_of<T>* lo, const T* x, T* dx, const Layout& L,
+                                     cudaStream_t s) {
+  if (L.inner != 1) {
+    const dim3 block = strided_block(L.inner);
+    logsumexp_backward_strided_kernel<T><<<strided_blocks(L, block), block, 0, s>>>(
+        grad, hi, lo, x, dx, L, strided_tiles(L, block));
+  } else {
+    logsumexp_backward_kernel<T><<<grid_size(L.rows()), kMapThreads, 0, s>>>(
+        grad, hi, lo, x, dx, L.rows(), L.n, L.x_stride);
   }
   return cudaGetLastError();
 }
@@ -600,12 +778,26 @@ cudaError_t softmax_backward_typed(const T* grad, const T* y, U* dx, const Layou
 }  // namespace detail
 
 size_t workspace_bytes(const Layout& L, Dtype in, Dtype out) {
-  // Rows split only when longer than a block holds, and the unaligned plan's chunk is the
-  // smallest (most parts): room for two per-part arrays (m and s', or the partial sums).
-  const int64_t chunk = int64_t(detail::kBlockThreads) * detail::kBlockScalars;
-  if (L.inner != 1 || L.n <= chunk) return 0;
-  const int64_t parts = detail::ceil_div(L.n, chunk);
-  return static_cast<size_t>(2 * L.rows() * parts) * detail::element_size(accumulation(in, out));
+  // The split paths' per-piece and per-row values: two arrays of each forward (m and s'), one
+  // backward. Sized for the shorter backward pieces, whichever pass asks.
+  if (L.inner != 1) return 0;
+  const Dtype acc = accumulation(in, out);
+  int64_t items = 0, span = 0, vec = 0;
+  switch (in) {
+    case Dtype::kFloat64:
+      vec = 2;
+      break;
+    case Dtype::kFloat32:
+      vec = 4;
+      break;
+    default:
+      vec = 8;
+  }
+  items = detail::kBackwardItems;
+  span = int64_t(detail::kMaxRowThreads) * items * vec;
+  if (L.n + vec - 1 <= span) return 0;
+  const int64_t parts = detail::ceil_div(L.n + vec - 1, span);
+  return static_cast<size_t>(2 * (L.rows() * parts + L.rows())) * detail::element_size(acc);
 }
 
 cudaError_t softmax_forward(const void* x, Dtype x_type, void* y, Dtype y_type, const Layout& L,
@@ -642,11 +834,9 @@ cudaError_t logsumexp_backward(const void* grad, const void* hi, const void* lo,
   return detail::with_pair(x_type, x_type, [&](auto xt, auto) -> cudaError_t {
     using T = decltype(xt);
     using A = acc_of<T>;
-    detail::logsumexp_backward_kernel<T>
-        <<<detail::grid_size(detail::ceil_div(L.outer * L.block(), 256)), 256, 0, stream>>>(
-            static_cast<const A*>(grad), static_cast<const A*>(hi), static_cast<const A*>(lo),
-            static_cast<const T*>(x), static_cast<T*>(dx), L);
-    return cudaGetLastError();
+    return detail::logsumexp_backward_typed<T>(
+        static_cast<const A*>(grad), static_cast<const A*>(hi), static_cast<const A*>(lo),
+        static_cast<const T*>(x), static_cast<T*>(dx), L, stream);
   });
 }
 

@@ -95,6 +95,51 @@ Ref reference(const std::vector<double>& x) {
 
 // ---------------------------------------------------------------------------------------
 
+// The two-pass form (max first, then SumsAtMax) gives the online state, special values and
+// -inf padding included.
+void test_two_pass_state() {
+  using stablekernels::state_at_max;
+  using stablekernels::SumsAtMax;
+  using S = RowState<double>;
+  const std::vector<std::vector<double>> rows = {
+      {0.5, -3.0, 2.0, 2.0, -kInf, 1.25, -20.0},
+      {-kInf, -kInf, -kInf},
+      {1.0, kInf, 2.0, kInf},
+      {1.0, kNaN, 2.0},
+      {-kInf, kNaN},
+      {kNaN, kNaN},
+      {0.0, -20.0},
+  };
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const auto& row = rows[r];
+    S online = S::empty();
+    for (double v : row) online.update(v);
+    for (int pad = 0; pad <= 3; pad += 3) {  // a kernel pads its registers with -inf
+      std::vector<double> padded = row;
+      padded.insert(padded.end(), pad, -kInf);
+      double m = -kInf;
+      for (double v : padded) m = std::fmax(m, v);
+      SumsAtMax<double> sums = SumsAtMax<double>::empty();
+      for (double v : padded) sums.add(v, m);
+      const S two = state_at_max(m, sums, static_cast<double>(row.size()));
+      const std::string what =
+          "two-pass state of row " + std::to_string(r) + " pad " + std::to_string(pad);
+      if (std::isnan(online.s)) {
+        expect(std::isnan(two.s), what + " (NaN)");
+      } else {
+        expect(two.m == online.m && close(two.s, online.s, 1e-15), what);
+      }
+      expect(close(finish_lse(two), finish_lse(online), 1e-15), what + " logsumexp");
+    }
+  }
+  // s' of [0, -20] keeps exp(-20) to full relative precision: the max is counted, not added.
+  SumsAtMax<double> sums = SumsAtMax<double>::empty();
+  sums.add(0.0, 0.0);
+  sums.add(-20.0, 0.0);
+  expect(state_at_max(0.0, sums, 2.0).s == std::exp(-20.0), "s' of [0, -20], two-pass");
+  expect(state_at_max(-kInf, SumsAtMax<double>::empty(), 0.0).s == -1, "no elements: empty");
+}
+
 void test_online_state() {
   using S = RowState<double>;
   const std::vector<double> row = {0.5, -3.0, 2.0, 2.0, -kInf, 1.25, -20.0};
@@ -412,6 +457,7 @@ void test_table(const KernelTable& t) {
 
 int main() {
   test_online_state();
+  test_two_pass_state();
   test_table(stablekernels::cpu::capability_default::kTable);
 #ifdef SK_HAVE_AVX2
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
