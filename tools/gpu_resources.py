@@ -289,9 +289,10 @@ def write_table(triton_rows: list[Compiled], cuda_rows: list[Compiled]) -> None:
         "Registers per thread, spill bytes per thread and shared memory per block, for sm_80 "
         "(A100) and sm_90 (H100). CI (`tests/test_gpu_static.py`) compiles every Triton "
         "variant below for both and fails on a spill outside float64 and on a cross-entropy "
-        "kernel without its device-side target check. float64 variants may spill (they hold "
-        "twice the registers per element); the CUDA kernels' spills are reported here and "
-        "are the target of their rebuild to the bandwidth model.",
+        "kernel without its device-side target check; `tests/test_cuda_sass.py` fails on a "
+        "CUDA kernel spilling outside float64 (and checks their SASS against the bandwidth "
+        "model of `docs/cuda_model.md`). float64 variants may spill (they hold twice the "
+        "registers per element).",
         "",
         "A Triton variant is a distinct compilation: pointer dtypes, constexprs, num_warps "
         "and Triton's specialisation of integer arguments (== 1, divisible by 16), from the "
