@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   constexpr int64_t kSpan = forward_span<T>();
   const int lane = static_cast<int>(threadIdx.x);
   for (GridWalk w(parts); w.q < rows; w.next()) {
-    const int64_t row = w.q, part = w.r, p = row * parts + part;
+    const int64_t row = w.q, part = w.r;
     const RowState<A> st{row_m[row], row_s[row]};
     const T* xr = x + row * x_stride;
     const int64_t first = part * kSpan - pack_shift(xr);
@@ -489,7 +489,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   using A = acc_of<T, U>;
   const int lane = static_cast<int>(threadIdx.x);
   for (GridWalk w(parts); w.q < rows; w.next()) {
-    const int64_t row = w.q, part = w.r, p = row * parts + part;
+    const int64_t row = w.q, part = w.r;
     const int64_t first = part * backward_span<T>() - pack_shift(grad + row * n);
     BackwardPiece<T, A, kMaxRowThreads, kBackwardItems> piece;
     piece.load(grad + row * n, y + row * n, first, n, lane, log);
