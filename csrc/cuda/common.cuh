@@ -112,9 +112,10 @@ __device__ __forceinline__ A infinity() {
   return static_cast<A>(INFINITY);
 }
 
-template <typename A>
-__device__ __forceinline__ A quiet_nan() {
-  return static_cast<A>(NAN);
+// -inf in T (a half type too): the padding of a forward row.
+template <typename T>
+__device__ __forceinline__ T minus_infinity() {
+  return from_acc<T>(-infinity<float>());
 }
 
 // VEC elements loaded or stored with one 16-byte (or narrower) access.

@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(THREADS)
 #pragma unroll
       for (int k = 0; k < kTileItems; ++k) {
         const int64_t j = first + (int64_t(k) * THREADS + lane) * kVec;
-        p[k] = load_pack(xr, j, classes, from_acc<T>(-infinity<float>()));
+        p[k] = load_pack(xr, j, classes, minus_infinity<T>());
         if (smoothing) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {

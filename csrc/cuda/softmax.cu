@@ -44,11 +44,6 @@ __device__ __forceinline__ int64_t slot(int64_t first, int k, int lane) {
   return first + (static_cast<int64_t>(k) * R + lane) * VEC;
 }
 
-template <typename T>
-__device__ __forceinline__ T minus_infinity() {
-  return from_acc<T>(-infinity<float>());
-}
-
 // ---------------------------------------------------------------------------------------
 // The forward pass over one piece of a row held in registers: loads, max, exps, sums. The
 // piece spans frame positions [first + shift, first + shift + R * ITEMS * VEC) of the row;
@@ -102,6 +97,16 @@ struct ForwardPiece {
     }
   }
 
+  // The whole forward fold of the piece, `count` of whose elements lie inside the row: loads,
+  // the max reduced over the group, one exp per element, the sums reduced; the piece's state.
+  __device__ __forceinline__ RowState<A> fold(const T* __restrict__ row, int64_t first, int64_t n,
+                                              int lane, bool log, int64_t count) {
+    load(row, first, n, lane);
+    m = group_reduce_all<R>(m, Max{});
+    exps(first, n, lane, log);
+    return state_at_max(m, group_reduce_all<R>(sums, Sum{}), static_cast<A>(count));
+  }
+
   // The row's outputs: v * scale (softmax) or v - shift (log_softmax), one of them per row.
   template <typename U>
   __device__ __forceinline__ void store(U* __restrict__ row, int64_t first, int64_t n, int lane,
@@ -136,10 +141,7 @@ __global__ void __launch_bounds__(block_threads(R))
     const T* xr = x + row * x_stride;
     const int64_t first = -pack_shift(xr);
     ForwardPiece<T, A, R, ITEMS> piece;
-    piece.load(xr, first, n, lane);
-    piece.m = group_reduce_all<R>(piece.m, Max{});
-    piece.exps(first, n, lane, LOG);
-    const RowState<A> st = state_at_max(piece.m, group_reduce_all<R>(piece.sums, Sum{}), A(n));
+    const RowState<A> st = piece.fold(xr, first, n, lane, LOG, n);
     piece.store(y + row * n, first, n, lane, LOG, softmax_scale(st), log_softmax_shift(st));
   }
 }
@@ -164,10 +166,7 @@ __global__ void __launch_bounds__(block_threads(R))
     const T* xr = x + row * x_stride;
     const int64_t first = -pack_shift(xr);
     ForwardPiece<T, A, R, ITEMS> piece;
-    piece.load(xr, first, n, lane);
-    piece.m = group_reduce_all<R>(piece.m, Max{});
-    piece.exps(first, n, lane, false);
-    const RowState<A> st = state_at_max(piece.m, group_reduce_all<R>(piece.sums, Sum{}), A(n));
+    const RowState<A> st = piece.fold(xr, first, n, lane, false, n);
     if (lane == 0) store_lse(out, lse, row, st);
   }
 }
@@ -191,13 +190,9 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     const int64_t row = w.q, part = w.r, p = row * parts + part;
     const T* xr = x + row * x_stride;
     const int64_t first = part * kSpan - pack_shift(xr);
-    ForwardPiece<T, A, kMaxRowThreads, kForwardItems<T>> piece;
-    piece.load(xr, first, n, lane);
-    piece.m = group_reduce_all<kMaxRowThreads>(piece.m, Max{});
-    piece.exps(first, n, lane, false);
-    const SumsAtMax<A> sums = group_reduce_all<kMaxRowThreads>(piece.sums, Sum{});
     const int64_t count = (first + kSpan < n ? first + kSpan : n) - (first > 0 ? first : 0);
-    const RowState<A> st = state_at_max(piece.m, sums, static_cast<A>(count > 0 ? count : 0));
+    ForwardPiece<T, A, kMaxRowThreads, kForwardItems<T>> piece;
+    const RowState<A> st = piece.fold(xr, first, n, lane, false, count > 0 ? count : 0);
     if (lane == 0) {
       part_m[p] = st.m;
       part_s[p] = st.s;
@@ -652,6 +647,23 @@ unsigned strided_blocks(const Layout& L, dim3 block) {
   return grid_size(L.outer * strided_tiles(L, block));
 }
 
+// The split path's first two kernels: the states of the `parts` pieces of every row, merged
+// per row. The workspace holds the pieces' m and s', then the rows' (returned: row m, followed
+// by row s'); out and lse, when given, get the logsumexp.
+template <typename T, typename A>
+A* split_row_states(const T* x, const Layout& L, int64_t parts, void* workspace, T* out,
+                    double* lse, cudaStream_t s) {
+  const int64_t rows = L.rows();
+  A* part_m = static_cast<A*>(workspace);
+  A* part_s = part_m + rows * parts;
+  A* row_m = part_s + rows * parts;
+  row_parts_kernel<T, A><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(x, part_m, part_s, rows,
+                                                                            L.n, L.x_stride, parts);
+  merge_parts_kernel<T, A><<<grid_size(rows), kMergeThreads, 0, s>>>(part_m, part_s, rows, parts,
+                                                                     row_m, row_m + rows, out, lse);
+  return row_m;
+}
+
 template <typename T, typename U>
 cudaError_t softmax_forward_typed(const T* x, U* y, const Layout& L, bool log, void* workspace,
                                   cudaStream_t s) {
@@ -666,14 +678,8 @@ cudaError_t softmax_forward_typed(const T* x, U* y, const Layout& L, bool log, v
   const int r = row_threads<T>(L.n, kForwardItems<T>, rows_aligned<T>(x, L.x_stride));
   if (r == 0) {
     const int64_t parts = parts_of<T>(L.n, forward_span<T>());
-    A* part_m = static_cast<A*>(workspace);
-    A* part_s = part_m + rows * parts;
-    A* row_m = part_s + rows * parts;
+    A* row_m = split_row_states<T, A>(x, L, parts, workspace, static_cast<T*>(nullptr), nullptr, s);
     A* row_s = row_m + rows;
-    row_parts_kernel<T, A><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
-        x, part_m, part_s, rows, L.n, L.x_stride, parts);
-    merge_parts_kernel<T, A><<<grid_size(rows), kMergeThreads, 0, s>>>(
-        part_m, part_s, rows, parts, row_m, row_s, static_cast<T*>(nullptr), nullptr);
     if (log) {
       softmax_finish_kernel<T, U, true><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
           x, y, row_m, row_s, rows, L.n, L.x_stride, parts);
@@ -709,15 +715,7 @@ cudaError_t logsumexp_forward_typed(const T* x, T* out, double* lse, const Layou
   }
   const int r = row_threads<T>(L.n, kForwardItems<T>, rows_aligned<T>(x, L.x_stride));
   if (r == 0) {
-    const int64_t parts = parts_of<T>(L.n, forward_span<T>());
-    A* part_m = static_cast<A*>(workspace);
-    A* part_s = part_m + rows * parts;
-    A* row_m = part_s + rows * parts;
-    A* row_s = row_m + rows;
-    row_parts_kernel<T, A><<<grid_size(rows * parts), kMaxRowThreads, 0, s>>>(
-        x, part_m, part_s, rows, L.n, L.x_stride, parts);
-    merge_parts_kernel<T, A><<<grid_size(rows), kMergeThreads, 0, s>>>(part_m, part_s, rows, parts,
-                                                                       row_m, row_s, out, lse);
+    split_row_states<T, A>(x, L, parts_of<T>(L.n, forward_span<T>()), workspace, out, lse, s);
     return cudaGetLastError();
   }
   return with_row_threads(r, [&](auto threads) {
@@ -781,23 +779,12 @@ size_t workspace_bytes(const Layout& L, Dtype in, Dtype out) {
   // The split paths' per-piece and per-row values: two arrays of each forward (m and s'), one
   // backward. Sized for the shorter backward pieces, whichever pass asks.
   if (L.inner != 1) return 0;
-  const Dtype acc = accumulation(in, out);
-  int64_t items = 0, span = 0, vec = 0;
-  switch (in) {
-    case Dtype::kFloat64:
-      vec = 2;
-      break;
-    case Dtype::kFloat32:
-      vec = 4;
-      break;
-    default:
-      vec = 8;
-  }
-  items = detail::kBackwardItems;
-  span = int64_t(detail::kMaxRowThreads) * items * vec;
+  const int64_t vec = 16 / static_cast<int64_t>(detail::element_size(in));  // kPack of in
+  const int64_t span = int64_t(detail::kMaxRowThreads) * detail::kBackwardItems * vec;
   if (L.n + vec - 1 <= span) return 0;
   const int64_t parts = detail::ceil_div(L.n + vec - 1, span);
-  return static_cast<size_t>(2 * (L.rows() * parts + L.rows())) * detail::element_size(acc);
+  return static_cast<size_t>(2 * (L.rows() * parts + L.rows())) *
+         detail::element_size(accumulation(in, out));
 }
 
 cudaError_t softmax_forward(const void* x, Dtype x_type, void* y, Dtype y_type, const Layout& L,
