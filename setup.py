@@ -13,7 +13,9 @@ Environment:
   MAX_JOBS=N                     parallel compile jobs (torch.utils.cpp_extension)
 
 The extension is built against the torch already installed, so build without isolation:
-``pip install --no-build-isolation .``
+``pip install --no-build-isolation .``. The package then requires that torch release
+(``torch==2.13.*`` when built against 2.13.0), so pip refuses to pair the built extension
+with another torch.
 """
 
 from __future__ import annotations
@@ -196,5 +198,21 @@ def extension_build() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithCapabilities}}
 
 
+PURE_PYTHON_REQUIREMENT = "torch>=2.5"
+
+
+def torch_requirement(extension_built: bool) -> str:
+    """The torch a wheel may be installed with: the minor release the extension was built
+    against (its compiled code links to that torch's C++ ABI and works with it only), or
+    any supported torch for the pure-Python package."""
+    if not extension_built:
+        return PURE_PYTHON_REQUIREMENT
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
+
+
 if __name__ == "__main__":  # run by pip and setuptools; importable by the tests
-    setup(**extension_build())
+    build = extension_build()
+    setup(install_requires=[torch_requirement(bool(build))], **build)

@@ -12,8 +12,10 @@ The ops are ``torch.ops.stablekernels.*`` custom ops with autograd and fake kern
 work under ``torch.compile(fullgraph=True)``.
 """
 
-from . import (
-    _autograd,  # noqa: F401  (registers the autograd of the ops)
+from . import (  # noqa: F401  (_autocast, _autograd, _batching register rules of the ops)
+    _autocast,
+    _autograd,
+    _batching,
     distributed,
     naive,
     nn,

@@ -1,142 +1,255 @@
-"""Autograd of the ops of :mod:`stablekernels._ops`, the backward ops included, so that the
-backward is itself differentiable (gradgradcheck holds). The formulas::
+"""Autograd of every op of :mod:`stablekernels._ops`: reverse mode, forward mode and the
+torch.func transforms, the backward ops included (so gradients of gradients, Hessians and
+forward-over-reverse all work).
 
-    softmax      dx = y * (dy - sum(dy * y))
-    log_softmax  dx = dy - exp(y) * sum(dy)
-    logsumexp    dx = dy * exp(x - lse)
-    cross_entropy: docs/design.md
+Each op's Autograd kernel is an ``autograd.Function`` with ``setup_context`` (so that
+``torch.func.grad``/``jacrev``/``hessian`` accept it), ``backward``, ``jvp`` (forward mode:
+``torch.func.jvp``/``jacfwd``, ``forward_ad``) and ``generate_vmap_rule`` (its forward,
+backward and jvp run under ``vmap`` through the batching rules of
+:mod:`stablekernels._batching`). The op itself stays one opaque node for ``torch.compile``
+and ``torch.export``; the Function is what autograd runs. Formulas (p = softmax, t a
+tangent, g a cotangent, all along ``dim``)::
 
-The backward ops run on the backend of the forward (saved in the context). The derivatives
-of the backward ops are written in plain torch ops, so they are differentiable again.
+    softmax      vjp  y * (g - sum(g * y))          jvp  y * (t - sum(t * y))  (the same map)
+    log_softmax  vjp  g - p * sum(g)                jvp  t - sum(p * t)
+    logsumexp    vjp  g * p                         jvp  sum(p * t)
+    cross_entropy     docs/design.md
+
+The backward ops are linear in their incoming gradient, so their derivative along it is the
+backward op itself (one fused pass); the terms from the saved forward values are plain torch
+ops, which are differentiable again. Everything runs on the backend of the forward (an
+argument of every op). Class weights of cross-entropy are not differentiable, as in torch's
+nll_loss: a weight that requires grad raises at the backward (never a silent zero
+gradient), and a weight's forward-mode tangent is not used (torch ignores it too).
 """
 
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd import forward_ad
 
-from ._numerics import accumulation_dtype
-from ._ops import NAMESPACE, _lib, ops
-
-# ----------------------------------------------------------------------------------------
-# Autograd of the forward ops.
-
-
-def _save_output(ctx, inputs, output):
-    x, dim, _dtype, backend = inputs
-    ctx.save_for_backward(output)
-    ctx.dim, ctx.input_dtype, ctx.backend = dim, x.dtype, backend
-
-
-def _softmax_grad(ctx, grad):
-    (y,) = ctx.saved_tensors
-    return ops.softmax_backward(grad, y, ctx.dim, ctx.input_dtype, ctx.backend), None, None, None
-
-
-def _log_softmax_grad(ctx, grad):
-    (y,) = ctx.saved_tensors
-    dx = ops.log_softmax_backward(grad, y, ctx.dim, ctx.input_dtype, ctx.backend)
-    return dx, None, None, None
-
-
-def _logsumexp_setup(ctx, inputs, output):
-    x, dim, keepdim, backend = inputs
-    ctx.save_for_backward(x, output[1])
-    ctx.dim, ctx.keepdim, ctx.backend = dim, keepdim, backend
-
-
-def _logsumexp_grad(ctx, grad, grad_lse):
-    x, lse = ctx.saved_tensors
-    # Both outputs are the same quantity; a gradient may reach either.
-    if grad_lse is not None:
-        grad = grad + grad_lse
-    dx = ops.logsumexp_backward(grad, x, lse, ctx.dim, ctx.keepdim, ctx.backend)
-    return dx, None, None, None
-
-
-# ----------------------------------------------------------------------------------------
-# Autograd of the backward ops (double backward), in plain torch ops so it is
-# differentiable again. ``gg`` is the gradient flowing into dx.
+from ._numerics import accumulation_dtype, split_lse
+from ._ops import (
+    _lib,
+    counted_targets,
+    cross_entropy_backward_terms,
+    cross_entropy_row_tangent,
+    ops,
+)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(accumulation_dtype(t.dtype))
 
 
-def _save_backward_inputs(ctx, inputs, output):
+def _row_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.sum(dim, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------
+# softmax and log_softmax: inputs (x, dim, dtype, backend), output y.
+
+
+def _softmax_setup(ctx, inputs, output):
+    x, dim, _dtype, backend = inputs
+    ctx.save_for_backward(output)
+    ctx.save_for_forward(output)
+    ctx.dim, ctx.input_dtype, ctx.backend = dim, x.dtype, backend
+
+
+def _softmax_vjp(ctx, g):
+    (y,) = ctx.saved_tensors
+    return ops.softmax_backward(g, y, ctx.dim, ctx.input_dtype, ctx.backend), None, None, None
+
+
+def _softmax_jvp(ctx, t, *_):
+    # The Jacobian diag(y) - y y^T is symmetric: the jvp is the backward kernel's map.
+    (y,) = ctx.saved_tensors
+    return ops.softmax_backward(t, y, ctx.dim, y.dtype, ctx.backend)
+
+
+def _log_softmax_vjp(ctx, g):
+    (y,) = ctx.saved_tensors
+    return ops.log_softmax_backward(g, y, ctx.dim, ctx.input_dtype, ctx.backend), None, None, None
+
+
+def _log_softmax_jvp(ctx, t, *_):
+    (y,) = ctx.saved_tensors
+    ta = _acc(t)
+    return (ta - _row_sum(torch.exp(_acc(y)) * ta, ctx.dim)).to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# logsumexp: inputs (x, dim, keepdim, backend), outputs (out in x.dtype, lse in float64).
+
+
+class _Rows:
+    """How a logsumexp-shaped (reduced) tensor lines up with x: ``expand`` gives it x's
+    rank (size 1 along dim), ``reduce`` sums an x-shaped tensor into the reduced shape."""
+
+    def __init__(self, x: torch.Tensor, dim: int, keepdim: bool):
+        self.dim = None if x.dim() == 0 else dim
+        self.keepdim = keepdim
+
+    def expand(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.dim is None or self.keepdim else t.unsqueeze(self.dim)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.dim is None else t.sum(self.dim, keepdim=self.keepdim)
+
+
+def _probabilities(x: torch.Tensor, lse: torch.Tensor, rows: _Rows) -> torch.Tensor:
+    """p = exp(x - lse) in the accumulation dtype, as ``(x - hi) - lo`` (split_lse)."""
+    hi, lo = split_lse(rows.expand(lse), accumulation_dtype(x.dtype))
+    return torch.exp((_acc(x) - hi) - lo)
+
+
+def _logsumexp_setup(ctx, inputs, output):
+    x, dim, keepdim, backend = inputs
+    ctx.save_for_backward(x, output[1])
+    ctx.save_for_forward(x, output[1])
+    ctx.dim, ctx.keepdim, ctx.backend = dim, keepdim, backend
+
+
+def _logsumexp_vjp(ctx, g, g_lse):
+    x, lse = ctx.saved_tensors
+    # Both outputs are the same quantity; a gradient may reach either.
+    if g is None:
+        g = g_lse.to(x.dtype)
+    elif g_lse is not None:
+        g = g + g_lse
+    dx = ops.logsumexp_backward(g, x, lse, ctx.dim, ctx.keepdim, ctx.backend)
+    return dx, None, None, None
+
+
+def _logsumexp_jvp(ctx, t, *_):
+    x, lse = ctx.saved_tensors
+    rows = _Rows(x, ctx.dim, ctx.keepdim)
+    dot = rows.reduce(_probabilities(x, lse, rows) * _acc(t))
+    return dot.to(x.dtype), dot.to(torch.float64)
+
+
+# ----------------------------------------------------------------------------------------
+# The backward ops of softmax and log_softmax: inputs (grad, y, dim, input_dtype, backend).
+
+
+def _softmax_backward_setup(ctx, inputs, output):
     grad, y, dim, input_dtype, backend = inputs
     ctx.save_for_backward(grad, y)
-    ctx.dim, ctx.backend = dim, backend
+    ctx.save_for_forward(grad, y)
+    ctx.dim, ctx.input_dtype, ctx.backend = dim, input_dtype, backend
 
 
-def _softmax_backward_grad(ctx, gg):
-    # dx = y*dy - y*sum(dy*y)
-    #   d/d dy:  y * (gg - sum(gg*y))                 (softmax_backward again)
-    #   d/d y:   gg * (dy - sum(dy*y)) - dy * sum(gg*y)
-    dy, y = ctx.saved_tensors
-    dim = ctx.dim
-    d_dy = ops.softmax_backward(gg.to(y.dtype), y, dim, dy.dtype, ctx.backend)
-    g, yf, dyf = _acc(gg), _acc(y), _acc(dy)
-    d_y = g * (dyf - (dyf * yf).sum(dim, keepdim=True)) - dyf * (g * yf).sum(dim, keepdim=True)
-    return d_dy, d_y.to(y.dtype), None, None, None
+def _softmax_backward_y_term(g, y, dy, dim):
+    """d/dy of dx = y * (g - sum(g * y)), applied to dy (in the accumulation dtype)."""
+    return dy * (g - _row_sum(g * y, dim)) - y * _row_sum(g * dy, dim)
 
 
-def _log_softmax_backward_grad(ctx, gg):
-    # dx = dy - exp(y) * sum(dy)
-    #   d/d dy:  gg - sum(gg * exp(y))
-    #   d/d y:   -gg * exp(y) * sum(dy)
-    dy, y = ctx.saved_tensors
-    dim = ctx.dim
-    g, p, dyf = _acc(gg), torch.exp(_acc(y)), _acc(dy)
-    d_dy = g - (g * p).sum(dim, keepdim=True)
-    d_y = -g * p * dyf.sum(dim, keepdim=True)
-    return d_dy.to(dy.dtype), d_y.to(y.dtype), None, None, None
+def _softmax_backward_vjp(ctx, gg):
+    # dx = y*g - y*sum(g*y): along g the map is softmax_backward itself (symmetric); the
+    # transpose of the map along y is gg*(g - sum(g*y)) - g*sum(gg*y).
+    g, y = ctx.saved_tensors
+    d_g = ops.softmax_backward(gg, y, ctx.dim, g.dtype, ctx.backend)
+    gga, ya, ga = _acc(gg), _acc(y), _acc(g)
+    d_y = gga * (ga - _row_sum(ga * ya, ctx.dim)) - ga * _row_sum(gga * ya, ctx.dim)
+    return d_g, d_y.to(y.dtype), None, None, None
+
+
+def _softmax_backward_jvp(ctx, t_g, t_y, *_):
+    g, y = ctx.saved_tensors
+    out = 0
+    if t_g is not None:
+        out = ops.softmax_backward(t_g, y, ctx.dim, ctx.input_dtype, ctx.backend)
+    if t_y is not None:
+        out = out + _softmax_backward_y_term(_acc(g), _acc(y), _acc(t_y), ctx.dim)
+    return out.to(ctx.input_dtype)
+
+
+def _log_softmax_backward_vjp(ctx, gg):
+    # dx = g - exp(y) * sum(g):  d/dg: gg - sum(gg * exp(y));  d/dy: -gg * exp(y) * sum(g)
+    g, y = ctx.saved_tensors
+    gga, p, ga = _acc(gg), torch.exp(_acc(y)), _acc(g)
+    d_g = gga - _row_sum(gga * p, ctx.dim)
+    d_y = -gga * p * _row_sum(ga, ctx.dim)
+    return d_g.to(g.dtype), d_y.to(y.dtype), None, None, None
+
+
+def _log_softmax_backward_jvp(ctx, t_g, t_y, *_):
+    g, y = ctx.saved_tensors
+    out = 0
+    if t_g is not None:
+        out = ops.log_softmax_backward(t_g, y, ctx.dim, ctx.input_dtype, ctx.backend)
+    if t_y is not None:
+        p = torch.exp(_acc(y))
+        out = out - p * _acc(t_y) * _row_sum(_acc(g), ctx.dim)
+    return out.to(ctx.input_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# logsumexp's backward op: inputs (grad, x, lse, dim, keepdim, backend), dx = g * p.
 
 
 def _logsumexp_backward_setup(ctx, inputs, output):
-    grad, x, result, dim, keepdim, backend = inputs
-    ctx.save_for_backward(grad, x, result)
-    ctx.dim, ctx.keepdim = dim, keepdim
+    grad, x, lse, dim, keepdim, backend = inputs
+    ctx.save_for_backward(grad, x, lse)
+    ctx.save_for_forward(grad, x, lse)
+    ctx.dim, ctx.keepdim, ctx.backend = dim, keepdim, backend
 
 
-def _logsumexp_backward_grad(ctx, gg):
-    # dx = dy * p with p = exp(x - lse)
-    #   d/d dy:  sum(gg * p)      d/d x: gg * dy * p      d/d lse: -sum(gg * dy * p)
-    dy, x, lse = ctx.saved_tensors
-    dim, keepdim = ctx.dim, ctx.keepdim
-    if x.dim() == 0:
-        dim = None
-    dyf, lsef = _acc(dy), _acc(lse)
-    if not keepdim and dim is not None:
-        dyf, lsef = dyf.unsqueeze(dim), lsef.unsqueeze(dim)
-    g = _acc(gg)
-    p = torch.exp(_acc(x) - lsef)
-    d_x = g * dyf * p
+def _logsumexp_backward_vjp(ctx, gg):
+    #   d/dg: sum(gg * p)      d/dx: gg * g * p      d/dlse: -sum(gg * g * p)
+    g, x, lse = ctx.saved_tensors
+    rows = _Rows(x, ctx.dim, ctx.keepdim)
+    p, gga = _probabilities(x, lse, rows), _acc(gg)
+    d_x = gga * rows.expand(_acc(g)) * p
+    d_g = rows.reduce(gga * p)
+    d_lse = -rows.reduce(d_x)
+    return d_g.to(g.dtype), d_x.to(x.dtype), d_lse.to(lse.dtype), None, None, None
 
-    def reduce(t):
-        return t if dim is None else t.sum(dim, keepdim=keepdim)
 
-    return (
-        reduce(g * p).to(dy.dtype),
-        d_x.to(x.dtype),
-        (-reduce(d_x)).to(lse.dtype),
-        None,
-        None,
-        None,
-    )
+def _logsumexp_backward_jvp(ctx, t_g, t_x, t_lse, *_):
+    g, x, lse = ctx.saved_tensors
+    rows = _Rows(x, ctx.dim, ctx.keepdim)
+    p = _probabilities(x, lse, rows)
+    out = 0
+    if t_g is not None:
+        out = rows.expand(_acc(t_g)) * p
+    shift = 0
+    if t_x is not None:
+        shift = _acc(t_x)
+    if t_lse is not None:
+        shift = shift - rows.expand(t_lse).to(p.dtype)
+    out = out + rows.expand(_acc(g)) * p * shift
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# cross_entropy: inputs (logits, target, weight, ignore_index, label_smoothing, z_loss,
+# backend), outputs (loss per row, lse per row). The options after (logits, target, weight)
+# are passed on to the backward op in the same order, so a new option needs nothing here.
+
+
+def _refuse_weight_derivative(asked: bool) -> None:
+    if asked:
+        raise RuntimeError(
+            "cross_entropy(): the loss is not differentiable with respect to the class "
+            "weights (as torch's nll_loss); pass a weight that does not require grad"
+        )
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    # The non-tensor inputs after (logits, target, weight) are the options, passed on to the
-    # backward op as they are: cross_entropy_backward takes them in the same order, so a new
-    # option of the op needs nothing here.
     logits, target, weight = inputs[:3]
     ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.save_for_forward(logits, target, weight, output[1])
     ctx.options = tuple(inputs[3:])
 
 
-def _cross_entropy_grad(ctx, grad_loss, grad_lse):
-    # No gradient for the targets or the class weights (torch has none for weight either).
+def _cross_entropy_vjp(ctx, grad_loss, grad_lse):
     logits, target, weight, lse = ctx.saved_tensors
+    _refuse_weight_derivative(ctx.needs_input_grad[3])  # (call, logits, target, weight, ...)
     if grad_loss is None:
         grad_loss = lse.new_zeros(lse.shape, dtype=accumulation_dtype(logits.dtype))
     if grad_lse is None:
@@ -145,16 +258,215 @@ def _cross_entropy_grad(ctx, grad_loss, grad_lse):
     return (dx, None, None) + (None,) * len(ctx.options)
 
 
-_AUTOGRAD = {
-    "softmax": (_softmax_grad, _save_output),
-    "log_softmax": (_log_softmax_grad, _save_output),
-    "logsumexp": (_logsumexp_grad, _logsumexp_setup),
-    "softmax_backward": (_softmax_backward_grad, _save_backward_inputs),
-    "log_softmax_backward": (_log_softmax_backward_grad, _save_backward_inputs),
-    "logsumexp_backward": (_logsumexp_backward_grad, _logsumexp_backward_setup),
-    "cross_entropy": (_cross_entropy_grad, _cross_entropy_setup),
-}
-for _name, (_backward, _setup) in _AUTOGRAD.items():
-    torch.library.register_autograd(
-        f"{NAMESPACE}::{_name}", _backward, setup_context=_setup, lib=_lib
+def _cross_entropy_jvp(ctx, t_logits, *_):
+    logits, target, weight, lse = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, _backend = ctx.options
+    acc = accumulation_dtype(logits.dtype)
+    if t_logits is None:
+        t_logits = torch.zeros_like(logits)
+    return cross_entropy_row_tangent(
+        logits, _acc(t_logits), target, weight, lse, ignore_index, label_smoothing, z_loss, acc
     )
+
+
+# cross_entropy_backward: inputs (grad_loss, grad_lse, logits, target, weight, lse,
+# ignore_index, label_smoothing, z_loss, backend). With p = exp(x - lse) per row,
+#   dx_c = p_c coef - smooth w_c - [c == t] one_hot,   coef = g A + grad_lse,
+#   A = (1 - e) w_t + e W / C + 2 z lse  (g = grad_loss on counted rows, else 0);
+# dx is linear in (grad_loss, grad_lse): its derivative along them is the op itself.
+
+
+def _cross_entropy_backward_setup(ctx, inputs, output):
+    grad_loss, grad_lse, logits, target, weight, lse = inputs[:6]
+    ctx.save_for_backward(grad_loss, grad_lse, logits, target, weight, lse)
+    ctx.save_for_forward(grad_loss, grad_lse, logits, target, weight, lse)
+    ctx.options = tuple(inputs[6:])
+
+
+def _cross_entropy_backward_rows(ctx):
+    """(p, coef, 2 z g) of the saved inputs, in the accumulation dtype; p is (R, C), the
+    others (R, 1)."""
+    grad_loss, grad_lse, logits, target, weight, lse = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, _backend = ctx.options
+    acc = accumulation_dtype(logits.dtype)
+    safe, counted = counted_targets(target, ignore_index)
+    w = None if weight is None else weight.to(acc)
+    hi, lo, coef = cross_entropy_backward_terms(
+        grad_loss, grad_lse, lse, safe, counted, w, logits.shape[1], label_smoothing, z_loss, acc
+    )[:, :3].unbind(1)
+    p = torch.exp((_acc(logits) - hi[:, None]) - lo[:, None])
+    z_term = (2 * z_loss) * torch.where(counted, _acc(grad_loss), 0.0)
+    return p, coef[:, None], z_term[:, None]
+
+
+def _cross_entropy_backward_vjp(ctx, gg):
+    grad_loss, grad_lse, logits, target, weight, lse = ctx.saved_tensors
+    _refuse_weight_derivative(ctx.needs_input_grad[5])  # (call, grad_loss, ..., weight, ...)
+    p, coef, z_term = _cross_entropy_backward_rows(ctx)
+    gp = _acc(gg) * p
+    q = gp.sum(1)
+    # dx's derivative along (grad_loss, grad_lse) paired with gg: the op's map, transposed.
+    ones = torch.ones_like(grad_loss)
+    unit = ops.cross_entropy_backward(
+        ones, torch.zeros_like(grad_lse), logits, target, weight, lse, *ctx.options
+    )
+    d_grad_loss = (_acc(gg) * _acc(unit)).sum(1)
+    d_logits = gp * coef
+    d_lse = q * (z_term - coef)[:, 0]
+    return (
+        d_grad_loss.to(grad_loss.dtype),
+        q.to(grad_lse.dtype),
+        d_logits.to(logits.dtype),
+        None,
+        None,
+        d_lse.to(lse.dtype),
+    ) + (None,) * len(ctx.options)
+
+
+def _cross_entropy_backward_jvp(ctx, t_grad_loss, t_grad_lse, t_logits, _t, _t_weight, t_lse, *_):
+    grad_loss, grad_lse, logits, target, weight, lse = ctx.saved_tensors
+    out = 0
+    if t_grad_loss is not None or t_grad_lse is not None:
+        out = ops.cross_entropy_backward(
+            torch.zeros_like(grad_loss) if t_grad_loss is None else t_grad_loss,
+            torch.zeros_like(grad_lse) if t_grad_lse is None else t_grad_lse,
+            logits,
+            target,
+            weight,
+            lse,
+            *ctx.options,
+        )
+    if t_logits is not None or t_lse is not None:
+        p, coef, z_term = _cross_entropy_backward_rows(ctx)
+        shift = 0
+        if t_logits is not None:
+            shift = _acc(t_logits) * coef
+        if t_lse is not None:
+            shift = shift + t_lse.to(p.dtype)[:, None] * (z_term - coef)
+        out = out + p * shift
+    return out.to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration: one autograd.Function per op, run by the op's Autograd kernel.
+
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+
+
+class _Call:
+    """What a Function's forward needs of the call it runs: the dispatch keys and the grad
+    modes at the call."""
+
+    def __init__(self, keyset):
+        self.keyset = keyset
+        self.grad_enabled = torch.is_grad_enabled()
+        self.fwd_grad_enabled = torch._C._is_fwd_grad_enabled()
+
+
+_RULES = {
+    "softmax": (_softmax_setup, _softmax_vjp, _softmax_jvp),
+    "log_softmax": (_softmax_setup, _log_softmax_vjp, _log_softmax_jvp),
+    "logsumexp": (_logsumexp_setup, _logsumexp_vjp, _logsumexp_jvp),
+    "softmax_backward": (_softmax_backward_setup, _softmax_backward_vjp, _softmax_backward_jvp),
+    "log_softmax_backward": (
+        _softmax_backward_setup,
+        _log_softmax_backward_vjp,
+        _log_softmax_backward_jvp,
+    ),
+    "logsumexp_backward": (
+        _logsumexp_backward_setup,
+        _logsumexp_backward_vjp,
+        _logsumexp_backward_jvp,
+    ),
+    "cross_entropy": (_cross_entropy_setup, _cross_entropy_vjp, _cross_entropy_jvp),
+    "cross_entropy_backward": (
+        _cross_entropy_backward_setup,
+        _cross_entropy_backward_vjp,
+        _cross_entropy_backward_jvp,
+    ),
+}
+
+
+def _refuse_forward_over_forward(name: str) -> None:
+    """A jvp formula runs with forward mode off, so a second forward-mode level around this
+    one (jacfwd(jacfwd(f)), jvp of jvp) would not see its terms: refuse rather than return
+    a wrong derivative. Forward-over-reverse (torch.func.hessian) is unaffected."""
+    levels = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp]
+    if len(levels) > 1 or forward_ad._current_level > 0:
+        raise NotImplementedError(
+            f"stablekernels::{name}: forward-mode AD nested in forward-mode AD (e.g. "
+            "jacfwd(jacfwd(f))) is not supported; use jacfwd(jacrev(f)) "
+            "(torch.func.hessian) or jacrev(jacrev(f))"
+        )
+
+
+def _function(name: str, setup_context, backward, jvp) -> type[torch.autograd.Function]:
+    """The autograd.Function of op ``name``, applied as ``apply(call, *args)``: its forward
+    redispatches the op below autograd with the grad modes of the call (a Function's forward
+    runs with both off, but a torch.func level below this one must still see them on to
+    record its own graph, as it does for torch's ops)."""
+    op = getattr(ops, name).default
+
+    def forward(call, *args):
+        with (
+            torch._C._AutoDispatchBelowAutograd(),
+            torch.autograd.grad_mode.set_grad_enabled(call.grad_enabled),
+            forward_ad._set_fwd_grad_enabled(call.fwd_grad_enabled),
+        ):
+            return op.redispatch(call.keyset & _BELOW_AUTOGRAD, *args)
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs[1:], output)
+
+    def vjp(ctx, *grads):
+        return (None, *backward(ctx, *grads))
+
+    def forward_mode(ctx, _call_tangent, *tangents):
+        _refuse_forward_over_forward(name)
+        return jvp(ctx, *tangents)
+
+    title = "".join(part.title() for part in name.split("_"))
+    return type(
+        f"{title}Function",
+        (torch.autograd.function._SingleLevelFunction,),
+        {
+            "__doc__": f"Autograd of stablekernels::{name} (module doc).",
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(vjp),
+            "jvp": staticmethod(forward_mode),
+        },
+    )
+
+
+def _needs_autograd(args) -> bool:
+    """Whether a call must go through its Function: a gradient may be asked for, a
+    forward-mode level is open, or a torch.func transform is running."""
+    return (
+        (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+        or forward_ad._current_level >= 0
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def _register(name: str) -> None:
+    function = FUNCTIONS[name] = _function(name, *_RULES[name])
+    op = getattr(ops, name).default
+
+    def autograd_kernel(keyset, *args):
+        if _needs_autograd(args):
+            # Applied at this dispatcher level: under a torch.func transform the inputs
+            # are that level's wrappers, and the Function builds that level's graph, as
+            # the autograd kernels of torch's own ops do.
+            with enable_single_level_autograd_function():
+                return function.apply(_Call(keyset), *args)
+        return op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+
+    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+for _name in _RULES:
+    _register(_name)

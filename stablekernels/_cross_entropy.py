@@ -14,6 +14,7 @@ import math
 import torch
 
 from ._api import _check_tensor, log_softmax, logsumexp, resolve_backend
+from ._autocast import loss_dtype
 from ._numerics import accumulation_dtype
 from ._ops import ops
 
@@ -88,9 +89,10 @@ def cross_entropy(
     ``z_loss`` adds z_loss * lse**2 per counted row. ``return_lse=True`` returns
     ``(loss, lse)``, the per-row log-sum-exp in fp32, of the batch shape.
 
-    Dtypes: the loss has the input's dtype; halves are computed in fp32. Gradients flow to
-    the input only; the backward computes dx = (softmax - smoothed one-hot) * weight * grad
-    in one pass from the saved lse, allocating nothing of the logits' size but dx.
+    Dtypes: the loss has the input's dtype (float32 under autocast, as torch); halves are
+    computed in fp32. Gradients flow to the input only (a weight that requires grad raises,
+    as in torch); the backward computes dx = (softmax - smoothed one-hot) * weight * grad in
+    one pass from the saved lse, allocating nothing of the logits' size but dx.
     """
     input = _check_tensor("cross_entropy", input)
     if not input.is_floating_point():
@@ -118,7 +120,7 @@ def cross_entropy(
             logits, _as_rows(target, batch_shape, classes), weight, label_smoothing, z_loss, name
         )
         # torch divides by input.numel() / C: NaN for C == 0
-        denominator = rows.new_tensor(float(rows.numel()) if classes else float("nan"))
+        denominator = float(rows.numel()) if classes else float("nan")
     else:
         flat = _class_targets(target, batch_shape, classes)
         rows, lse = ops.cross_entropy(
@@ -128,15 +130,16 @@ def cross_entropy(
         if weight is None or classes == 0:  # with no classes, every row is ignored
             denominator = counted.sum().to(rows.dtype)
         else:
-            denominator = torch.where(counted, weight[torch.where(counted, flat, 0)], 0).sum()
+            target_weights = weight.index_select(0, torch.where(counted, flat, 0))
+            denominator = torch.where(counted, target_weights, 0).sum().to(rows.dtype)
 
     if reduction == "none":
         loss = rows.reshape(batch_shape)
     elif reduction == "sum":
         loss = rows.sum()
     else:
-        loss = rows.sum() / denominator.to(rows.dtype)
-    loss = loss.to(input.dtype)
+        loss = rows.sum() / denominator
+    loss = loss.to(loss_dtype(input))
     if return_lse:
         return loss, lse.float().reshape(batch_shape)
     return loss

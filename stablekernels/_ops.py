@@ -283,21 +283,27 @@ def _class_rows(logits, target, weight, ignore_index):
     IndexError in torch's words where the targets are on the host (CPU tensors); elsewhere a
     device-side assert (``torch._assert_async``, as torch's nll_loss on CUDA), so the router
     never synchronises and works under CUDA graph capture. The GPU kernels assert it too."""
-    counted = target != ignore_index
+    safe, counted = counted_targets(target, ignore_index)
     bad = counted & ((target < 0) | (target >= logits.shape[1]))
     if target.device.type == "cpu":
         if bad.any():
             raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
     else:
         torch._assert_async(~bad.any(), "cross_entropy: a target is out of bounds")
-    safe = torch.where(counted, target, 0)
     w = None if weight is None else weight.to(accumulation_dtype(logits.dtype)).contiguous()
     return safe, counted, w
 
 
+def counted_targets(target, ignore_index):
+    """(safe, counted): which rows count (target != ignore_index), and the targets with
+    an ignored row's set to 0, a class every kernel may read."""
+    counted = target != ignore_index
+    return torch.where(counted, target, 0), counted
+
+
 def _target_weights(safe, w):
     """w_t per row in fp64 (1 without class weights)."""
-    return 1.0 if w is None else w.double()[safe]
+    return 1.0 if w is None else w.double().index_select(0, safe)
 
 
 def cross_entropy_row_loss(nll, smooth, lse, safe, counted, w, classes, label_smoothing, z_loss):
@@ -311,6 +317,39 @@ def cross_entropy_row_loss(nll, smooth, lse, safe, counted, w, classes, label_sm
         loss = loss + z_loss * lse * lse
     loss = torch.where(lse.isfinite(), loss, float("nan"))
     return torch.where(counted, loss, 0.0)
+
+
+def cross_entropy_row_tangent(
+    logits, tangent, target, weight, lse, ignore_index, label_smoothing, z_loss, acc
+):
+    """The forward-mode derivative of (loss, lse) per row along ``tangent`` (the logits'
+    tangent, in ``acc``), from the saved lse: with p = exp(x - lse) and d = sum_c p_c t_c,
+
+        d lse  = d
+        d loss = (1 - e) w_t (d - t_t) + (e / C) (W d - sum_c w_c t_c) + 2 z lse d
+
+    (the derivative of cross_entropy_row_loss, term by term); NaN where lse is not finite,
+    0 on rows not counted. Returns (loss tangent in ``acc``, lse tangent in float64)."""
+    rows, classes = logits.shape
+    safe, counted = counted_targets(target, ignore_index)
+    if rows == 0 or classes == 0:
+        zero = tangent.new_zeros(rows)
+        return zero, zero.double()
+    w = None if weight is None else weight.to(acc)
+    hi, lo = split_lse(lse, acc)
+    p = torch.exp((logits.to(acc) - hi[:, None]) - lo[:, None])
+    d = (p * tangent).sum(1)
+    e = label_smoothing
+    w_t = 1.0 if w is None else w.index_select(0, safe)
+    dot = (1 - e) * w_t * (d - tangent.gather(1, safe[:, None])[:, 0])
+    if e:
+        total_w = float(classes) if w is None else w.sum()
+        weighted = tangent.sum(1) if w is None else (tangent * w).sum(1)
+        dot = dot + (e / classes) * (total_w * d - weighted)
+    if z_loss:
+        dot = dot + (2 * z_loss) * lse.to(acc) * d
+    dot = torch.where(lse.isfinite(), dot, float("nan"))
+    return torch.where(counted, dot, 0.0), d.double()
 
 
 def _cross_entropy_route(logits, target, weight, ignore_index, label_smoothing, z_loss, backend):

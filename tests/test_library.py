@@ -125,3 +125,14 @@ def test_compiled_function_follows_use_backend():
         compiled(x)
     with sk.use_backend("torch"):
         torch.testing.assert_close(compiled(x), torch.softmax(x, -1))
+
+
+def test_torchscript_scripts_the_ops(backend):
+    # The public functions are not scriptable (docs/transforms.md); the ops are.
+    def scripted(x: torch.Tensor, backend: str) -> torch.Tensor:
+        y = torch.ops.stablekernels.softmax(x, -1, None, backend)
+        return y + torch.ops.stablekernels.logsumexp(x, -1, True, backend)[0]
+
+    fn = torch.jit.script(scripted)
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(fn(x, backend), torch.softmax(x, -1) + torch.logsumexp(x, -1, True))

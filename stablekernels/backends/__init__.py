@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -115,10 +116,27 @@ def _probe_extension() -> Support:
     try:
         from .. import _C  # noqa: F401  (registers the _fused_* ops)
     except ImportError as exc:  # built against another torch, missing symbols, ...
-        return Support(f"stablekernels._C failed to import: {exc}")
+        return _broken(
+            f"stablekernels._C failed to import ({exc}); it was most likely built against "
+            f"another torch than the installed {torch.__version__}"
+        )
     if not hasattr(torch.ops.stablekernels, "_fused_softmax"):
-        return Support("stablekernels._C is stale (built from older sources): rebuild it")
+        return _broken("stablekernels._C is stale (built from older sources)")
     return YES
+
+
+def _broken(reason: str) -> Support:
+    """A built extension that cannot be used: warned about once, at import, with the fix,
+    since every call would otherwise run on the slower torch backend without a word."""
+    warnings.warn(
+        f"{reason}. The cpp and cuda backends are unavailable, and calls fall back to the "
+        "torch backend (STABLEKERNELS_BACKEND=cpp or backend='cpp' raise instead). Fix: "
+        "rebuild against the installed torch with `pip install --no-build-isolation "
+        "--force-reinstall .` from the source, or install the torch it was built for.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return Support(f"{reason}: rebuild it against the installed torch")
 
 
 EXTENSION = _probe_extension()
