@@ -31,7 +31,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
 
-from ._numerics import accumulation_dtype, split_lse
+from ._numerics import accumulation_dtype, probabilities
 from ._ops import (
     _lib,
     counted_targets,
@@ -101,12 +101,6 @@ class _Rows:
         return t if self.dim is None else t.sum(self.dim, keepdim=self.keepdim)
 
 
-def _probabilities(x: torch.Tensor, lse: torch.Tensor, rows: _Rows) -> torch.Tensor:
-    """p = exp(x - lse) in the accumulation dtype, as ``(x - hi) - lo`` (split_lse)."""
-    hi, lo = split_lse(rows.expand(lse), accumulation_dtype(x.dtype))
-    return torch.exp((_acc(x) - hi) - lo)
-
-
 def _logsumexp_setup(ctx, inputs, output):
     x, dim, keepdim, backend = inputs
     ctx.save_for_backward(x, output[1])
@@ -128,7 +122,7 @@ def _logsumexp_vjp(ctx, g, g_lse):
 def _logsumexp_jvp(ctx, t, *_):
     x, lse = ctx.saved_tensors
     rows = _Rows(x, ctx.dim, ctx.keepdim)
-    dot = rows.reduce(_probabilities(x, lse, rows) * _acc(t))
+    dot = rows.reduce(probabilities(x, rows.expand(lse)) * _acc(t))
     return dot.to(x.dtype), dot.to(torch.float64)
 
 
@@ -203,7 +197,7 @@ def _logsumexp_backward_vjp(ctx, gg):
     #   d/dg: sum(gg * p)      d/dx: gg * g * p      d/dlse: -sum(gg * g * p)
     g, x, lse = ctx.saved_tensors
     rows = _Rows(x, ctx.dim, ctx.keepdim)
-    p, gga = _probabilities(x, lse, rows), _acc(gg)
+    p, gga = probabilities(x, rows.expand(lse)), _acc(gg)
     d_x = gga * rows.expand(_acc(g)) * p
     d_g = rows.reduce(gga * p)
     d_lse = -rows.reduce(d_x)
@@ -213,7 +207,7 @@ def _logsumexp_backward_vjp(ctx, gg):
 def _logsumexp_backward_jvp(ctx, t_g, t_x, t_lse, *_):
     g, x, lse = ctx.saved_tensors
     rows = _Rows(x, ctx.dim, ctx.keepdim)
-    p = _probabilities(x, lse, rows)
+    p = probabilities(x, rows.expand(lse))
     out = 0
     if t_g is not None:
         out = rows.expand(_acc(t_g)) * p
@@ -291,10 +285,10 @@ def _cross_entropy_backward_rows(ctx):
     acc = accumulation_dtype(logits.dtype)
     safe, counted = counted_targets(target, ignore_index)
     w = None if weight is None else weight.to(acc)
-    hi, lo, coef = cross_entropy_backward_terms(
+    coef = cross_entropy_backward_terms(
         grad_loss, grad_lse, lse, safe, counted, w, logits.shape[1], label_smoothing, z_loss, acc
-    )[:, :3].unbind(1)
-    p = torch.exp((_acc(logits) - hi[:, None]) - lo[:, None])
+    )[:, 2]
+    p = probabilities(logits, lse[:, None])
     z_term = (2 * z_loss) * torch.where(counted, _acc(grad_loss), 0.0)
     return p, coef[:, None], z_term[:, None]
 

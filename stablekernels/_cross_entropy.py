@@ -16,7 +16,7 @@ import torch
 from ._api import _check_tensor, log_softmax, logsumexp, resolve_backend
 from ._autocast import loss_dtype
 from ._numerics import accumulation_dtype
-from ._ops import ops
+from ._ops import counted_targets, ops
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -126,11 +126,11 @@ def cross_entropy(
         rows, lse = ops.cross_entropy(
             logits, flat, weight, ignore_index, label_smoothing, z_loss, name
         )
-        counted = flat != ignore_index
+        safe, counted = counted_targets(flat, ignore_index)
         if weight is None or classes == 0:  # with no classes, every row is ignored
             denominator = counted.sum().to(rows.dtype)
         else:
-            target_weights = weight.index_select(0, torch.where(counted, flat, 0))
+            target_weights = weight.index_select(0, safe)
             denominator = torch.where(counted, target_weights, 0).sum().to(rows.dtype)
 
     if reduction == "none":

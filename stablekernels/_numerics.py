@@ -71,3 +71,11 @@ def split_lse(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.
     hi = lse.to(acc)
     lo = torch.where(lse.isfinite(), lse - hi.double(), 0.0).to(acc)
     return hi, lo
+
+
+def probabilities(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """p = exp(x - lse) in x's accumulation dtype, taken as ``(x - hi) - lo`` (split_lse),
+    with the float64 ``lse`` shaped to broadcast against x (size 1 along the row dim)."""
+    acc = accumulation_dtype(x.dtype)
+    hi, lo = split_lse(lse, acc)
+    return torch.exp((x.to(acc) - hi) - lo)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._numerics import accumulation_dtype, split_lse
+from ._numerics import accumulation_dtype, probabilities, split_lse
 
 NAMESPACE = "stablekernels"
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -336,9 +336,7 @@ def cross_entropy_row_tangent(
         zero = tangent.new_zeros(rows)
         return zero, zero.double()
     w = None if weight is None else weight.to(acc)
-    hi, lo = split_lse(lse, acc)
-    p = torch.exp((logits.to(acc) - hi[:, None]) - lo[:, None])
-    d = (p * tangent).sum(1)
+    d = (probabilities(logits, lse[:, None]) * tangent).sum(1)
     e = label_smoothing
     w_t = 1.0 if w is None else w.index_select(0, safe)
     dot = (1 - e) * w_t * (d - tangent.gather(1, safe[:, None])[:, 0])

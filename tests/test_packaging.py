@@ -14,15 +14,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _metadata(tmp_path, env_extra):
-    script = (
-        "import sys; from setuptools import build_meta; "
-        "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
-    )
-    env = {**os.environ, **env_extra}
-    tmp_path.mkdir(parents=True)
+def _python(code: str, *args: str, env: dict[str, str]) -> str:
+    """stdout of ``python -c code *args`` run in the repository root; it must succeed."""
     done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
+        [sys.executable, "-c", code, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -30,7 +25,16 @@ def _metadata(tmp_path, env_extra):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    name = done.stdout.strip().splitlines()[-1]
+    return done.stdout
+
+
+def _metadata(tmp_path, env_extra):
+    script = (
+        "import sys; from setuptools import build_meta; "
+        "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    )
+    tmp_path.mkdir(parents=True)
+    name = _python(script, str(tmp_path), env={**os.environ, **env_extra}).strip().splitlines()[-1]
     with open(tmp_path / name / "METADATA") as f:
         return email.message_from_file(f)
 
@@ -85,16 +89,7 @@ BROKEN_EXTENSION = textwrap.dedent(
 
 def test_broken_extension_warns_once_and_a_named_backend_raises():
     env = {k: v for k, v in os.environ.items() if k != "STABLEKERNELS_BACKEND"}
-    done = subprocess.run(
-        [sys.executable, "-c", BROKEN_EXTENSION],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+    out = _python(BROKEN_EXTENSION, env=env)
     assert "WARNINGS 1" in out, out
     assert "FIX True" in out, out
     assert "'cpp'" not in out.split("BACKENDS", 1)[1].splitlines()[0], out
