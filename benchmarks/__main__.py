@@ -63,22 +63,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--providers", nargs="+", help="only these providers (names as in the table)"
     )
     parser.add_argument(
-        "--repeats", type=int, help="timed calls per row (default: 10 on smoke/quick, 20 otherwise)"
+        "--repeats", type=int, help="timed calls per row (default: 7 on smoke/quick, 20 otherwise)"
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed calls after the first (default: 1 on quick, 2 otherwise)",
+    )
+    parser.add_argument(
+        "--huge-pages",
+        choices=["on", "off"],
+        default="on",
+        help="CPU: torch's huge-page allocator (THP_MEM_ALLOC_ENABLE=1) for every provider, or "
+        "plain 4 KiB pages for every provider (default: on)",
+    )
     parser.add_argument("--out", help="output folder (default: benchmarks/out/<date>-<device>)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     if args.shapes is None:
         args.shapes = "gpu" if args.device == "cuda" else "cpu"
+    short = args.shapes in ("smoke", "quick")
     if args.repeats is None:
-        args.repeats = 10 if args.shapes in ("smoke", "quick") else 20
+        args.repeats = 7 if short else 20
+    if args.warmup is None:
+        args.warmup = 1 if short else 2
+    args.max_seconds = 0.4 if short else 2.0
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        runner.use_huge_pages(args.huge_pages == "on", argv)  # may re-execute this process
     started = datetime.datetime.now(datetime.timezone.utc)
     out_dir = args.out or f"benchmarks/out/{started:%Y%m%d-%H%M%S}-{args.device}"
 
@@ -96,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     todo = cases.build_cases(args.shapes, args.ops, args.directions, args.dtypes)
 
     allocator = (
-        runner.steady_cpu_allocator() if device.type == "cpu" else "the CUDA caching allocator"
+        runner.steady_cpu_allocator() + "; " + runner.huge_pages_policy()
+        if device.type == "cpu"
+        else "the CUDA caching allocator"
     )
     progress = _timing.Progress(runner.count_steps(todo, chosen, device))
     rows, roofs = runner.run(
-        todo, chosen, device, repeats=args.repeats, warmup=args.warmup, progress=progress
+        todo,
+        chosen,
+        device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        max_seconds=args.max_seconds,
+        progress=progress,
     )
     progress.close()
 

@@ -81,6 +81,7 @@ def machine_description(device: str) -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu": _cpu_model(),
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen runs
         "threads": torch.get_num_threads(),
     }
     if device == "cuda" and torch.cuda.is_available():

@@ -129,6 +129,35 @@ def steady_cpu_allocator() -> str:
     return "glibc, mmap threshold pinned at 32 MiB, heap not trimmed"
 
 
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+
+
+def use_huge_pages(on: bool, argv: list[str] | None) -> None:
+    """Give every provider the same page policy: torch's CPU allocator reads
+    THP_MEM_ALLOC_ENABLE once, at its first large allocation, and with it set to 1 advises
+    blocks of 2 MiB and more onto transparent huge pages (Linux, THP in "madvise" mode), so
+    a fresh output costs a page fault per 2 MiB instead of per 4 KiB. It applies to every
+    tensor torch allocates, stablekernels' outputs included, so all providers run under one
+    policy. The variable must be set before torch allocates:
+    when it differs from what is asked, this process runs again with it set (os.execv)."""
+    wanted = "1" if on else "0"
+    if os.environ.get(HUGE_PAGES_VARIABLE, "0") == wanted:
+        return
+    os.environ[HUGE_PAGES_VARIABLE] = wanted
+    args = sys.argv[1:] if argv is None else argv
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *args])
+
+
+def huge_pages_policy() -> str:
+    """The page policy of this process, as recorded with the results."""
+    if os.environ.get(HUGE_PAGES_VARIABLE, "0") == "1":
+        return (
+            f"{HUGE_PAGES_VARIABLE}=1 for every provider (torch's allocator advises blocks of "
+            "2 MiB and more onto transparent huge pages)"
+        )
+    return f"{HUGE_PAGES_VARIABLE} unset for every provider (4 KiB pages)"
+
+
 def roof_calls(device: torch.device):
     """(copy, read, nbytes): a device copy and a read-only reduction over a buffer far
     larger than any cache, timed beside the providers of each case."""
@@ -289,6 +318,7 @@ def run(
     *,
     repeats: int,
     warmup: int,
+    max_seconds: float = 2.0,
     progress: _timing.Progress | None = None,
 ) -> tuple[list[Row], RoofLog]:
     """Measure every case with every provider that serves it; returns the rows and the
@@ -312,7 +342,11 @@ def run(
         copy, read, roof_bytes = roof_calls(device)
         timed = [(row, call) for row, call in prepared if call is not None]
         timings = _timing.measure_interleaved(
-            [copy, read] + [call for _, call in timed], device, warmup=warmup, repeats=repeats
+            [copy, read] + [call for _, call in timed],
+            device,
+            warmup=warmup,
+            repeats=repeats,
+            max_seconds=max_seconds,
         )
         roofs = Roofs(copy=2 * roof_bytes / timings[0].median, read=roof_bytes / timings[1].median)
         log.measured.append(roofs)

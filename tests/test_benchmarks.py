@@ -71,6 +71,7 @@ def test_runner_smoke(tmp_path):
     assert len(data["roofs_gbs"]["measured"]) == 14
     meta = data["meta"]
     assert meta["allocator"], meta  # the allocator policy is recorded with the results
+    assert "THP_MEM_ALLOC_ENABLE=1 for every provider" in meta["allocator"], meta
     assert shlex.split(meta["command"]) == [
         "python", "-m", "benchmarks", "--smoke", "--device", "cpu", "--repeats", "3",
         "--out", str(out),
@@ -162,6 +163,48 @@ def _allocator_probe(mode: str) -> tuple[bool, bool]:
         check=True,
     ).stdout.split()
     return out[0] == "True", out[1] == "True"
+
+
+_THP_PROBE = """
+import sys, torch, stablekernels as sk
+
+def eligible(ptr):
+    # the kernel's own word: THPeligible of the mapping that holds ptr (/proc/self/smaps)
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and line.startswith("THPeligible:"):
+                return line.split()[1] == "1"
+    return None
+
+x = torch.randn(1024, 2048)
+outs = [torch.softmax(x, -1)] + [sk.softmax(x, -1, backend=b) for b in sk.available_backends()]
+print(" ".join(str(eligible(o.data_ptr())) for o in outs))
+"""
+
+
+def test_huge_page_switch_covers_stablekernels_outputs():
+    """The runner's page policy is torch's THP_MEM_ALLOC_ENABLE: with it, torch's allocator
+    advises blocks of 2 MiB and more onto transparent huge pages, and the outputs of every
+    stablekernels backend come from that allocator, so they get exactly what torch's own
+    outputs get; without it, neither is advised."""
+    mode = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(mode) or "[madvise]" not in open(mode).read():
+        pytest.skip("transparent huge pages are not in madvise mode here")
+    seen = {}
+    for value in ("1", "0"):
+        env = dict(os.environ, THP_MEM_ALLOC_ENABLE=value)
+        run = subprocess.run(
+            [sys.executable, "-c", _THP_PROBE], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        seen[value] = run.stdout.split()
+    assert len(seen["1"]) >= 2 and set(seen["1"]) == {"True"}, seen
+    assert set(seen["0"]) == {"False"}, seen
 
 
 def test_runner_pins_the_cpu_allocator():

@@ -3,43 +3,19 @@
 // machine's CPU capability.
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "../cpu/kernels.h"
 #include "row_view.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
-#include <cstdint>
 
 namespace stablekernels {
 namespace {
 
 using cpu::cpu_kernels;
 
-// A new CPU tensor for a kernel to write. Large ones are advised onto transparent huge pages
-// (Linux, THP in "madvise" mode): the first write into fresh memory otherwise takes a page
-// fault every 4 KiB, which costs more than the kernel itself for outputs of 32 MiB and up
-// (128 MiB here: 39 ms to allocate and fill on 4 KiB pages, 8 ms on 2 MiB pages). Advice
-// only: where THP is off, or the memory was touched before, nothing changes.
-at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {
-  at::Tensor t = at::empty(sizes, like.options().dtype(dtype));
-#ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHugePage) {
-    const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t end = (start + bytes) & ~(kHugePage - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
-
 at::Tensor fused_softmax_cpu(const at::Tensor& x, int64_t dim, at::ScalarType dtype, bool log) {
   const RowView view = softmax_args(x, dim, dtype);
-  at::Tensor y = empty_output(x.sizes(), dtype, x);
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
   cpu_kernels().softmax_forward(view.x.const_data_ptr(), view.x.scalar_type(), y.mutable_data_ptr(),
                                 dtype, view.layout, log);
   return y;
@@ -59,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> fused_logsumexp_cpu(const at::Tensor& x, int6
 at::Tensor fused_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& output, int64_t dim,
                                       at::ScalarType input_dtype, bool log) {
   const RowView view = softmax_backward_args(grad, output, dim, input_dtype);
-  at::Tensor dx = empty_output(output.sizes(), input_dtype, output);
+  at::Tensor dx = at::empty(output.sizes(), output.options().dtype(input_dtype));
   cpu_kernels().softmax_backward(grad.const_data_ptr(), view.x.const_data_ptr(),
                                  view.x.scalar_type(), dx.mutable_data_ptr(), input_dtype,
                                  view.layout, log);
@@ -69,7 +45,7 @@ at::Tensor fused_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 at::Tensor fused_logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                         const at::Tensor& hi, const at::Tensor& lo, int64_t dim) {
   const RowView view = logsumexp_backward_args(grad, x, hi, lo, dim);
-  at::Tensor dx = empty_output(x.sizes(), x.scalar_type(), x);
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   cpu_kernels().logsumexp_backward(grad.const_data_ptr(), hi.const_data_ptr(), lo.const_data_ptr(),
                                    view.x.const_data_ptr(), view.x.scalar_type(),
                                    dx.mutable_data_ptr(), view.layout);
@@ -96,7 +72,7 @@ at::Tensor fused_cross_entropy_backward_cpu(const at::Tensor& logits, const at::
                                             const c10::optional<at::Tensor>& weight,
                                             const at::Tensor& terms) {
   const ClassRows in = cross_entropy_backward_args(logits, target, weight, terms);
-  at::Tensor dx = empty_output(logits.sizes(), logits.scalar_type(), logits);
+  at::Tensor dx = at::empty_like(logits, at::MemoryFormat::Contiguous);
   cpu_kernels().cross_entropy_backward(in.logits.const_data_ptr(), in.logits.scalar_type(),
                                        in.x_stride, in.target.const_data_ptr<int64_t>(),
                                        in.weight_data(), terms.const_data_ptr(), in.rows,
