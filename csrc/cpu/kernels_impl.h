@@ -4,15 +4,20 @@
 // is 128/256/512 bits wide in each (as in ATen's own kernels).
 //
 // Numerics (see stablekernels/online_softmax.h): a row is processed in chunks of kChunk
-// elements. Per chunk, pass 1 takes the max m and where it is, pass 2 (the chunk is still in
-// L1/L2) sums exp(x - m) over the chunk with that one max term left out, in fp32 blocks of
-// kBlock vectors added into a double: the chunk's (m, s'), with no cancellation. Chunk
-// states merge by the rule of the header, in double. So the row is read from memory once
-// for its statistics, and s' carries the error of short fp32 sums only. Outputs are
-// exp(x_j - m) / (1 + s') by division, or (x_j - m) - log1p(s'). A row of one chunk keeps
-// the exps of pass 2 (in the output when it is fp32/fp64, else in a per-thread buffer) and
-// divides them in place; longer rows compute them again in the write pass. Halves are read
-// as fp32 and rounded once on store; fp64 is computed in fp64.
+// elements. Per chunk, pass 1 takes the max m (and whether a NaN is there), pass 2 (the
+// chunk is still in L1/L2) sums exp(x - m) over the chunk with that one max term left out,
+// in fp32 blocks of kBlock vectors added into a double: the chunk's (m, s'), with no
+// cancellation. Chunk states merge by the rule of the header, in double. So the row is read
+// from memory once for its statistics, and s' carries the error of short fp32 sums only.
+// Outputs are exp(x_j - m) / (1 + s') by division, or (x_j - m) - log1p(s'). softmax keeps
+// the exps of pass 2 (in the output when it is fp32/fp64, else in a per-thread buffer, for
+// rows up to kKeepExpsMax) and scales them: one exp per element; longer rows of halves, and
+// rows split over threads into a half output, compute them again in the write pass. Halves
+// are read as fp32 and rounded once on store; fp64 is computed in fp64.
+//
+// Speed: the exp is a chain of about 40 cycles of dependent operations, so the loops that
+// compute it take several full vectors per iteration (independent chains side by side),
+// with partial vectors and bookkeeping (the max's place, NaN checks) outside the inner loop.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -76,6 +82,10 @@ struct IO {  // mixed precision with fp64 (rare): through a buffer
     v.store(buf);
     for (int64_t i = 0; i < count; ++i) p[i] = static_cast<T>(buf[i]);
   }
+  static void store2(T* p, V a, V b) {
+    store(p, a);
+    store(p + kVec, b);
+  }
 };
 
 template <typename T>
@@ -86,6 +96,10 @@ struct IO<T, T> {  // fp32 as fp32, fp64 as fp64
     return count == kVec ? V::loadu(p) : V::loadu(p, count);
   }
   static void store(T* p, V v, int64_t count = kVec) { v.store(p, count); }
+  static void store2(T* p, V a, V b) {
+    a.store(p);
+    b.store(p + kVec);
+  }
 };
 
 template <typename H>
@@ -101,8 +115,17 @@ struct ReducedIO {  // bf16 and fp16 as fp32
     return std::get<0>(at::vec::convert_to_float<H>(Vectorized<H>::loadu(p, count)));
   }
   static void store(H* p, V v, int64_t count = kVec) {
-    at::vec::convert_from_float<H>(v, v).store(p, count);  // rounds once, to nearest even
+    // Rounds once, to nearest even. Vectorized<H>::store of fewer lanes than its own size
+    // (2 kVec) goes through a buffer and a variable-length copy: a full vector's kVec halves
+    // are the low half of the converted pair, copied with a fixed size (one vector store).
+    const Vectorized<H> h = at::vec::convert_from_float<H>(v, v);
+    if (count == kVec) {
+      std::memcpy(p, &h, kVec * sizeof(H));
+    } else {
+      h.store(p, count);
+    }
   }
+  static void store2(H* p, V a, V b) { at::vec::convert_from_float<H>(a, b).store(p); }
 };
 template <>
 struct IO<BFloat16, float> : ReducedIO<BFloat16> {};
@@ -207,12 +230,17 @@ struct BlockSum {
 // ---------------------------------------------------------------------------------------
 // Row statistics (m, s') of a chunk, and of a contiguous segment chunk by chunk.
 //
-// Pass 1 takes the chunk's max m (a plain max, one instruction per vector; NaNs are found
-// in pass 2). Pass 2 finds the first element equal to m, then sums exp(x - m) with exactly
-// that one term (which is 1) left out; every other tie adds its exact 1. It also sums
-// x - m, which is NaN exactly when a NaN is in the chunk, and then returns s' = NaN. This
-// needs m finite: a chunk whose max is +-inf (or NaN) takes the careful pass 2, which counts
-// the elements equal to m apart (exp(m - m) is NaN for an infinite m) and leaves one out.
+// Pass 1 takes the chunk's max m and whether it holds a NaN (then s' = NaN and pass 2 is
+// skipped). Pass 2 finds the first element equal to m, then sums exp(x - m) with exactly
+// that one term (which is 1) left out; every other tie adds its exact 1. This needs m
+// finite: a chunk whose max is +-inf takes the careful pass 2, which counts the elements
+// equal to m apart (exp(m - m) is NaN for an infinite m) and leaves one out.
+//
+// The passes run over full vectors kUnroll at a time: the exp is a chain of dependent
+// operations (about 40 cycles), so independent vectors side by side are what keeps the
+// vector units busy. A chunk's last partial vector is taken apart.
+
+constexpr int64_t kUnroll = 4;
 
 template <typename acc_t>
 struct MaxAndPlace {
@@ -221,37 +249,100 @@ struct MaxAndPlace {
   int64_t lane;  // its lane
 };
 
+template <typename acc_t>
+struct ChunkMax {
+  acc_t m;  // the max of the elements that are not NaN (-inf if none)
+  bool has_nan;
+  int64_t block;  // the start of a block of kBlock vectors that holds m (if m > -inf)
+};
+
+// Pass 1, by blocks of kBlock vectors: each block's max per lane is folded into the running
+// max per lane, which also records in which block it last rose, so that the max is then
+// looked for in one block, not in the whole chunk.
 template <typename T, typename acc_t>
-acc_t chunk_max(const T* p, int64_t len) {
+ChunkMax<acc_t> chunk_max(const T* p, int64_t len) {
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
-  const V neg_inf(-infinity<acc_t>());
-  V vmax = neg_inf;
-  int64_t j = 0;
-  for (; j + kVec <= len; j += kVec) vmax = at::vec::clamp_min(io::load(p + j), vmax);
-  if (j < len) vmax = at::vec::clamp_min(V::set(neg_inf, io::load(p + j, len - j), len - j), vmax);
-  return hmax(vmax);
+  const V neg_inf(-infinity<acc_t>()), zero(acc_t(0));
+  // clamp_min is one instruction that keeps the non-NaN side; NaNs are caught by x != x.
+  V run = neg_inf, run_block = zero, nan0 = zero, nan1 = zero;
+  const int64_t full = len - len % kVec;
+  for (int64_t b = 0; b < len; b += kBlock * kVec) {
+    const int64_t end = std::min(full, b + kBlock * kVec);
+    V m0 = neg_inf, m1 = neg_inf;
+    int64_t j = b;
+    for (; j + 2 * kVec <= end; j += 2 * kVec) {
+      const V x0 = io::load(p + j), x1 = io::load(p + j + kVec);
+      m0 = at::vec::clamp_min(m0, x0);
+      m1 = at::vec::clamp_min(m1, x1);
+      nan0 = nan0 | (x0 != x0);
+      nan1 = nan1 | (x1 != x1);
+    }
+    if (j < end) {
+      const V x0 = io::load(p + j);
+      m0 = at::vec::clamp_min(m0, x0);
+      nan0 = nan0 | (x0 != x0);
+    }
+    if (end == full && full < len) {  // the chunk's last partial vector
+      const V x1 = V::set(neg_inf, io::load(p + full, len - full), len - full);
+      m1 = at::vec::clamp_min(m1, x1);
+      nan1 = nan1 | (x1 != x1);
+    }
+    const V block_max = at::vec::clamp_min(m0, m1);
+    run_block = V::blendv(run_block, V(static_cast<acc_t>(b)), block_max > run);
+    run = at::vec::clamp_min(run, block_max);
+  }
+  // A mask lane is 0 or all ones; all ones is not == 0.
+  const bool has_nan = (nan0 | nan1).zero_mask() != (1 << kVec) - 1;
+  const acc_t m = hmax(run);
+  alignas(64) acc_t runs[kVec], blocks[kVec];
+  run.store(runs);
+  run_block.store(blocks);
+  int64_t block = 0;
+  for (int64_t i = 0; i < kVec; ++i) {
+    if (runs[i] == m) {
+      block = static_cast<int64_t>(blocks[i]);
+      break;
+    }
+  }
+  return {m, has_nan, block};
 }
 
-// Where the first element equal to m (finite, present) is.
+// Where the first element equal to m (finite, present) is, from element `from` on.
 template <typename T, typename acc_t>
-MaxAndPlace<acc_t> place_of(const T* p, int64_t len, acc_t m) {
+MaxAndPlace<acc_t> place_of(const T* p, int64_t len, acc_t m, int64_t from) {
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
   const V vm(m);
-  for (int64_t j = 0, k = 0; j < len; j += kVec, ++k) {
+  for (int64_t j = from; j < len; j += kVec) {
     const int64_t count = std::min(kVec, len - j);
     unsigned mask = static_cast<unsigned>((io::load(p + j, count) - vm).zero_mask());
     if (count < kVec) mask &= (1u << count) - 1;
-    if (mask != 0) return {m, k, __builtin_ctz(mask)};
+    if (mask != 0) return {m, j / kVec, __builtin_ctz(mask)};
   }
   return {m, 0, 0};
 }
 
-// s' of a chunk whose max m is finite: sum of exp(x - m) over the chunk but the max at
-// `place` (NaN if the chunk holds a NaN). With `e_out`, also stores exp(x - m) there.
+// A mask of lane `lane` alone.
+template <typename acc_t>
+Vectorized<acc_t> lane_mask(int64_t lane) {
+  using V = Vectorized<acc_t>;
+  const V zero(acc_t(0)), one(acc_t(1));
+  return V::set(zero, one, lane + 1) != V::set(zero, one, lane);
+}
+
+// exp(x - m) of the full vector at element j of p, stored at e_out + j when kStore.
+template <bool kStore, typename T, typename acc_t>
+inline Vectorized<acc_t> exp_at(const T* p, int64_t j, Vectorized<acc_t> vm, acc_t* e_out) {
+  const Vectorized<acc_t> e = exp_of(IO<T, acc_t>::load(p + j) - vm);
+  if constexpr (kStore) e.store(e_out + j);
+  return e;
+}
+
+// s' of a chunk without NaN whose max m is finite: the sum of exp(x - m) over the chunk but
+// the max at `place`. With kStore, also stores exp(x - m) at e_out (the max's 1 included).
 //
 // While the exps run, it prefetches the chunk's length of bytes that follow it in memory
 // (the row's next chunk, or the next row of a contiguous tensor), one cache line per
@@ -259,45 +350,61 @@ MaxAndPlace<acc_t> place_of(const T* p, int64_t len, acc_t m) {
 // traffic overlaps the arithmetic instead of alternating with it. A prefetch past the
 // tensor's end is harmless (it never faults).
 constexpr int64_t kLine = 64;
-template <typename T, typename acc_t>
+template <bool kStore, typename T, typename acc_t>
 double chunk_rest(const T* p, int64_t len, MaxAndPlace<acc_t> place, acc_t* e_out) {
-  using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
+  constexpr int64_t kStep = kUnroll * kVec;
   const char* ahead = reinterpret_cast<const char*>(p + len);
   const V vm(place.m), zero(acc_t(0));
-  alignas(64) acc_t lane_is_max[kVec] = {};
-  lane_is_max[place.lane] = acc_t(1);
-  const V max_lane = V::loadu(lane_is_max) == V(acc_t(1));
-  BlockSum<acc_t> sum;
-  V nan_probe = zero;
-  for (int64_t j = 0, k = 0; j < len; j += kVec, ++k) {
-    const int64_t count = std::min(kVec, len - j);
-    if ((j * int64_t(sizeof(T))) % kLine < kVec * int64_t(sizeof(T)))
-      __builtin_prefetch(ahead + j * sizeof(T));
-    const V t = io::load(p + j, count) - vm;
-    nan_probe = nan_probe + t;  // x - m <= 0: never inf - inf, so NaN only from a NaN
-    V e = exp_of(t);
-    if (e_out != nullptr) e.store(e_out + j, count);
-    if (count < kVec) e = V::set(zero, e, count);
-    if (k == place.vec) e = V::blendv(e, zero, max_lane);
-    sum.add(e);
+  const int64_t full = len - len % kVec;
+  const int64_t max_at = place.vec * kVec;  // the vector holding the max left out
+  double total = 0;
+  for (int64_t b = 0; b < full; b += kBlock * kVec) {
+    const int64_t end = std::min(full, b + kBlock * kVec);
+    for (int64_t q = b * int64_t(sizeof(T)); q < end * int64_t(sizeof(T)); q += kLine)
+      __builtin_prefetch(ahead + q);
+    V a0 = zero;
+    int64_t j = b;
+    if (max_at < b || max_at >= end) {
+      for (; j + kStep <= end; j += kStep) {
+        a0 += (exp_at<kStore>(p, j, vm, e_out) + exp_at<kStore>(p, j + kVec, vm, e_out)) +
+              (exp_at<kStore>(p, j + 2 * kVec, vm, e_out) +
+               exp_at<kStore>(p, j + 3 * kVec, vm, e_out));
+      }
+      for (; j < end; j += kVec) a0 += exp_at<kStore>(p, j, vm, e_out);
+    } else {  // the block with the max: its lane is left out of the sum
+      const V max_lane = lane_mask<acc_t>(place.lane);
+      for (; j < end; j += kVec) {
+        const V e = exp_at<kStore>(p, j, vm, e_out);
+        a0 += j == max_at ? V::blendv(e, zero, max_lane) : e;
+      }
+    }
+    total += hsum(a0);
   }
-  if (std::isnan(hsum(nan_probe))) return std::numeric_limits<double>::quiet_NaN();
-  return sum.result();
+  if (full < len) {
+    const int64_t count = len - full;
+    V e = exp_of(IO<T, acc_t>::load(p + full, count) - vm);
+    if constexpr (kStore) e.store(e_out + full, count);
+    e = V::set(zero, e, count);
+    if (max_at == full) {
+      const V max_lane = lane_mask<acc_t>(place.lane);
+      e = V::blendv(e, zero, max_lane);
+    }
+    total += hsum(e);
+  }
+  return total;
 }
 
-// s' of a chunk whose max m is +-inf or NaN: elements equal to m are counted, not
+// s' of a chunk whose max m is +-inf (and no NaN): elements equal to m are counted, not
 // exponentiated.
 template <typename T, typename acc_t>
 double chunk_rest_careful(const T* p, int64_t len, acc_t m) {
-  if (std::isnan(m)) return std::numeric_limits<double>::quiet_NaN();
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
   const V vm(m), zero(acc_t(0)), one(acc_t(1));
   BlockSum<acc_t> sum, ties;
-  V nans = zero;
   for (int64_t j = 0; j < len; j += kVec) {
     const int64_t count = std::min(kVec, len - j);
     const V v = io::load(p + j, count);
@@ -308,21 +415,24 @@ double chunk_rest_careful(const T* p, int64_t len, acc_t m) {
       e = V::set(zero, e, count);
       t = V::set(zero, t, count);
     }
-    nans = nans + ((v != v) & one);
     sum.add(e);
     ties.add(t);
   }
-  if (hsum(nans) > 0) return std::numeric_limits<double>::quiet_NaN();
   // (ties - 1) first: it is exact, and adding it last keeps a tiny sum's precision.
   return sum.result() + (ties.result() - 1.0);
 }
 
+// (m, s') of a chunk; with e_out (for a finite max, no NaN), also exp(x - m) stored there.
 template <typename T, typename acc_t>
 State chunk_stats(const T* p, int64_t len, acc_t* e_out = nullptr) {
-  const acc_t m = chunk_max<T, acc_t>(p, len);
-  const double rest = std::isfinite(m)
-                          ? chunk_rest<T, acc_t>(p, len, place_of<T, acc_t>(p, len, m), e_out)
-                          : chunk_rest_careful<T, acc_t>(p, len, m);
+  const ChunkMax<acc_t> cm = chunk_max<T, acc_t>(p, len);
+  const acc_t m = cm.m;
+  if (cm.has_nan) return State{static_cast<double>(m), std::numeric_limits<double>::quiet_NaN()};
+  if (!std::isfinite(m))
+    return State{static_cast<double>(m), chunk_rest_careful<T, acc_t>(p, len, m)};
+  const MaxAndPlace<acc_t> place = place_of<T, acc_t>(p, len, m, cm.block);
+  const double rest = e_out != nullptr ? chunk_rest<true, T, acc_t>(p, len, place, e_out)
+                                       : chunk_rest<false, T, acc_t>(p, len, place, e_out);
   return State{static_cast<double>(m), rest};
 }
 
@@ -340,46 +450,89 @@ State segment_stats(const T* x, int64_t len) {
 // Row kernels (inner == 1) and the driver that spreads rows, or segments of rows, over
 // threads.
 
+// Stores value(j, count), a vector of acc_t for the `count` elements from j on, at out + j
+// for each vector of [0, len): full vectors two at a time (so that halves are converted
+// two vectors in one go), then the last partial one.
+template <typename acc_t, typename U, typename F>
+inline void store_each(U* out, int64_t len, F value) {
+  using io = IO<U, acc_t>;
+  constexpr int64_t kVec = Vectorized<acc_t>::size();
+  int64_t j = 0;
+  for (; j + 2 * kVec <= len; j += 2 * kVec)
+    io::store2(out + j, value(j, kVec), value(j + kVec, kVec));
+  for (; j < len; j += kVec) {
+    const int64_t count = std::min(kVec, len - j);
+    io::store(out + j, value(j, count), count);
+  }
+}
+
+template <typename acc_t, typename U>
+void store_nan(U* out, int64_t len) {
+  const Vectorized<acc_t> nan(std::numeric_limits<acc_t>::quiet_NaN());
+  store_each<acc_t>(out, len, [nan](int64_t, int64_t) { return nan; });
+}
+
+// softmax or log_softmax of a segment of a row from the row's state, exp computed here.
 template <typename T, typename U>
 void softmax_write(const T* x, U* y, int64_t len, State st, bool log) {
   using acc_t = acc_of<T, U>;
+  using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
-  constexpr int64_t kVec = V::size();
-  if (!std::isfinite(st.m)) {
+  if (row_is_nan(st)) {
     // torch: a row with a +inf (inf - inf), a NaN, or nothing but -inf is NaN throughout.
-    const V nan(std::numeric_limits<acc_t>::quiet_NaN());
-    for (int64_t j = 0; j < len; j += kVec)
-      IO<U, acc_t>::store(y + j, nan, std::min(kVec, len - j));
+    store_nan<acc_t>(y, len);
     return;
   }
   const V vm(static_cast<acc_t>(st.m));
   if (log) {
     const V log_sum(static_cast<acc_t>(std::log1p(st.s)));
-    for (int64_t j = 0; j < len; j += kVec) {
-      const int64_t count = std::min(kVec, len - j);
-      IO<U, acc_t>::store(y + j, (IO<T, acc_t>::load(x + j, count) - vm) - log_sum, count);
-    }
+    store_each<acc_t>(
+        y, len, [=](int64_t j, int64_t count) { return (io::load(x + j, count) - vm) - log_sum; });
   } else {
     const acc_t denominator = static_cast<acc_t>(1.0 + st.s);
     const V r(acc_t(1) / denominator), neg_den(-denominator);
-    for (int64_t j = 0; j < len; j += kVec) {
-      const int64_t count = std::min(kVec, len - j);
-      const V e = exp_of(IO<T, acc_t>::load(x + j, count) - vm);
-      IO<U, acc_t>::store(y + j, divide(e, r, neg_den), count);
-    }
+    store_each<acc_t>(y, len, [=](int64_t j, int64_t count) {
+      return divide(exp_of(io::load(x + j, count) - vm), r, neg_den);
+    });
   }
 }
 
-// softmax or log_softmax of a row of at most kChunk elements, in one go. softmax keeps the
-// exps of the statistics pass (in y itself when y has the accumulation dtype, else in a
-// per-thread buffer) and divides them in place: one exp per element.
-template <typename T, typename U>
-void softmax_short_row(const T* x, U* y, int64_t n, bool log) {
-  using acc_t = acc_of<T, U>;
+// y = e / ((1 + s') exp(m - m_c)) over a chunk whose exps e = exp(x - m_c) were stored by its
+// statistics pass (m_c: the chunk's max; (m, s'): the row's state): the row's denominator
+// seen from the chunk, in double, rounded once. A chunk of -inf only (no exps stored) is 0;
+// a NaN row is NaN. e and y may be the same memory.
+template <typename acc_t, typename U>
+void write_scaled_chunk(const acc_t* e, U* y, int64_t len, State st, acc_t m_c) {
   using V = Vectorized<acc_t>;
-  constexpr int64_t kVec = V::size();
-  if (log) {
-    softmax_write(x, y, n, chunk_stats<T, acc_t>(x, n), true);
+  if (row_is_nan(st)) {
+    store_nan<acc_t>(y, len);
+    return;
+  }
+  if (m_c == -infinity<acc_t>()) {
+    const V zero(acc_t(0));
+    store_each<acc_t>(y, len, [zero](int64_t, int64_t) { return zero; });
+    return;
+  }
+  const double gap = st.m - static_cast<double>(m_c);
+  const acc_t denominator = static_cast<acc_t>((1.0 + st.s) * (gap == 0 ? 1.0 : std::exp(gap)));
+  const V r(acc_t(1) / denominator), neg_den(-denominator);
+  store_each<acc_t>(
+      y, len, [=](int64_t j, int64_t count) { return divide(V::loadu(e + j, count), r, neg_den); });
+}
+
+// Rows up to this many elements keep their exps for the write pass (in a per-thread buffer
+// when y is not of the accumulation dtype: 4 MiB of fp32 at most); longer ones compute them
+// again.
+constexpr int64_t kKeepExpsMax = int64_t(1) << 20;
+
+// softmax or log_softmax of a whole row, on one thread. softmax keeps the exps of the
+// statistics pass (in y itself when y has the accumulation dtype, else in a per-thread
+// buffer) with each chunk's max, then scales them: one exp per element, x read once.
+template <typename T, typename U>
+void softmax_row(const T* x, U* y, int64_t n, bool log) {
+  using acc_t = acc_of<T, U>;
+  if (log || (!std::is_same_v<U, acc_t> && n > kKeepExpsMax)) {
+    softmax_write(x, y, n, segment_stats<T, acc_t>(x, n), log);
     return;
   }
   acc_t* e;
@@ -390,35 +543,43 @@ void softmax_short_row(const T* x, U* y, int64_t n, bool log) {
     if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
     e = buffer.data();
   }
-  const State st = chunk_stats<T, acc_t>(x, n, e);
-  if (!std::isfinite(st.m)) {  // e was not stored: write the NaN row
-    softmax_write(x, y, n, st, false);
+  if (n <= kChunk) {
+    const State st = chunk_stats<T, acc_t>(x, n, e);
+    write_scaled_chunk(e, y, n, st, static_cast<acc_t>(st.m));
     return;
   }
-  const acc_t denominator = static_cast<acc_t>(1.0 + st.s);  // NaN s' (a NaN in x): NaN row
-  const V r(acc_t(1) / denominator), neg_den(-denominator);
-  for (int64_t j = 0; j < n; j += kVec) {
-    const int64_t count = std::min(kVec, n - j);
-    IO<U, acc_t>::store(y + j, divide(V::loadu(e + j, count), r, neg_den), count);
+  thread_local std::vector<acc_t> maxima;
+  maxima.resize(ceil_div(n, kChunk));
+  State st = State::empty();
+  for (int64_t c0 = 0, k = 0; c0 < n; c0 += kChunk, ++k) {
+    const State c = chunk_stats<T, acc_t>(x + c0, std::min(kChunk, n - c0), e + c0);
+    maxima[k] = static_cast<acc_t>(c.m);
+    st = merge(st, c);
   }
+  for (int64_t c0 = 0, k = 0; c0 < n; c0 += kChunk, ++k)
+    write_scaled_chunk(e + c0, y + c0, std::min(kChunk, n - c0), st, maxima[k]);
+}
+
+// Whether rows are split into segments on different threads: when there are fewer rows than
+// threads and the rows are long.
+inline bool split_rows(int64_t rows, int64_t n) {
+  return rows < at::get_num_threads() && n >= 2 * kSplitMin;
 }
 
 // For each of `rows` rows of n elements: total = combine over segments of reduce(r, b, e),
-// then map(r, b, e, total) over the same segments. Rows are spread over threads; when
-// there are fewer rows than threads and rows are long, each row is split into segments
-// that run on different threads.
+// then map(r, b, e, total) over the same segments. Rows are spread over threads, or split
+// into segments (split_rows) that start on chunk boundaries, so that a segment's chunks
+// are the row's chunks.
 template <typename Partial, typename Reduce, typename Combine, typename Map>
 void run_rows(int64_t rows, int64_t n, Reduce reduce, Combine combine, Map map) {
-  const int64_t threads = at::get_num_threads();
-  if (rows >= threads || n < 2 * kSplitMin) {
+  if (!split_rows(rows, n)) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) map(r, 0, n, reduce(r, 0, n));
     });
     return;
   }
-  // Segments start on chunk boundaries, so a segment's chunks are the row's chunks.
-  const int64_t wanted = std::min(ceil_div(threads, rows), n / kSplitMin);
+  const int64_t wanted = std::min(ceil_div(int64_t(at::get_num_threads()), rows), n / kSplitMin);
   const int64_t seg_len = ceil_div(ceil_div(n, wanted), kChunk) * kChunk;
   const int64_t segments = ceil_div(n, seg_len);
   std::vector<Partial> parts(rows * segments);
@@ -445,14 +606,11 @@ void run_rows(int64_t rows, int64_t n, Reduce reduce, Combine combine, Map map) 
 State merge_states(State a, State b) { return merge(a, b); }
 double add_doubles(double a, double b) { return a + b; }
 
-// softmax of rows longer than a chunk, into y of the accumulation dtype: the statistics
-// pass stores exp(x - m_c) into y, m_c being its chunk's max, and records m_c; the write
-// pass divides each chunk by (1 + s') * exp(m - m_c), the row's denominator seen from that
-// chunk (computed in double, rounded once). One exp per element, and x is read once.
+// softmax of rows split into segments (split_rows), into y of the accumulation dtype: the
+// statistics pass stores exp(x - m_c) into y and records each chunk's max m_c; the write
+// pass scales each chunk (write_scaled_chunk). One exp per element, and x is read once.
 template <typename T, typename acc_t>
-void softmax_long_rows(const T* x, acc_t* y, const Layout& L) {
-  using V = Vectorized<acc_t>;
-  constexpr int64_t kVec = V::size();
+void softmax_split_rows(const T* x, acc_t* y, const Layout& L) {
   const int64_t chunks = ceil_div(L.n, kChunk);
   std::vector<acc_t> chunk_maxima(L.outer * chunks);
   run_rows<State>(
@@ -460,9 +618,8 @@ void softmax_long_rows(const T* x, acc_t* y, const Layout& L) {
       [&](int64_t r, int64_t b, int64_t e) {
         State total = State::empty();
         for (int64_t c0 = b; c0 < e; c0 += kChunk) {
-          const int64_t len = std::min(kChunk, e - c0);
-          const T* p = x + r * L.x_stride + c0;
-          const State st = chunk_stats<T, acc_t>(p, len, y + r * L.n + c0);
+          const State st = chunk_stats<T, acc_t>(x + r * L.x_stride + c0, std::min(kChunk, e - c0),
+                                                 y + r * L.n + c0);
           chunk_maxima[r * chunks + c0 / kChunk] = static_cast<acc_t>(st.m);
           total = merge(total, st);
         }
@@ -471,27 +628,9 @@ void softmax_long_rows(const T* x, acc_t* y, const Layout& L) {
       merge_states,
       [&](int64_t r, int64_t b, int64_t e, State st) {
         acc_t* row = y + r * L.n;
-        if (!std::isfinite(st.m) || std::isnan(st.s)) {
-          // +inf, NaN, or nothing but -inf in the row: NaN throughout, as in torch.
-          const V nan(std::numeric_limits<acc_t>::quiet_NaN());
-          for (int64_t j = b; j < e; j += kVec) nan.store(row + j, std::min(kVec, e - j));
-          return;
-        }
         for (int64_t c0 = b; c0 < e; c0 += kChunk) {
-          const int64_t end = std::min(c0 + kChunk, e);
-          const acc_t m_c = chunk_maxima[r * chunks + c0 / kChunk];
-          if (m_c == -infinity<acc_t>()) {  // a chunk of -inf only: exactly 0
-            const V zero(acc_t(0));
-            for (int64_t j = c0; j < end; j += kVec) zero.store(row + j, std::min(kVec, end - j));
-            continue;
-          }
-          const acc_t denominator =
-              static_cast<acc_t>((1.0 + st.s) * std::exp(st.m - static_cast<double>(m_c)));
-          const V rcp(acc_t(1) / denominator), neg_den(-denominator);
-          for (int64_t j = c0; j < end; j += kVec) {
-            const int64_t count = std::min(kVec, end - j);
-            divide(V::loadu(row + j, count), rcp, neg_den).store(row + j, count);
-          }
+          write_scaled_chunk(row + c0, row + c0, std::min(kChunk, e - c0), st,
+                             chunk_maxima[r * chunks + c0 / kChunk]);
         }
       });
 }
@@ -592,17 +731,16 @@ void column_softmax_write(const T* x, U* y, int64_t n, int64_t stride, int64_t w
 template <typename T, typename U>
 void softmax_forward_typed(const T* x, U* y, Layout L, bool log) {
   using acc_t = acc_of<T, U>;
-  if (L.inner == 1 && L.n <= kChunk) {
+  if (L.inner == 1 && !split_rows(L.outer, L.n)) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / L.n);
     at::parallel_for(0, L.outer, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        softmax_short_row(x + r * L.x_stride, y + r * L.n, L.n, log);
+      for (int64_t r = begin; r < end; ++r) softmax_row(x + r * L.x_stride, y + r * L.n, L.n, log);
     });
     return;
   }
   if constexpr (std::is_same_v<U, acc_t>) {
     if (L.inner == 1 && !log) {
-      softmax_long_rows(x, y, L);
+      softmax_split_rows(x, y, L);
       return;
     }
   }
@@ -655,42 +793,91 @@ void logsumexp_forward_typed(const T* x, T* out, double* lse, Layout L) {
   });
 }
 
-// softmax:     reduce sum(grad * y),  dx = y * (grad - dot)
-// log_softmax: reduce sum(grad),      dx = grad - exp(y) * total
+// The backward of softmax (kLog false) and log_softmax (kLog true), per row:
+//   softmax:     dot = sum(grad * y),  dx = y * (grad - dot)
+//   log_softmax: dot = sum(grad),      dx = grad - exp(y) * dot
+// On a contiguous segment: full vectors, then one partial vector (its lanes past the end
+// load as 0, so they add nothing to dot). dot is summed in fp32 blocks of kBlock vectors, in
+// four independent chains, added into a double.
+template <bool kLog, typename T, typename acc_t>
+struct BackwardRow {
+  using V = Vectorized<acc_t>;
+  using io = IO<T, acc_t>;
+  static constexpr int64_t kVec = V::size();
+
+  static V term(V g, V y) {
+    if constexpr (kLog) {
+      return g;
+    } else {
+      return g * y;
+    }
+  }
+  static V result(V g, V y, V dot) {
+    if constexpr (kLog) {
+      return g - exp_nan_safe(y) * dot;
+    } else {
+      return y * (g - dot);
+    }
+  }
+  static V term_at(const T* g, const T* y, int64_t j) {
+    return term(io::load(g + j), io::load(y + j));
+  }
+
+  static double dot(const T* g, const T* y, int64_t len) {
+    const int64_t full = len - len % kVec;
+    double total = 0;
+    for (int64_t b = 0; b < full; b += kBlock * kVec) {
+      const int64_t end = std::min(full, b + kBlock * kVec);
+      V a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+      int64_t j = b;
+      for (; j + 4 * kVec <= end; j += 4 * kVec) {
+        a0 += term_at(g, y, j);
+        a1 += term_at(g, y, j + kVec);
+        a2 += term_at(g, y, j + 2 * kVec);
+        a3 += term_at(g, y, j + 3 * kVec);
+      }
+      for (; j < end; j += kVec) a0 += term_at(g, y, j);
+      total += hsum((a0 + a1) + (a2 + a3));
+    }
+    if (full < len) {
+      total += hsum(term(io::load(g + full, len - full), io::load(y + full, len - full)));
+    }
+    return total;
+  }
+
+  template <typename U>
+  static void write(const T* g, const T* y, U* dx, int64_t len, acc_t dot) {
+    using out = IO<U, acc_t>;
+    const V vd(dot);
+    const int64_t full = len - len % kVec;
+    for (int64_t j = 0; j < full; j += kVec)
+      out::store(dx + j, result(io::load(g + j), io::load(y + j), vd));
+    if (full < len) {
+      const int64_t c = len - full;
+      out::store(dx + full, result(io::load(g + full, c), io::load(y + full, c), vd), c);
+    }
+  }
+};
+
 // grad, y and dx are contiguous here (L.x_stride == L.block()).
-template <typename T, typename U>
-void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log) {
+template <bool kLog, typename T, typename U>
+void softmax_backward_impl(const T* grad, const T* y, U* dx, const Layout& L) {
   using acc_t = acc_of<T, U>;
   using io = IO<T, acc_t>;
+  using row = BackwardRow<kLog, T, acc_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
-  auto term = [log](V g, V yv) { return log ? g : g * yv; };
-  auto result = [log](V g, V yv, V total) {
-    return log ? g - exp_nan_safe(yv) * total : yv * (g - total);
-  };
+  const int64_t n = L.n;
   if (L.inner == 1) {
     run_rows<double>(
-        L.outer, L.n,
-        [&](int64_t r, int64_t b, int64_t e) {
-          const int64_t off = r * L.n;
-          BlockSum<acc_t> sum;
-          for (int64_t j = b; j < e; j += kVec) {
-            const int64_t count = std::min(kVec, e - j);
-            // lanes past count load as 0, so they add nothing
-            sum.add(term(io::load(grad + off + j, count), io::load(y + off + j, count)));
-          }
-          return sum.result();
+        L.outer, n,
+        [grad, y, n](int64_t r, int64_t b, int64_t e) {
+          return row::dot(grad + r * n + b, y + r * n + b, e - b);
         },
         add_doubles,
-        [&](int64_t r, int64_t b, int64_t e, double total) {
-          const int64_t off = r * L.n;
-          const V vt(static_cast<acc_t>(total));
-          for (int64_t j = b; j < e; j += kVec) {
-            const int64_t count = std::min(kVec, e - j);
-            IO<U, acc_t>::store(
-                dx + off + j,
-                result(io::load(grad + off + j, count), io::load(y + off + j, count), vt), count);
-          }
+        [grad, y, dx, n](int64_t r, int64_t b, int64_t e, double dot) {
+          row::write(grad + r * n + b, y + r * n + b, dx + r * n + b, e - b,
+                     static_cast<acc_t>(dot));
         });
     return;
   }
@@ -704,7 +891,7 @@ void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log
         const int64_t at = base + j * L.inner;
         for (int64_t i = 0; i < width; i += kVec) {
           const int64_t c = std::min(kVec, width - i);
-          (V::loadu(block + i, c) + term(io::load(grad + at + i, c), io::load(y + at + i, c)))
+          (V::loadu(block + i, c) + row::term(io::load(grad + at + i, c), io::load(y + at + i, c)))
               .store(block + i, c);
         }
       }
@@ -715,13 +902,22 @@ void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log
       const int64_t at = base + j * L.inner;
       for (int64_t i = 0; i < width; i += kVec) {
         const int64_t c = std::min(kVec, width - i);
-        IO<U, acc_t>::store(
-            dx + at + i,
-            result(io::load(grad + at + i, c), io::load(y + at + i, c), V::loadu(totals + i, c)),
-            c);
+        IO<U, acc_t>::store(dx + at + i,
+                            row::result(io::load(grad + at + i, c), io::load(y + at + i, c),
+                                        V::loadu(totals + i, c)),
+                            c);
       }
     }
   });
+}
+
+template <typename T, typename U>
+void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log) {
+  if (log) {
+    softmax_backward_impl<true>(grad, y, dx, L);
+  } else {
+    softmax_backward_impl<false>(grad, y, dx, L);
+  }
 }
 
 // dx = grad[r] * exp((x - hi[r]) - lo[r]): a pure map, split evenly over threads.
