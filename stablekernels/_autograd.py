@@ -33,6 +33,7 @@ from torch.autograd import forward_ad
 
 from ._numerics import accumulation_dtype, probabilities
 from ._ops import (
+    ROUTERS,
     _lib,
     counted_targets,
     cross_entropy_backward_terms,
@@ -433,6 +434,20 @@ def _function(name: str, setup_context, backward, jvp) -> type[torch.autograd.Fu
     )
 
 
+# Dispatch keys below autograd that leave a call to the router alone: the view-tracking key
+# (a fallthrough for these ops) and the plain CPU/CUDA backends, whose kernel the router is.
+_PASSTHROUGH = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+_PLAIN_BACKENDS = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+
+
+def _goes_to_router(keyset) -> bool:
+    """Whether redispatching below autograd would reach the op's router with nothing in
+    between (no tensor subclass, fake tensor, functionalization or tracing mode): then the
+    router is called directly, which saves a round trip through the dispatcher."""
+    below = (keyset & _BELOW_AUTOGRAD) - _PASSTHROUGH
+    return below.highestPriorityTypeId() in _PLAIN_BACKENDS
+
+
 def _needs_autograd(args) -> bool:
     """Whether a call must go through its Function: a gradient may be asked for, a
     forward-mode level is open, or a torch.func transform is running."""
@@ -449,6 +464,7 @@ FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 def _register(name: str) -> None:
     function = FUNCTIONS[name] = _function(name, *_RULES[name])
     op = getattr(ops, name).default
+    route = ROUTERS[name]
 
     def autograd_kernel(keyset, *args):
         if _needs_autograd(args):
@@ -457,6 +473,8 @@ def _register(name: str) -> None:
             # the autograd kernels of torch's own ops do.
             with enable_single_level_autograd_function():
                 return function.apply(_Call(keyset), *args)
+        if _goes_to_router(keyset):
+            return route(*args)
         return op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
 
     _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)

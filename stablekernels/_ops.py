@@ -107,9 +107,18 @@ def check_same_device(op: str, *tensors: torch.Tensor) -> None:
             )
 
 
+# (backend, device type) -> Kernels, for the pairs that were served once: what a backend
+# can serve is fixed at import (stablekernels.backends), so the check is made once per pair.
+_SERVED: dict[tuple[str, str], backends.Kernels] = {}
+
+
 def _kernels(op: str, backend: str, *tensors: torch.Tensor) -> backends.Kernels:
     check_same_device(op, *tensors)
-    return backends.check_serves(backend, tensors[0].device).kernels()
+    key = (backend, tensors[0].device.type)
+    kernels = _SERVED.get(key)
+    if kernels is None:
+        kernels = _SERVED[key] = backends.check_serves(backend, tensors[0].device).kernels()
+    return kernels
 
 
 def _check_same_shape(op: str, grad: torch.Tensor, output: torch.Tensor) -> None:
@@ -180,7 +189,9 @@ def _softmax_backward_family(op: str, log: bool):
         if output.numel() == 0:
             return output.new_empty(output.shape, dtype=input_dtype)
         # One dtype, contiguous (autograd hands over expanded grads, e.g. of sum()).
-        grad = grad.to(output.dtype).contiguous()
+        if grad.dtype != output.dtype:
+            grad = grad.to(output.dtype)
+        grad = grad.contiguous()
         output = output.contiguous()
         if output.dim() == 0:
             dx = kernels.softmax_backward(grad.reshape(1), output.reshape(1), 0, input_dtype, log)
@@ -437,6 +448,7 @@ _ROUTES = {
     "cross_entropy": (_cross_entropy_route, _cross_entropy_fake),
     "cross_entropy_backward": (_cross_entropy_backward_route, _cross_entropy_backward_fake),
 }
+ROUTERS = {name: route for name, (route, _) in _ROUTES.items()}
 for _name, (_route, _fake) in _ROUTES.items():
     _lib.impl(_name, _route, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _fake, lib=_lib)

@@ -230,24 +230,20 @@ struct BlockSum {
 // ---------------------------------------------------------------------------------------
 // Row statistics (m, s') of a chunk, and of a contiguous segment chunk by chunk.
 //
-// Pass 1 takes the chunk's max m and whether it holds a NaN (then s' = NaN and pass 2 is
-// skipped). Pass 2 finds the first element equal to m, then sums exp(x - m) with exactly
-// that one term (which is 1) left out; every other tie adds its exact 1. This needs m
-// finite: a chunk whose max is +-inf takes the careful pass 2, which counts the elements
-// equal to m apart (exp(m - m) is NaN for an infinite m) and leaves one out.
+// Pass 1 takes the chunk's max m, whether it holds a NaN (then s' = NaN and pass 2 is
+// skipped), and a block of kBlock vectors where m is. Pass 2 sums exp(x - m) in fp32 per
+// block, the blocks in double. In the block of the max, the elements equal to m (x - m ==
+// 0) are left out of the sum and counted instead: s' = sum + (count - 1), the count exact
+// and added last, so the max's own 1 never enters an fp32 sum and a tiny s' keeps its
+// digits. (A tie in another block adds its exact 1.) This needs m finite: a chunk whose max
+// is +-inf takes the careful pass 2, which counts the elements equal to m everywhere
+// (exp(m - m) is NaN for an infinite m).
 //
-// The passes run over full vectors kUnroll at a time: the exp is a chain of dependent
-// operations (about 40 cycles), so independent vectors side by side are what keeps the
-// vector units busy. A chunk's last partial vector is taken apart.
+// The passes run over full vectors, pass 2 kUnroll at a time: the exp is a chain of
+// dependent operations (about 40 cycles), so independent vectors side by side are what
+// keeps the vector units busy. A chunk's last partial vector is taken apart.
 
 constexpr int64_t kUnroll = 4;
-
-template <typename acc_t>
-struct MaxAndPlace {
-  acc_t m;
-  int64_t vec;   // index of the vector holding the first max
-  int64_t lane;  // its lane
-};
 
 template <typename acc_t>
 struct ChunkMax {
@@ -257,8 +253,7 @@ struct ChunkMax {
 };
 
 // Pass 1, by blocks of kBlock vectors: each block's max per lane is folded into the running
-// max per lane, which also records in which block it last rose, so that the max is then
-// looked for in one block, not in the whole chunk.
+// max per lane, which also records in which block it last rose.
 template <typename T, typename acc_t>
 ChunkMax<acc_t> chunk_max(const T* p, int64_t len) {
   using io = IO<T, acc_t>;
@@ -296,41 +291,19 @@ ChunkMax<acc_t> chunk_max(const T* p, int64_t len) {
   // A mask lane is 0 or all ones; all ones is not == 0.
   const bool has_nan = (nan0 | nan1).zero_mask() != (1 << kVec) - 1;
   const acc_t m = hmax(run);
-  alignas(64) acc_t runs[kVec], blocks[kVec];
-  run.store(runs);
-  run_block.store(blocks);
   int64_t block = 0;
-  for (int64_t i = 0; i < kVec; ++i) {
-    if (runs[i] == m) {
-      block = static_cast<int64_t>(blocks[i]);
-      break;
+  if (len > kBlock * kVec) {
+    alignas(64) acc_t runs[kVec], blocks[kVec];
+    run.store(runs);
+    run_block.store(blocks);
+    for (int64_t i = 0; i < kVec; ++i) {
+      if (runs[i] == m) {
+        block = static_cast<int64_t>(blocks[i]);
+        break;
+      }
     }
   }
   return {m, has_nan, block};
-}
-
-// Where the first element equal to m (finite, present) is, from element `from` on.
-template <typename T, typename acc_t>
-MaxAndPlace<acc_t> place_of(const T* p, int64_t len, acc_t m, int64_t from) {
-  using io = IO<T, acc_t>;
-  using V = Vectorized<acc_t>;
-  constexpr int64_t kVec = V::size();
-  const V vm(m);
-  for (int64_t j = from; j < len; j += kVec) {
-    const int64_t count = std::min(kVec, len - j);
-    unsigned mask = static_cast<unsigned>((io::load(p + j, count) - vm).zero_mask());
-    if (count < kVec) mask &= (1u << count) - 1;
-    if (mask != 0) return {m, j / kVec, __builtin_ctz(mask)};
-  }
-  return {m, 0, 0};
-}
-
-// A mask of lane `lane` alone.
-template <typename acc_t>
-Vectorized<acc_t> lane_mask(int64_t lane) {
-  using V = Vectorized<acc_t>;
-  const V zero(acc_t(0)), one(acc_t(1));
-  return V::set(zero, one, lane + 1) != V::set(zero, one, lane);
 }
 
 // exp(x - m) of the full vector at element j of p, stored at e_out + j when kStore.
@@ -341,8 +314,49 @@ inline Vectorized<acc_t> exp_at(const T* p, int64_t j, Vectorized<acc_t> vm, acc
   return e;
 }
 
-// s' of a chunk without NaN whose max m is finite: the sum of exp(x - m) over the chunk but
-// the max at `place`. With kStore, also stores exp(x - m) at e_out (the max's 1 included).
+// Per lane, the sum of exp(x - m) over the full vectors of [from, to), kUnroll at a time.
+template <bool kStore, typename T, typename acc_t>
+inline Vectorized<acc_t> exp_sum(const T* p, int64_t from, int64_t to, Vectorized<acc_t> vm,
+                                 acc_t* e_out) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  static_assert(kUnroll == 4);
+  V a(acc_t(0));
+  int64_t j = from;
+  for (; j + kUnroll * kVec <= to; j += kUnroll * kVec) {
+    a += (exp_at<kStore>(p, j, vm, e_out) + exp_at<kStore>(p, j + kVec, vm, e_out)) +
+         (exp_at<kStore>(p, j + 2 * kVec, vm, e_out) + exp_at<kStore>(p, j + 3 * kVec, vm, e_out));
+  }
+  for (; j < to; j += kVec) a += exp_at<kStore>(p, j, vm, e_out);
+  return a;
+}
+
+// The same over the block of the max, with the elements equal to m counted apart: adds the
+// sum of the others to `sum` and their count to `ties`, per lane.
+template <bool kStore, typename T, typename acc_t>
+inline void exp_sum_counting_max(const T* p, int64_t from, int64_t to, Vectorized<acc_t> vm,
+                                 acc_t* e_out, Vectorized<acc_t>& sum, Vectorized<acc_t>& ties) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const V zero(acc_t(0)), one(acc_t(1));
+  auto take = [&](int64_t j) {
+    const V t = IO<T, acc_t>::load(p + j) - vm;
+    const V e = exp_of(t);
+    if constexpr (kStore) e.store(e_out + j);
+    const V at_max = t == zero;
+    sum += V::blendv(e, zero, at_max);
+    ties += at_max & one;
+  };
+  int64_t j = from;
+  for (; j + 2 * kVec <= to; j += 2 * kVec) {
+    take(j);
+    take(j + kVec);
+  }
+  if (j < to) take(j);
+}
+
+// s' of a chunk without NaN whose max m is finite, its block of the max from pass 1. With
+// kStore, also stores exp(x - m) at e_out (the max's 1 included).
 //
 // While the exps run, it prefetches the chunk's length of bytes that follow it in memory
 // (the row's next chunk, or the next row of a contiguous tensor), one cache line per
@@ -351,49 +365,41 @@ inline Vectorized<acc_t> exp_at(const T* p, int64_t j, Vectorized<acc_t> vm, acc
 // tensor's end is harmless (it never faults).
 constexpr int64_t kLine = 64;
 template <bool kStore, typename T, typename acc_t>
-double chunk_rest(const T* p, int64_t len, MaxAndPlace<acc_t> place, acc_t* e_out) {
+double chunk_rest(const T* p, int64_t len, acc_t m, int64_t max_block, acc_t* e_out) {
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
-  constexpr int64_t kStep = kUnroll * kVec;
   const char* ahead = reinterpret_cast<const char*>(p + len);
-  const V vm(place.m), zero(acc_t(0));
+  const V vm(m), zero(acc_t(0));
   const int64_t full = len - len % kVec;
-  const int64_t max_at = place.vec * kVec;  // the vector holding the max left out
   double total = 0;
+  V ties = zero;
   for (int64_t b = 0; b < full; b += kBlock * kVec) {
     const int64_t end = std::min(full, b + kBlock * kVec);
     for (int64_t q = b * int64_t(sizeof(T)); q < end * int64_t(sizeof(T)); q += kLine)
       __builtin_prefetch(ahead + q);
-    V a0 = zero;
-    int64_t j = b;
-    if (max_at < b || max_at >= end) {
-      for (; j + kStep <= end; j += kStep) {
-        a0 += (exp_at<kStore>(p, j, vm, e_out) + exp_at<kStore>(p, j + kVec, vm, e_out)) +
-              (exp_at<kStore>(p, j + 2 * kVec, vm, e_out) +
-               exp_at<kStore>(p, j + 3 * kVec, vm, e_out));
-      }
-      for (; j < end; j += kVec) a0 += exp_at<kStore>(p, j, vm, e_out);
-    } else {  // the block with the max: its lane is left out of the sum
-      const V max_lane = lane_mask<acc_t>(place.lane);
-      for (; j < end; j += kVec) {
-        const V e = exp_at<kStore>(p, j, vm, e_out);
-        a0 += j == max_at ? V::blendv(e, zero, max_lane) : e;
-      }
+    if (b == max_block) {
+      V sum = zero;
+      exp_sum_counting_max<kStore>(p, b, end, vm, e_out, sum, ties);
+      total += hsum(sum);
+    } else {
+      total += hsum(exp_sum<kStore>(p, b, end, vm, e_out));
     }
-    total += hsum(a0);
   }
-  if (full < len) {
+  if (full < len) {  // the last partial vector, in the last block
     const int64_t count = len - full;
-    V e = exp_of(IO<T, acc_t>::load(p + full, count) - vm);
+    const V t = IO<T, acc_t>::load(p + full, count) - vm;
+    V e = exp_of(t);
     if constexpr (kStore) e.store(e_out + full, count);
     e = V::set(zero, e, count);
-    if (max_at == full) {
-      const V max_lane = lane_mask<acc_t>(place.lane);
-      e = V::blendv(e, zero, max_lane);
+    if (max_block + kBlock * kVec > full) {  // that block holds the max
+      const V at_max = V::set(zero, t == zero, count);
+      e = V::blendv(e, zero, at_max);
+      ties += at_max & V(acc_t(1));
     }
     total += hsum(e);
   }
-  return total;
+  // (ties - 1) is exact: added last, it keeps a tiny sum's precision.
+  return total + (hsum(ties) - 1.0);
 }
 
 // s' of a chunk whose max m is +-inf (and no NaN): elements equal to m are counted, not
@@ -430,9 +436,8 @@ State chunk_stats(const T* p, int64_t len, acc_t* e_out = nullptr) {
   if (cm.has_nan) return State{static_cast<double>(m), std::numeric_limits<double>::quiet_NaN()};
   if (!std::isfinite(m))
     return State{static_cast<double>(m), chunk_rest_careful<T, acc_t>(p, len, m)};
-  const MaxAndPlace<acc_t> place = place_of<T, acc_t>(p, len, m, cm.block);
-  const double rest = e_out != nullptr ? chunk_rest<true, T, acc_t>(p, len, place, e_out)
-                                       : chunk_rest<false, T, acc_t>(p, len, place, e_out);
+  const double rest = e_out != nullptr ? chunk_rest<true, T, acc_t>(p, len, m, cm.block, e_out)
+                                       : chunk_rest<false, T, acc_t>(p, len, m, cm.block, e_out);
   return State{static_cast<double>(m), rest};
 }
 
@@ -847,15 +852,10 @@ struct BackwardRow {
 
   template <typename U>
   static void write(const T* g, const T* y, U* dx, int64_t len, acc_t dot) {
-    using out = IO<U, acc_t>;
     const V vd(dot);
-    const int64_t full = len - len % kVec;
-    for (int64_t j = 0; j < full; j += kVec)
-      out::store(dx + j, result(io::load(g + j), io::load(y + j), vd));
-    if (full < len) {
-      const int64_t c = len - full;
-      out::store(dx + full, result(io::load(g + full, c), io::load(y + full, c), vd), c);
-    }
+    store_each<acc_t>(dx, len, [=](int64_t j, int64_t count) {
+      return result(io::load(g + j, count), io::load(y + j, count), vd);
+    });
   }
 };
 
@@ -936,11 +936,10 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi, const 
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r = t / pieces, b = (t % pieces) * piece, e = std::min(L.n, b + piece);
         const V g(grad[r]), vhi(hi[r]), vlo(lo[r]);
-        for (int64_t j = b; j < e; j += kVec) {
-          const int64_t count = std::min(kVec, e - j);
-          const V t = (io::load(x + r * L.x_stride + j, count) - vhi) - vlo;
-          io::store(dx + r * L.n + j, g * exp_nan_safe(t), count);
-        }
+        const T* xr = x + r * L.x_stride + b;
+        store_each<acc_t>(dx + r * L.n + b, e - b, [=](int64_t j, int64_t count) {
+          return g * exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
+        });
       }
     });
     return;
@@ -1059,12 +1058,18 @@ void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* t
       T* dr = dx + r * classes;
       const acc_t* k = terms + r * 5;
       const acc_t hi = k[0], lo = k[1], coef = k[2], smooth = k[3], one_hot = k[4];
-      const V vhi(hi), vlo(lo), vcoef(coef), vsmooth(smooth), one(acc_t(1));
-      for (int64_t j = 0; j < classes; j += kVec) {
-        const int64_t count = std::min(kVec, classes - j);
-        const V p = exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
-        const V w = weight == nullptr ? one : V::loadu(weight + j, count);
-        io::store(dr + j, p * vcoef - vsmooth * w, count);
+      const V vhi(hi), vlo(lo), vcoef(coef), vsmooth(smooth);
+      auto probability = [=](int64_t j, int64_t count) {
+        return exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
+      };
+      if (weight == nullptr) {
+        store_each<acc_t>(dr, classes, [=](int64_t j, int64_t count) {
+          return at::vec::fmsub(probability(j, count), vcoef, vsmooth);
+        });
+      } else {
+        store_each<acc_t>(dr, classes, [=](int64_t j, int64_t count) {
+          return probability(j, count) * vcoef - vsmooth * V::loadu(weight + j, count);
+        });
       }
       const int64_t t = target[r];
       check_target(t, classes);

@@ -198,13 +198,13 @@ def _load_torch() -> Kernels:
 def _load_extension() -> Kernels:
     # The CPU and CUDA kernels of stablekernels._C are the same ops, dispatched by device.
     ops = torch.ops.stablekernels
-    return Kernels(
-        softmax=ops._fused_softmax,
-        softmax_backward=ops._fused_softmax_backward,
-        logsumexp=ops._fused_logsumexp,
-        logsumexp_backward=ops._fused_logsumexp_backward,
-        cross_entropy=ops._fused_cross_entropy,
-        cross_entropy_backward=ops._fused_cross_entropy_backward,
+    return Kernels(  # the overloads themselves: a call skips the packet's overload lookup
+        softmax=ops._fused_softmax.default,
+        softmax_backward=ops._fused_softmax_backward.default,
+        logsumexp=ops._fused_logsumexp.default,
+        logsumexp_backward=ops._fused_logsumexp_backward.default,
+        cross_entropy=ops._fused_cross_entropy.default,
+        cross_entropy_backward=ops._fused_cross_entropy_backward.default,
     )
 
 
