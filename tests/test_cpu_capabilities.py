@@ -58,3 +58,49 @@ def test_each_capability_build_matches_the_torch_backend(capability):
     assert run.returncode == 0, run.stderr[-4000:]
     used, verdict = run.stdout.split()
     assert used == capability.upper() and verdict == "ok"
+
+
+# Outputs larger than the last-level cache are written with streaming (non-temporal) stores;
+# STABLEKERNELS_STREAMING_MIN_BYTES=0 streams every output. The values must not change: rows
+# of odd lengths put row starts at every alignment, and bf16/fp16 outputs stream pairs of
+# converted vectors.
+STREAM_SHAPES = [((3, 1000), -1), ((5, 17), -1), ((2, 40001), -1), ((7, 130), -1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,dim", STREAM_SHAPES)
+def test_streamed_outputs_are_bitwise_the_cached_ones(monkeypatch, dtype, shape, dim):
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    x[0, 3] = float("-inf")
+    target = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.rand(shape[-1], generator=gen, dtype=torch.float64).to(weight_dtype)
+
+    def run():
+        results = []
+        for name in ("softmax", "log_softmax"):
+            a = x.clone().requires_grad_()
+            y = getattr(sk, name)(a, dim, backend="cpp")
+            (g,) = torch.autograd.grad(y, a, torch.ones_like(y).div_(3))
+            results += [y, g]
+        for out_dtype in (torch.float32, torch.float64):  # y of another dtype than x
+            results.append(sk.softmax(x, dim, dtype=out_dtype, backend="cpp"))
+        a = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(sk.logsumexp(a, dim, backend="cpp").sum(), a)
+        results.append(g)
+        if dtype != torch.float16:
+            a = x.clone().requires_grad_()
+            loss = sk.cross_entropy(
+                a, target, weight=weight, label_smoothing=0.1, backend="cpp"
+            )
+            results.append(torch.autograd.grad(loss, a)[0])
+        return results
+
+    monkeypatch.delenv("STABLEKERNELS_STREAMING_MIN_BYTES", raising=False)
+    cached = run()
+    monkeypatch.setenv("STABLEKERNELS_STREAMING_MIN_BYTES", "0")
+    streamed = run()
+    for c, s in zip(cached, streamed, strict=True):
+        assert torch.equal(c.isnan(), s.isnan())
+        assert torch.equal(c.nan_to_num(0.0), s.nan_to_num(0.0))

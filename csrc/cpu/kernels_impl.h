@@ -31,14 +31,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "kernels.h"
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #ifndef SK_CAPABILITY_NAMESPACE
 #error "define SK_CAPABILITY_NAMESPACE before including kernels_impl.h"
@@ -58,6 +66,7 @@ constexpr int64_t kSplitMin = 65536;       // shortest segment of a row split ac
 
 using at::ceil_div;
 using State = RowState<double>;
+constexpr int64_t kLineBytes = 64;  // a cache line
 
 template <typename acc_t>
 acc_t infinity() {
@@ -65,8 +74,73 @@ acc_t infinity() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Streaming stores: an output larger than the last-level cache cannot stay there, and a
+// plain store first reads each of its cache lines from memory (to own it) before writing it
+// back: a third stream of memory traffic beside the input's read and the output's write.
+// A non-temporal store writes whole lines without reading them. It needs an address
+// aligned to its width and a fence before other threads read the data (store_each
+// provides both). The DEFAULT build has none and stores plainly.
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline void stream_raw(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream_raw(double* p, __m512d v) { _mm512_stream_pd(p, v); }
+inline void stream_raw(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+using RawInt = __m512i;
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void stream_raw(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void stream_raw(double* p, __m256d v) { _mm256_stream_pd(p, v); }
+inline void stream_raw(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+using RawInt = __m256i;
+#endif
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// The bytes above which a call's output is streamed: STABLEKERNELS_STREAMING_MIN_BYTES if
+// set (read at each call; 0 streams every output, as the tests do), else the last-level
+// cache of this machine (from sysfs), or 32 MiB where it does not say.
+int64_t streaming_threshold_bytes() {
+  if (const char* forced = std::getenv("STABLEKERNELS_STREAMING_MIN_BYTES")) {
+    return std::strtoll(forced, nullptr, 10);
+  }
+  static const int64_t cache_bytes = [] {
+    int64_t largest = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string path =
+          "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+      std::FILE* f = std::fopen(path.c_str(), "r");
+      if (f == nullptr) continue;
+      long long size = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%lld%c", &size, &unit) >= 1) {
+        const int64_t scale = unit == 'K'   ? int64_t(1) << 10
+                              : unit == 'M' ? int64_t(1) << 20
+                              : unit == 'G' ? int64_t(1) << 30
+                                            : 1;
+        largest = std::max<int64_t>(largest, size * scale);
+      }
+      std::fclose(f);
+    }
+    return largest > 0 ? largest : int64_t(32) << 20;
+  }();
+  return cache_bytes;
+}
+
+// How a kernel writes its output: plain stores, or streamed past the caches.
+enum class Store { cached, streamed };
+
+// Streamed when the call's output alone is larger than the last-level cache.
+inline Store store_for(int64_t output_bytes) {
+  return output_bytes >= streaming_threshold_bytes() ? Store::streamed : Store::cached;
+}
+
+// ---------------------------------------------------------------------------------------
 // Loads and stores of Vectorized<acc_t>::size() elements of T, as acc_t. Lanes past
-// `count` load as 0.
+// `count` load as 0. stream2 stores two full vectors with non-temporal stores, at an
+// address aligned to a cache line (plain stores where there are none).
 
 template <typename T, typename acc_t>
 struct IO {  // mixed precision with fp64 (rare): through a buffer
@@ -86,6 +160,7 @@ struct IO {  // mixed precision with fp64 (rare): through a buffer
     store(p, a);
     store(p + kVec, b);
   }
+  static void stream2(T* p, V a, V b) { store2(p, a, b); }
 };
 
 template <typename T>
@@ -99,6 +174,14 @@ struct IO<T, T> {  // fp32 as fp32, fp64 as fp64
   static void store2(T* p, V a, V b) {
     a.store(p);
     b.store(p + kVec);
+  }
+  static void stream2(T* p, V a, V b) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    stream_raw(p, a);  // Vectorized<T> is its intrinsic vector type
+    stream_raw(p + kVec, b);
+#else
+    store2(p, a, b);
+#endif
   }
 };
 
@@ -126,6 +209,13 @@ struct ReducedIO {  // bf16 and fp16 as fp32
     }
   }
   static void store2(H* p, V a, V b) { at::vec::convert_from_float<H>(a, b).store(p); }
+  static void stream2(H* p, V a, V b) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    stream_raw(static_cast<void*>(p), static_cast<RawInt>(at::vec::convert_from_float<H>(a, b)));
+#else
+    store2(p, a, b);
+#endif
+  }
 };
 template <>
 struct IO<BFloat16, float> : ReducedIO<BFloat16> {};
@@ -360,10 +450,10 @@ inline void exp_sum_counting_max(const T* p, int64_t from, int64_t to, Vectorize
 //
 // While the exps run, it prefetches the chunk's length of bytes that follow it in memory
 // (the row's next chunk, or the next row of a contiguous tensor), one cache line per
-// kLine bytes of the chunk: the next chunk's max pass then reads from cache, and memory
+// kLineBytes bytes of the chunk: the next chunk's max pass then reads from cache, and memory
 // traffic overlaps the arithmetic instead of alternating with it. A prefetch past the
 // tensor's end is harmless (it never faults).
-constexpr int64_t kLine = 64;
+
 template <bool kStore, typename T, typename acc_t>
 double chunk_rest(const T* p, int64_t len, acc_t m, int64_t max_block, acc_t* e_out) {
   using V = Vectorized<acc_t>;
@@ -375,7 +465,7 @@ double chunk_rest(const T* p, int64_t len, acc_t m, int64_t max_block, acc_t* e_
   V ties = zero;
   for (int64_t b = 0; b < full; b += kBlock * kVec) {
     const int64_t end = std::min(full, b + kBlock * kVec);
-    for (int64_t q = b * int64_t(sizeof(T)); q < end * int64_t(sizeof(T)); q += kLine)
+    for (int64_t q = b * int64_t(sizeof(T)); q < end * int64_t(sizeof(T)); q += kLineBytes)
       __builtin_prefetch(ahead + q);
     if (b == max_block) {
       V sum = zero;
@@ -457,14 +547,32 @@ State segment_stats(const T* x, int64_t len) {
 
 // Stores value(j, count), a vector of acc_t for the `count` elements from j on, at out + j
 // for each vector of [0, len): full vectors two at a time (so that halves are converted
-// two vectors in one go), then the last partial one.
+// two vectors in one go), then the last partial one. Streamed: plain stores up to the first
+// cache-line boundary, streaming stores of whole lines from there, then a fence.
 template <typename acc_t, typename U, typename F>
-inline void store_each(U* out, int64_t len, F value) {
+inline void store_each(U* out, int64_t len, F value, Store mode = Store::cached) {
   using io = IO<U, acc_t>;
   constexpr int64_t kVec = Vectorized<acc_t>::size();
   int64_t j = 0;
-  for (; j + 2 * kVec <= len; j += 2 * kVec)
-    io::store2(out + j, value(j, kVec), value(j + kVec, kVec));
+  if (mode == Store::streamed) {
+    const auto address = reinterpret_cast<std::uintptr_t>(out);
+    const int64_t head =
+        address % sizeof(U) != 0
+            ? len
+            : std::min<int64_t>(len,
+                                ((kLineBytes - address % kLineBytes) % kLineBytes) / sizeof(U));
+    for (; j < head; j += kVec) {
+      const int64_t count = std::min(kVec, head - j);
+      io::store(out + j, value(j, count), count);
+    }
+    j = head;
+    for (; j + 2 * kVec <= len; j += 2 * kVec)
+      io::stream2(out + j, value(j, kVec), value(j + kVec, kVec));
+    stream_fence();
+  } else {
+    for (; j + 2 * kVec <= len; j += 2 * kVec)
+      io::store2(out + j, value(j, kVec), value(j + kVec, kVec));
+  }
   for (; j < len; j += kVec) {
     const int64_t count = std::min(kVec, len - j);
     io::store(out + j, value(j, count), count);
@@ -472,33 +580,37 @@ inline void store_each(U* out, int64_t len, F value) {
 }
 
 template <typename acc_t, typename U>
-void store_nan(U* out, int64_t len) {
+void store_nan(U* out, int64_t len, Store mode = Store::cached) {
   const Vectorized<acc_t> nan(std::numeric_limits<acc_t>::quiet_NaN());
-  store_each<acc_t>(out, len, [nan](int64_t, int64_t) { return nan; });
+  store_each<acc_t>(out, len, [nan](int64_t, int64_t) { return nan; }, mode);
 }
 
 // softmax or log_softmax of a segment of a row from the row's state, exp computed here.
 template <typename T, typename U>
-void softmax_write(const T* x, U* y, int64_t len, State st, bool log) {
+void softmax_write(const T* x, U* y, int64_t len, State st, bool log, Store mode = Store::cached) {
   using acc_t = acc_of<T, U>;
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
   if (row_is_nan(st)) {
     // torch: a row with a +inf (inf - inf), a NaN, or nothing but -inf is NaN throughout.
-    store_nan<acc_t>(y, len);
+    store_nan<acc_t>(y, len, mode);
     return;
   }
   const V vm(static_cast<acc_t>(st.m));
   if (log) {
     const V log_sum(static_cast<acc_t>(std::log1p(st.s)));
     store_each<acc_t>(
-        y, len, [=](int64_t j, int64_t count) { return (io::load(x + j, count) - vm) - log_sum; });
+        y, len, [=](int64_t j, int64_t count) { return (io::load(x + j, count) - vm) - log_sum; },
+        mode);
   } else {
     const acc_t denominator = static_cast<acc_t>(1.0 + st.s);
     const V r(acc_t(1) / denominator), neg_den(-denominator);
-    store_each<acc_t>(y, len, [=](int64_t j, int64_t count) {
-      return divide(exp_of(io::load(x + j, count) - vm), r, neg_den);
-    });
+    store_each<acc_t>(
+        y, len,
+        [=](int64_t j, int64_t count) {
+          return divide(exp_of(io::load(x + j, count) - vm), r, neg_den);
+        },
+        mode);
   }
 }
 
@@ -507,42 +619,47 @@ void softmax_write(const T* x, U* y, int64_t len, State st, bool log) {
 // seen from the chunk, in double, rounded once. A chunk of -inf only (no exps stored) is 0;
 // a NaN row is NaN. e and y may be the same memory.
 template <typename acc_t, typename U>
-void write_scaled_chunk(const acc_t* e, U* y, int64_t len, State st, acc_t m_c) {
+void write_scaled_chunk(const acc_t* e, U* y, int64_t len, State st, acc_t m_c,
+                        Store mode = Store::cached) {
   using V = Vectorized<acc_t>;
   if (row_is_nan(st)) {
-    store_nan<acc_t>(y, len);
+    store_nan<acc_t>(y, len, mode);
     return;
   }
   if (m_c == -infinity<acc_t>()) {
     const V zero(acc_t(0));
-    store_each<acc_t>(y, len, [zero](int64_t, int64_t) { return zero; });
+    store_each<acc_t>(y, len, [zero](int64_t, int64_t) { return zero; }, mode);
     return;
   }
   const double gap = st.m - static_cast<double>(m_c);
   const acc_t denominator = static_cast<acc_t>((1.0 + st.s) * (gap == 0 ? 1.0 : std::exp(gap)));
   const V r(acc_t(1) / denominator), neg_den(-denominator);
   store_each<acc_t>(
-      y, len, [=](int64_t j, int64_t count) { return divide(V::loadu(e + j, count), r, neg_den); });
+      y, len, [=](int64_t j, int64_t count) { return divide(V::loadu(e + j, count), r, neg_den); },
+      mode);
 }
 
-// Rows up to this many elements keep their exps for the write pass (in a per-thread buffer
-// when y is not of the accumulation dtype: 4 MiB of fp32 at most); longer ones compute them
-// again.
+// Rows up to this many elements keep their exps for the write pass (in a per-thread buffer,
+// 4 MiB of fp32 at most, when y is not of the accumulation dtype or is streamed); longer
+// ones compute them again (or keep them in y itself).
 constexpr int64_t kKeepExpsMax = int64_t(1) << 20;
 
 // softmax or log_softmax of a whole row, on one thread. softmax keeps the exps of the
-// statistics pass (in y itself when y has the accumulation dtype, else in a per-thread
-// buffer) with each chunk's max, then scales them: one exp per element, x read once.
+// statistics pass with each chunk's max, then scales them: one exp per element, x read
+// once. The exps go to y itself when y has the accumulation dtype and is cached, else to a
+// per-thread buffer (a streamed y is written once, by the scaling pass).
 template <typename T, typename U>
-void softmax_row(const T* x, U* y, int64_t n, bool log) {
+void softmax_row(const T* x, U* y, int64_t n, bool log, Store mode) {
   using acc_t = acc_of<T, U>;
-  if (log || (!std::is_same_v<U, acc_t> && n > kKeepExpsMax)) {
-    softmax_write(x, y, n, segment_stats<T, acc_t>(x, n), log);
+  constexpr bool kSameType = std::is_same_v<U, acc_t>;
+  if (log || (!kSameType && n > kKeepExpsMax)) {
+    softmax_write(x, y, n, segment_stats<T, acc_t>(x, n), log, mode);
     return;
   }
   acc_t* e;
-  if constexpr (std::is_same_v<U, acc_t>) {
-    e = y;
+  if (kSameType && (mode == Store::cached || n > kKeepExpsMax)) {
+    e = reinterpret_cast<acc_t*>(y);
+    mode = Store::cached;
   } else {
     thread_local std::vector<acc_t> buffer;
     if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
@@ -550,7 +667,7 @@ void softmax_row(const T* x, U* y, int64_t n, bool log) {
   }
   if (n <= kChunk) {
     const State st = chunk_stats<T, acc_t>(x, n, e);
-    write_scaled_chunk(e, y, n, st, static_cast<acc_t>(st.m));
+    write_scaled_chunk(e, y, n, st, static_cast<acc_t>(st.m), mode);
     return;
   }
   thread_local std::vector<acc_t> maxima;
@@ -562,7 +679,7 @@ void softmax_row(const T* x, U* y, int64_t n, bool log) {
     st = merge(st, c);
   }
   for (int64_t c0 = 0, k = 0; c0 < n; c0 += kChunk, ++k)
-    write_scaled_chunk(e + c0, y + c0, std::min(kChunk, n - c0), st, maxima[k]);
+    write_scaled_chunk(e + c0, y + c0, std::min(kChunk, n - c0), st, maxima[k], mode);
 }
 
 // Whether rows are split into segments on different threads: when there are fewer rows than
@@ -736,10 +853,12 @@ void column_softmax_write(const T* x, U* y, int64_t n, int64_t stride, int64_t w
 template <typename T, typename U>
 void softmax_forward_typed(const T* x, U* y, Layout L, bool log) {
   using acc_t = acc_of<T, U>;
+  const Store mode = store_for(L.outer * L.block() * int64_t(sizeof(U)));
   if (L.inner == 1 && !split_rows(L.outer, L.n)) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / L.n);
     at::parallel_for(0, L.outer, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) softmax_row(x + r * L.x_stride, y + r * L.n, L.n, log);
+      for (int64_t r = begin; r < end; ++r)
+        softmax_row(x + r * L.x_stride, y + r * L.n, L.n, log, mode);
     });
     return;
   }
@@ -757,7 +876,7 @@ void softmax_forward_typed(const T* x, U* y, Layout L, bool log) {
         },
         merge_states,
         [&](int64_t r, int64_t b, int64_t e, State st) {
-          softmax_write(x + r * L.x_stride + b, y + r * L.n + b, e - b, st, log);
+          softmax_write(x + r * L.x_stride + b, y + r * L.n + b, e - b, st, log, mode);
         });
     return;
   }
@@ -819,7 +938,7 @@ struct BackwardRow {
   }
   static V result(V g, V y, V dot) {
     if constexpr (kLog) {
-      return g - exp_nan_safe(y) * dot;
+      return at::vec::fnmadd(exp_nan_safe(y), dot, g);  // one rounding, as written
     } else {
       return y * (g - dot);
     }
@@ -851,11 +970,14 @@ struct BackwardRow {
   }
 
   template <typename U>
-  static void write(const T* g, const T* y, U* dx, int64_t len, acc_t dot) {
+  static void write(const T* g, const T* y, U* dx, int64_t len, acc_t dot, Store mode) {
     const V vd(dot);
-    store_each<acc_t>(dx, len, [=](int64_t j, int64_t count) {
-      return result(io::load(g + j, count), io::load(y + j, count), vd);
-    });
+    store_each<acc_t>(
+        dx, len,
+        [=](int64_t j, int64_t count) {
+          return result(io::load(g + j, count), io::load(y + j, count), vd);
+        },
+        mode);
   }
 };
 
@@ -875,9 +997,10 @@ void softmax_backward_impl(const T* grad, const T* y, U* dx, const Layout& L) {
           return row::dot(grad + r * n + b, y + r * n + b, e - b);
         },
         add_doubles,
-        [grad, y, dx, n](int64_t r, int64_t b, int64_t e, double dot) {
+        [grad, y, dx, n, mode = store_for(L.outer * n * int64_t(sizeof(U)))](
+            int64_t r, int64_t b, int64_t e, double dot) {
           row::write(grad + r * n + b, y + r * n + b, dx + r * n + b, e - b,
-                     static_cast<acc_t>(dot));
+                     static_cast<acc_t>(dot), mode);
         });
     return;
   }
@@ -932,14 +1055,18 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi, const 
     const int64_t pieces = std::max<int64_t>(1, ceil_div(L.n, kSplitMin));
     const int64_t piece = ceil_div(L.n, pieces);
     const int64_t grain = std::max<int64_t>(1, kGrainElements / piece);
+    const Store mode = store_for(L.outer * L.n * int64_t(sizeof(T)));
     at::parallel_for(0, L.outer * pieces, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r = t / pieces, b = (t % pieces) * piece, e = std::min(L.n, b + piece);
         const V g(grad[r]), vhi(hi[r]), vlo(lo[r]);
         const T* xr = x + r * L.x_stride + b;
-        store_each<acc_t>(dx + r * L.n + b, e - b, [=](int64_t j, int64_t count) {
-          return g * exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
-        });
+        store_each<acc_t>(
+            dx + r * L.n + b, e - b,
+            [=](int64_t j, int64_t count) {
+              return g * exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
+            },
+            mode);
       }
     });
     return;
@@ -1052,6 +1179,7 @@ void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* t
   using V = Vectorized<acc_t>;
   constexpr int64_t kVec = V::size();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / classes);
+  const Store mode = store_for(rows * classes * int64_t(sizeof(T)));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_stride;
@@ -1063,13 +1191,20 @@ void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* t
         return exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
       };
       if (weight == nullptr) {
-        store_each<acc_t>(dr, classes, [=](int64_t j, int64_t count) {
-          return at::vec::fmsub(probability(j, count), vcoef, vsmooth);
-        });
+        store_each<acc_t>(
+            dr, classes,
+            [=](int64_t j, int64_t count) {
+              return at::vec::fmsub(probability(j, count), vcoef, vsmooth);
+            },
+            mode);
       } else {
-        store_each<acc_t>(dr, classes, [=](int64_t j, int64_t count) {
-          return probability(j, count) * vcoef - vsmooth * V::loadu(weight + j, count);
-        });
+        store_each<acc_t>(
+            dr, classes,
+            [=](int64_t j, int64_t count) {
+              return at::vec::fmsub(probability(j, count), vcoef,
+                                    vsmooth * V::loadu(weight + j, count));
+            },
+            mode);
       }
       const int64_t t = target[r];
       check_target(t, classes);

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -404,7 +405,6 @@ void test_exp_ulp(const KernelTable& t) {
 }
 
 void test_table(const KernelTable& t) {
-  test_exp_ulp(t);
   const std::string cap = t.capability;
   std::mt19937 gen(1234);
   for (int64_t n : {1, 2, 3, 15, 16, 17, 33, 1023, 16384, 16385, 40000, 300000}) {
@@ -514,13 +514,24 @@ void test_table(const KernelTable& t) {
 
 }  // namespace
 
+// Every check of a capability's kernels, with outputs stored plainly (the default for the
+// small outputs here) and streamed past the caches (STABLEKERNELS_STREAMING_MIN_BYTES=0).
+void test_table_both_stores(const KernelTable& t) {
+  test_exp_ulp(t);
+  unsetenv("STABLEKERNELS_STREAMING_MIN_BYTES");
+  test_table(t);
+  setenv("STABLEKERNELS_STREAMING_MIN_BYTES", "0", 1);
+  test_table(t);
+  unsetenv("STABLEKERNELS_STREAMING_MIN_BYTES");
+}
+
 int main() {
   test_online_state();
   test_two_pass_state();
-  test_table(stablekernels::cpu::capability_default::kTable);
+  test_table_both_stores(stablekernels::cpu::capability_default::kTable);
 #ifdef SK_HAVE_AVX2
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    test_table(stablekernels::cpu::capability_avx2::kTable);
+    test_table_both_stores(stablekernels::cpu::capability_avx2::kTable);
   } else {
     std::printf("skipped AVX2: not supported by this CPU\n");
   }
@@ -528,7 +539,7 @@ int main() {
 #ifdef SK_HAVE_AVX512
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    test_table(stablekernels::cpu::capability_avx512::kTable);
+    test_table_both_stores(stablekernels::cpu::capability_avx512::kTable);
   } else {
     std::printf("skipped AVX512: not supported by this CPU\n");
   }
