@@ -99,14 +99,14 @@ inline void stream_fence() {
 #endif
 }
 
-// The bytes above which a call's output is streamed: STABLEKERNELS_STREAMING_MIN_BYTES if
-// set (read at each call; 0 streams every output, as the tests do), else the last-level
-// cache of this machine (from sysfs), or 32 MiB where it does not say.
+// The bytes from which a call's output is streamed: STABLEKERNELS_STREAMING_MIN_BYTES if
+// set (read at each call; 0 streams every output, as the tests do), else half the
+// last-level cache of this machine (from sysfs; 32 MiB where it does not say).
 int64_t streaming_threshold_bytes() {
   if (const char* forced = std::getenv("STABLEKERNELS_STREAMING_MIN_BYTES")) {
     return std::strtoll(forced, nullptr, 10);
   }
-  static const int64_t cache_bytes = [] {
+  static const int64_t half_cache_bytes = [] {
     int64_t largest = 0;
     for (int index = 0; index < 8; ++index) {
       const std::string path =
@@ -124,15 +124,17 @@ int64_t streaming_threshold_bytes() {
       }
       std::fclose(f);
     }
-    return largest > 0 ? largest : int64_t(32) << 20;
+    return (largest > 0 ? largest : int64_t(32) << 20) / 2;
   }();
-  return cache_bytes;
+  return half_cache_bytes;
 }
 
 // How a kernel writes its output: plain stores, or streamed past the caches.
 enum class Store { cached, streamed };
 
-// Streamed when the call's output alone is larger than the last-level cache.
+// Streamed when the call's output is at least half the last-level cache: written after
+// inputs at least as large, most of it would be evicted before anything reads it (glibc's
+// memcpy streams from three quarters of a thread's share of that cache on).
 inline Store store_for(int64_t output_bytes) {
   return output_bytes >= streaming_threshold_bytes() ? Store::streamed : Store::cached;
 }
@@ -837,13 +839,13 @@ void column_softmax_write(const T* x, U* y, int64_t n, int64_t stride, int64_t w
     poison[i] = std::isfinite(m[i]) ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
   }
   for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < width; i += kVec) {
-      const int64_t k = std::min(kVec, width - i);
-      const V t = IO<T, acc_t>::load(x + j * stride + i, k) - V::loadu(m + i, k);
+    const T* xj = x + j * stride;
+    store_each<acc_t>(y + j * stride, width, [&](int64_t i, int64_t k) {
+      const V t = IO<T, acc_t>::load(xj + i, k) - V::loadu(m + i, k);
       const V r = log ? t - V::loadu(c + i, k)
                       : divide(exp_of(t), V::loadu(rcp + i, k), V::loadu(neg_c + i, k));
-      IO<U, acc_t>::store(y + j * stride + i, r + V::loadu(poison + i, k), k);
-    }
+      return r + V::loadu(poison + i, k);
+    });
   }
 }
 
@@ -1075,13 +1077,13 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi, const 
     const int64_t row0 = o * L.inner + i0;
     const T* xb = x + o * L.x_stride + i0;
     T* db = dx + o * L.block() + i0;
+    const acc_t *g = grad + row0, *h = hi + row0, *l = lo + row0;
     for (int64_t j = 0; j < L.n; ++j) {
-      for (int64_t i = 0; i < width; i += kVec) {
-        const int64_t c = std::min(kVec, width - i);
-        const V t = (io::load(xb + j * L.inner + i, c) - V::loadu(hi + row0 + i, c)) -
-                    V::loadu(lo + row0 + i, c);
-        io::store(db + j * L.inner + i, V::loadu(grad + row0 + i, c) * exp_nan_safe(t), c);
-      }
+      const T* xj = xb + j * L.inner;
+      store_each<acc_t>(db + j * L.inner, width, [=](int64_t i, int64_t c) {
+        const V t = (io::load(xj + i, c) - V::loadu(h + i, c)) - V::loadu(l + i, c);
+        return V::loadu(g + i, c) * exp_nan_safe(t);
+      });
     }
   });
 }
