@@ -1,7 +1,7 @@
 """``python -m benchmarks``: every implementation against torch eager, torch.compile and the
 naive formula, against the memory roof measured in the same run.
 
-    python -m benchmarks --quick                  # CPU, under 3 minutes on 2 cores
+    python -m benchmarks --quick                  # CPU, under 3 minutes on 2 cores (no compile)
     python -m benchmarks --device cuda            # the GPU set (fp32, bf16, fp16)
     python -m benchmarks --shapes cpu --out DIR   # the CPU default set
 
@@ -21,6 +21,10 @@ import torch
 from stablekernels import _timing
 
 from . import cases, providers, report, runner
+
+# Providers the quick set leaves out unless --providers names them: torch.compile compiles
+# once per op, direction, shape and dtype, seconds each, more than the rest of the run.
+QUICK_LEAVES_OUT = ("torch.compile",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_const",
         const="quick",
         dest="shapes",
-        help="the quick CPU set: under 3 minutes on 2 cores",
+        help="the quick CPU set: two shapes, 7 rounds, no torch.compile unless named in "
+        "--providers (its compiles alone take minutes); under 3 minutes on 2 cores",
     )
     sets.add_argument(
         "--smoke",
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         chosen = [p for p in chosen if p.name in args.providers]
+    elif args.shapes == "quick":
+        chosen = [p for p in chosen if p.name not in QUICK_LEAVES_OUT]
     todo = cases.build_cases(args.shapes, args.ops, args.directions, args.dtypes)
 
     allocator = (
