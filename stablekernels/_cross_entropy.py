@@ -86,8 +86,13 @@ def cross_entropy(
     by the summed weights of the counted rows (NaN when all are ignored), "sum", "none"
     (the batch shape). Class-probability targets (the input's shape, floating) follow torch:
     loss = -sum_c w_c p_c log_softmax(x)_c with p smoothed; "mean" divides by the row count.
-    ``z_loss`` adds z_loss * lse**2 per counted row. ``return_lse=True`` returns
-    ``(loss, lse)``, the per-row log-sum-exp in fp32, of the batch shape.
+
+    ``z_loss`` (PaLM's auxiliary loss) is a per-row penalty z * lse**2 on the counted rows,
+    never weighted by the class weights: "none" adds z * lse**2 to each counted row, "sum"
+    adds z * sum(lse**2), and "mean" adds z * sum(lse**2) / (number of counted rows) to the
+    weighted mean of the cross-entropy, so scaling the weights leaves it unchanged.
+    ``return_lse=True`` returns ``(loss, lse)``, the per-row log-sum-exp in fp32, of the
+    batch shape.
 
     Dtypes: the loss has the input's dtype (float32 under autocast, as torch); halves are
     computed in fp32. Gradients flow to the input only (a weight that requires grad raises,
@@ -121,12 +126,20 @@ def cross_entropy(
         )
         # torch divides by input.numel() / C: NaN for C == 0
         denominator = float(rows.numel()) if classes else float("nan")
+        z_mean = None
     else:
         flat = _class_targets(target, batch_shape, classes)
+        # The z-loss is a per-row penalty, never weighted: its mean is over the counted
+        # rows, while the weighted mean divides by their summed weights. With class weights
+        # the two means differ, so the z-loss is then added here, from the returned lse
+        # (its gradient flows through the op's lse output); elsewhere the op adds it per row.
+        weighted_mean = reduction == "mean" and weight is not None and classes > 0
+        z_apart = z_loss if weighted_mean else 0.0
         rows, lse = ops.cross_entropy(
-            logits, flat, weight, ignore_index, label_smoothing, z_loss, name
+            logits, flat, weight, ignore_index, label_smoothing, z_loss - z_apart, name
         )
         safe, counted = counted_targets(flat, ignore_index)
+        z_mean = _z_loss_mean(lse, counted, z_apart) if z_apart else None
         if weight is None or classes == 0:  # with no classes, every row is ignored
             denominator = counted.sum().to(rows.dtype)
         else:
@@ -139,10 +152,20 @@ def cross_entropy(
         loss = rows.sum()
     else:
         loss = rows.sum() / denominator
+        if z_mean is not None:
+            loss = loss + z_mean.to(loss.dtype)
     loss = loss.to(loss_dtype(input))
     if return_lse:
         return loss, lse.float().reshape(batch_shape)
     return loss
+
+
+def _z_loss_mean(lse, counted, z_loss):
+    """z_loss * sum of lse**2 over the counted rows / their number, in float64 (NaN when no
+    row counts, as the mean of the loss itself). Ignored rows are masked before squaring,
+    so a non-finite lse there reaches neither the value nor the gradient."""
+    kept = torch.where(counted, lse, 0.0)
+    return z_loss * (kept * kept).sum() / counted.sum().to(lse.dtype)
 
 
 def _soft_rows(logits, probabilities, weight, label_smoothing, z_loss, backend):

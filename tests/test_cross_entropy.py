@@ -152,6 +152,73 @@ def test_z_loss_and_returned_lse(backend, reduction):
     torch.testing.assert_close(loss, expected)
 
 
+def _z_loss_reference(x, target, weight, z, reduction, **options):
+    """The float64 loss with a z-loss, from its definition: torch's cross-entropy plus the
+    unweighted per-row penalty z * lse**2 over the counted rows (for "mean": averaged over
+    their number, whatever the class weights)."""
+    ignore_index = options.get("ignore_index", -100)
+    ce = _reference(x, target, weight, reduction=reduction, **options)
+    counted = target != ignore_index
+    lse = torch.logsumexp(x.double(), 1)
+    penalty = torch.where(counted, lse, 0.0) ** 2 * z
+    if reduction == "none":
+        return ce + penalty
+    if reduction == "sum":
+        return ce + penalty.sum()
+    return ce + penalty.sum() / counted.sum()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_z_loss_with_class_weights_is_unweighted(backend, reduction, label_smoothing):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 10, generator=gen, dtype=torch.float64) * 3
+    target = torch.tensor([1, 2, -100, 3, 9, 0])
+    weight = torch.rand(10, generator=gen, dtype=torch.float64) + 0.1
+    z = 1e-2
+    options = dict(reduction=reduction, label_smoothing=label_smoothing, ignore_index=-100)
+    for dtype in (torch.float64, torch.float32):
+        ours = sk.cross_entropy(
+            x.to(dtype), target, weight.to(dtype), z_loss=z, backend=backend, **options
+        )
+        expected = _z_loss_reference(x.to(dtype), target, weight.to(dtype), z, **options)
+        rtol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(ours.double(), expected, rtol=rtol, atol=rtol)
+
+
+def test_z_loss_mean_does_not_depend_on_the_scale_of_the_weights(backend):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 10, generator=gen, dtype=torch.float64) * 3
+    target = torch.tensor([1, 2, -100, 3, 9, 0])
+    weight = torch.rand(10, generator=gen, dtype=torch.float64) + 0.1
+    losses = [
+        sk.cross_entropy(x, target, weight * scale, z_loss=1e-2, backend=backend)
+        for scale in (1.0, 2.0, 0.125)
+    ]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(losses[2], losses[0], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_with_weights_gradients(backend, reduction):
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(5, 7, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    target = torch.tensor([1, -100, 3, 6, 0])
+    weight = torch.rand(7, generator=gen, dtype=torch.float64) + 0.1
+    options = dict(reduction=reduction, label_smoothing=0.1)
+
+    def ours(t):
+        return sk.cross_entropy(t, target, weight, z_loss=0.05, backend=backend, **options)
+
+    # against the float64 formula's own gradients, then gradcheck and gradgradcheck
+    (grad,) = torch.autograd.grad(ours(x).sum(), x)
+    y = x.detach().requires_grad_()
+    (want,) = torch.autograd.grad(_z_loss_reference(y, target, weight, 0.05, **options).sum(), y)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(ours, (x,))
+    assert torch.autograd.gradgradcheck(ours, (x,))
+
+
 def test_gradient_through_the_returned_lse(backend):
     x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 30, (5,))
