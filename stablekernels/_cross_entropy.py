@@ -45,18 +45,71 @@ def _check_options(input, weight, reduction, label_smoothing, classes):
             raise RuntimeError(f"weight is on {weight.device}, input on {input.device}")
 
 
-def _class_targets(target: torch.Tensor, batch_shape, classes: int):
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
-    if tuple(target.shape) != tuple(batch_shape):
-        if target.dim() >= 1 and len(batch_shape) >= 1 and target.shape[0] != batch_shape[0]:
+# ATen's names of the dtypes (torch's target errors name them so).
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _probability_targets(input, target, ignore_index):
+    """torch's checks of a target of the input's shape, which holds class probabilities."""
+    if not target.is_floating_point():
+        raise RuntimeError(
+            "Expected floating point type for target with class probabilities, got "
+            f"{_dtype_name(target.dtype)}"
+        )
+    if ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+
+
+def _class_targets(input, target: torch.Tensor, batch_shape, classes: int):
+    """torch's checks of a class-index target (any shape but the input's), in torch's order
+    (the batch size, the target's dims, then its dtype) and words; the target as a flat
+    int64 vector of the rows."""
+    if input.dim() == 1:  # (C): a target of () or (1,)
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(
+                f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}"
+            )
+    else:
+        target_batch = target.shape[0] if target.dim() else 0
+        if target_batch != batch_shape[0]:
             raise ValueError(
                 f"Expected input batch_size ({batch_shape[0]}) to match target batch_size "
-                f"({target.shape[0]})."
+                f"({target_batch})."
             )
+        if input.dim() == 2 and target.dim() != 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if input.dim() > 2 and tuple(target.shape) != tuple(batch_shape):
+            raise RuntimeError(
+                f"Expected target size {list(batch_shape)}, got {list(target.shape)}"
+            )
+    if target.dtype not in (torch.int64, torch.uint8):
+        hint = (
+            f" (a floating target holds class probabilities and needs the input's shape "
+            f"{tuple(input.shape)}, not {tuple(target.shape)})"
+            if target.is_floating_point()
+            else ""
+        )
         raise RuntimeError(
-            f"cross_entropy(): target has shape {tuple(target.shape)}, expected "
-            f"{tuple(batch_shape)} for input of {classes} classes"
+            f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}{hint}"
         )
     # Out-of-range values are the op's to refuse (stablekernels._ops), once.
     return target.reshape(-1).long()
@@ -115,12 +168,8 @@ def cross_entropy(
     name = resolve_backend(backend, input.device)
     logits = _as_rows(input, batch_shape, classes)
 
-    if target.is_floating_point():
-        if target.shape != input.shape:
-            raise RuntimeError(
-                f"cross_entropy(): class-probability target has shape "
-                f"{tuple(target.shape)}, expected {tuple(input.shape)}"
-            )
+    if target.shape == input.shape:  # class probabilities, as torch decides
+        _probability_targets(input, target, ignore_index)
         rows, lse = _soft_rows(
             logits, _as_rows(target, batch_shape, classes), weight, label_smoothing, z_loss, name
         )
@@ -128,7 +177,7 @@ def cross_entropy(
         denominator = float(rows.numel()) if classes else float("nan")
         z_mean = None
     else:
-        flat = _class_targets(target, batch_shape, classes)
+        flat = _class_targets(input, target, batch_shape, classes)
         # The z-loss is a per-row penalty, never weighted: its mean is over the counted
         # rows, while the weighted mean divides by their summed weights. With class weights
         # the two means differ, so the z-loss is then added here, from the returned lse
@@ -154,7 +203,10 @@ def cross_entropy(
         loss = rows.sum() / denominator
         if z_mean is not None:
             loss = loss + z_mean.to(loss.dtype)
-    loss = loss.to(loss_dtype(input))
+    out_dtype = loss_dtype(input)
+    if target.shape == input.shape:  # as torch: the loss of probabilities promotes with them
+        out_dtype = torch.promote_types(out_dtype, target.dtype)
+    loss = loss.to(out_dtype)
     if return_lse:
         return loss, lse.float().reshape(batch_shape)
     return loss
@@ -169,10 +221,12 @@ def _z_loss_mean(lse, counted, z_loss):
 
 
 def _soft_rows(logits, probabilities, weight, label_smoothing, z_loss, backend):
-    """Per-row losses (fp32, fp64 for fp64) and lse (fp64) for class-probability targets:
-    through the fused log_softmax (one (rows, C) intermediate, as torch)."""
+    """Per-row losses and lse (fp64) for class-probability targets, through the fused
+    log_softmax (one (rows, C) intermediate, as torch). The losses are computed in the
+    accumulation dtype of the logits promoted with the probabilities' dtype (fp32; fp64
+    when either is fp64)."""
     classes = logits.shape[1]
-    acc = accumulation_dtype(logits.dtype)
+    acc = torch.promote_types(accumulation_dtype(logits.dtype), probabilities.dtype)
     p = probabilities.to(acc)
     if label_smoothing and classes:
         p = p * (1 - label_smoothing) + label_smoothing / classes

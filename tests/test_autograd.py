@@ -129,3 +129,26 @@ def test_logsumexp_gradient_uses_the_unrounded_lse(backend, dtype, offset):
     err = (ours.double() - ref).abs() / ref.abs().clamp(min=torch.finfo(dtype).tiny)
     bound = eps(dtype) * (1 + (x.double() - lse).abs() * eps(torch.float32) / eps(dtype))
     assert (err <= bound).all(), (err / bound).max()
+
+
+def test_a_missing_autograd_kernel_fails_the_suite():
+    """The suite turns torch's warning about an op without an autograd kernel into an error
+    (pyproject.toml), so every test that backpropagates through such an op fails: here a
+    throwaway op with a CPU kernel only."""
+    lib = torch.library.Library("stablekernels_test_no_autograd", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CPU")
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(UserWarning, match="an autograd kernel was not registered"):
+        torch.ops.stablekernels_test_no_autograd.twice(x).sum().backward()
+
+
+def test_every_stablekernels_op_has_an_autograd_kernel():
+    """Every public op of the namespace, the backward ops included, has its own autograd
+    kernel (none is left to torch's fallback)."""
+    from stablekernels._ops import SCHEMAS
+
+    for name in SCHEMAS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"stablekernels::{name}", "Autograd"
+        ), name

@@ -91,9 +91,7 @@ def test_streamed_outputs_are_bitwise_the_cached_ones(monkeypatch, dtype, shape,
         results.append(g)
         if dtype != torch.float16:
             a = x.clone().requires_grad_()
-            loss = sk.cross_entropy(
-                a, target, weight=weight, label_smoothing=0.1, backend="cpp"
-            )
+            loss = sk.cross_entropy(a, target, weight=weight, label_smoothing=0.1, backend="cpp")
             results.append(torch.autograd.grad(loss, a)[0])
         return results
 

@@ -301,6 +301,100 @@ def test_bad_arguments_raise_like_torch():
             call(sk.cross_entropy)
 
 
+# Every check torch makes of a cross-entropy target: (input, target, options). torch decides
+# by shape: a target of the input's shape holds class probabilities, any other class indices.
+_X1, _X2, _X3 = torch.randn(5), torch.randn(3, 5), torch.randn(2, 5, 4)
+_P2 = torch.softmax(torch.randn(3, 5), 1)
+TARGET_CHECKS = {
+    "float target of another shape": (_X2, torch.tensor([0.0, 1.0, 2.0]), {}),
+    "float64 target of another shape": (_X2, torch.zeros(3, dtype=torch.float64), {}),
+    "float target of another shape, (N, C, d)": (_X3, torch.zeros(2, 4), {}),
+    "float target, 2-D of another shape": (_X2, torch.zeros(3, 4), {}),
+    "float 0-dim target of a (C) input": (_X1, torch.tensor(1.0), {}),
+    "int32 class target": (_X2, torch.tensor([0, 1, 2], dtype=torch.int32), {}),
+    "int16 class target": (_X2, torch.tensor([0, 1, 2], dtype=torch.int16), {}),
+    "bool class target": (_X2, torch.tensor([True, False, True]), {}),
+    "int64 target of the input's shape": (_X2, torch.zeros(3, 5, dtype=torch.long), {}),
+    "int32 target of the input's shape": (_X2, torch.zeros(3, 5, dtype=torch.int32), {}),
+    "probabilities with ignore_index 1": (_X2, _P2, {"ignore_index": 1}),
+    "probabilities with ignore_index 0": (_X2, _P2, {"ignore_index": 0}),
+    "batch size mismatch": (_X2, torch.tensor([0, 1, 2, 3]), {}),
+    "batch size mismatch, (N, C, d)": (_X3, torch.zeros(3, 4, dtype=torch.long), {}),
+    "0-dim target of an (N, C) input": (_X2, torch.tensor(1), {}),
+    "0-dim target of an (N, C, d) input": (_X3, torch.tensor(1), {}),
+    "2-D target of an (N, C) input": (_X2, torch.zeros(3, 1, dtype=torch.long), {}),
+    "2-D target of a (C) input": (_X1, torch.zeros(1, 1, dtype=torch.long), {}),
+    "1-D target of size 2 for a (C) input": (_X1, torch.tensor([1, 2]), {}),
+    "wrong target size, (N, C, d)": (_X3, torch.zeros(2, 3, dtype=torch.long), {}),
+    "1-D target of an (N, C, d) input": (_X3, torch.zeros(2, dtype=torch.long), {}),
+    "class out of range": (_X2, torch.tensor([0, 7, 1]), {}),
+    "negative class": (_X2, torch.tensor([0, -5, 1]), {}),
+    "uint8 class out of range": (_X2, torch.tensor([0, 1, 255], dtype=torch.uint8), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(TARGET_CHECKS))
+def test_bad_targets_raise_as_torch(backend, case):
+    x, target, options = TARGET_CHECKS[case]
+    with pytest.raises(Exception) as theirs:
+        F.cross_entropy(x, target, **options)
+    with pytest.raises(Exception) as ours:
+        sk.cross_entropy(x, target, backend=backend, **options)
+    assert ours.type is theirs.type
+    # torch's message, word for word (stablekernels may add a hint after it)
+    assert str(ours.value).startswith(str(theirs.value).splitlines()[0])
+
+
+@pytest.mark.parametrize(
+    "x,target,options",
+    [
+        (_X1, torch.tensor([2]), {}),  # a (1,) target of a (C) input: as a 0-dim one
+        (_X2, _P2, {"ignore_index": -1}),  # a negative ignore_index is allowed
+        (_X2, _P2.double(), {}),  # probabilities of another floating dtype
+        (_X2, torch.tensor([0, 1, 2], dtype=torch.uint8), {}),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_targets_torch_accepts_are_accepted(backend, x, target, options, reduction):
+    ours = sk.cross_entropy(x, target, reduction=reduction, backend=backend, **options)
+    theirs = F.cross_entropy(x, target, reduction=reduction, **options)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs)
+
+
+# gradgradcheck of cross_entropy in float64 for every reduction, option and shape.
+GRADGRAD_OPTIONS = {
+    "plain": {},
+    "weight": {"weight": "w"},
+    "ignore_index": {"ignore_index": 1},
+    "label_smoothing": {"label_smoothing": 0.2},
+    "z_loss": {"z_loss": 0.05},
+}
+GRADGRAD_SHAPES = {"C": ((4,), ()), "NC": ((3, 4), (3,)), "NCdd": ((2, 4, 2, 2), (2, 2, 2))}
+
+
+@pytest.mark.parametrize("shape_name", list(GRADGRAD_SHAPES))
+@pytest.mark.parametrize("option", list(GRADGRAD_OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradgradcheck(backend, reduction, option, shape_name):
+    gen = torch.Generator().manual_seed(11)
+    shape, batch = GRADGRAD_SHAPES[shape_name]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 4, batch, generator=gen)
+    target.view(-1)[-1] = 2  # counted: a mean over no row is NaN, with no derivative
+    if target.dim():
+        target.view(-1)[0] = 1  # a row that ignore_index=1 ignores
+    options = dict(GRADGRAD_OPTIONS[option], reduction=reduction)
+    if options.get("weight") == "w":
+        options["weight"] = torch.rand(4, generator=gen, dtype=torch.float64) + 0.1
+
+    def fn(t):
+        return sk.cross_entropy(t, target, backend=backend, **options)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the compiled extension is not built")
 @pytest.mark.parametrize("backend_name", ["cpp", "torch"])
 def test_backward_allocates_nothing_logits_sized_but_dx(backend_name):
