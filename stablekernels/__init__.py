@@ -5,6 +5,8 @@ cross-entropy for PyTorch.
     sk.softmax(x, dim=-1)             sk.log_softmax(x, dim=-1)
     sk.logsumexp(x, dim=-1)           sk.nn.Softmax(dim), sk.nn.LogSoftmax(dim)
     sk.cross_entropy(logits, target)  sk.nn.CrossEntropyLoss()
+    sk.linear_cross_entropy(h, W, t)  sk.nn.LinearCrossEntropyLoss()   (no logits held)
+    sk.linear_logprobs(h, W, t)       the target's log-probability per row
     sk.available_backends()           with sk.use_backend("torch"): ...
     sk.naive.softmax(x)               the unstable textbook formula, for comparison
 
@@ -22,6 +24,7 @@ from . import (  # noqa: F401  (_autocast, _autograd, _batching register rules o
 )
 from ._api import available_backends, log_softmax, logsumexp, softmax, use_backend
 from ._cross_entropy import cross_entropy
+from ._linear_cross_entropy import linear_cross_entropy, linear_logprobs
 from .backends import BackendUnavailableError
 
 __version__ = "0.1.0"
@@ -31,6 +34,8 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "distributed",
+    "linear_cross_entropy",
+    "linear_logprobs",
     "log_softmax",
     "logsumexp",
     "naive",

@@ -9,12 +9,16 @@ softmax,           float32 result (``dtype=torch.float32`` set  input dtype (no 
 log_softmax        when not given; the input is not copied)
 logsumexp          input cast to float32                       input dtype (no rule)
 cross_entropy      float32 loss                                float32 loss
+linear_cross_      float32 loss; inputs as given, computed     as CUDA
+entropy            in float32 (no matmul in a half type)
 =================  ==========================================  =========================
 
 A rule applies to float16, bfloat16 and float32 tensors of the autocast device, never to
 float64 (as torch). The softmax and logsumexp rules are Autocast kernels of the ops;
 cross_entropy's op already returns float32 rows, so its rule is the dtype the public
-function rounds the loss to (:func:`loss_dtype`).
+function rounds the loss to (:func:`loss_dtype`). linear_cross_entropy and its backward run
+with autocast off inside (their Autocast kernels change no argument), so that the tiles'
+matmuls stay in the accumulation dtype instead of being cast to the autocast dtype.
 """
 
 from __future__ import annotations
@@ -71,3 +75,12 @@ def _float32_input(x, dim, keepdim, backend):
 _register("softmax", "cuda", _float32_result)
 _register("log_softmax", "cuda", _float32_result)
 _register("logsumexp", "cuda", _float32_input)
+
+
+def _as_given(*args):
+    return args
+
+
+for _device in _FLOAT32_LOSS_DEVICES:
+    _register("linear_cross_entropy", _device, _as_given)
+    _register("linear_cross_entropy_backward", _device, _as_given)

@@ -38,6 +38,7 @@ from ._ops import (
     counted_targets,
     cross_entropy_backward_terms,
     cross_entropy_row_tangent,
+    linear_accumulation_dtype,
     ops,
 )
 
@@ -343,6 +344,98 @@ def _cross_entropy_backward_jvp(ctx, t_grad_loss, t_grad_lse, t_logits, _t, _t_w
 
 
 # ----------------------------------------------------------------------------------------
+# linear_cross_entropy: inputs (input, linear_weight, linear_bias, target, weight, options...),
+# outputs (loss, lse, entropy, logprob) per row. Reverse mode only: its backward op has no
+# derivative of its own, and forward mode is not written; both refuse with an error.
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    input, linear_weight, linear_bias, target, weight = inputs[:5]
+    _, lse, entropy, _, *unit_gradient = output
+    ctx.save_for_backward(
+        input, linear_weight, linear_bias, target, weight, lse, entropy, *unit_gradient
+    )
+    # The backward op's options are the forward's but with_gradient (inputs[11]).
+    ctx.options = tuple(inputs[5:11]) + tuple(inputs[12:])
+    ctx.with_gradient = inputs[11]
+    ctx.set_materialize_grads(False)  # an output not differentiated arrives as None
+
+
+def _scaled_unit_gradient(ctx, grad_loss, others):
+    """The forward's gradient of sum(loss) scaled by the per-row gradient, which a sum or a
+    mean makes the same for every row (checked, without waiting for the device)."""
+    input, linear_weight, linear_bias, target, *_, unit_dx, unit_dw, unit_db = ctx.saved_tensors
+    if any(g is not None for g in others):
+        raise RuntimeError(
+            "stablekernels::linear_cross_entropy with with_gradient=True: only its loss "
+            "output may be differentiated"
+        )
+    if input.shape[0] == 0:
+        scale = counted = None
+    else:
+        first = grad_loss[0]
+        same = (grad_loss == first) | (grad_loss.isnan() & first.isnan())
+        torch._assert_async(
+            same.all(), "linear_cross_entropy(with_gradient=True): per-row gradients differ"
+        )
+        counted = target != ctx.options[0]
+        scale = first.to(unit_dx.dtype)
+    if scale is None:
+        dx, dw, db = unit_dx, unit_dw, unit_db
+    else:
+        # Rows not counted have no gradient (0, not 0 * inf), nor has the weight without
+        # any counted row, as when the gradient is computed in the backward.
+        dx = torch.where(counted[:, None], unit_dx * scale, 0.0)
+        scale = torch.where(counted.any(), scale, 0.0)
+        if torch.is_grad_enabled():  # create_graph: recorded, so out of place
+            dw, db = unit_dw * scale, unit_db * scale
+        else:
+            # In place: the weight's gradient is the size of the weight (a second copy would
+            # double the peak). A second backward through the same graph (retain_graph) then
+            # finds the saved tensor modified and raises, as autograd does for such tensors.
+            dw, db = unit_dw.mul_(scale), unit_db.mul_(scale)
+    db = None if linear_bias is None else db.to(linear_bias.dtype)
+    return dx.to(input.dtype), dw.to(linear_weight.dtype), db
+
+
+def _linear_cross_entropy_vjp(ctx, grad_loss, grad_lse, grad_entropy, grad_logprob, *grad_units):
+    input, linear_weight, linear_bias, target, weight, lse, entropy = ctx.saved_tensors[:7]
+    # The forward's gradient (empty unless with_gradient), differentiated:
+    if ctx.with_gradient and any(g is not None for g in grad_units):
+        _not_written("a derivative of the gradient (double backward)")()
+    # (call, input, linear_weight, linear_bias, target, weight, ...)
+    _refuse_weight_derivative(ctx.needs_input_grad[5])
+    none = (None,) * (3 + len(ctx.options))
+    if ctx.with_gradient:
+        if grad_loss is None:
+            return (None, None, None) + none
+        return _scaled_unit_gradient(ctx, grad_loss, (grad_lse, grad_entropy, grad_logprob)) + none
+    acc = linear_accumulation_dtype(input, linear_weight, linear_bias)
+    grads = [grad_loss, grad_lse, grad_entropy, grad_logprob]
+    for i, like in enumerate((lse.to(acc), lse, entropy, lse.to(acc))):
+        if grads[i] is None:
+            grads[i] = torch.zeros_like(like)
+    dx, dw, db = ops.linear_cross_entropy_backward(
+        *grads, input, linear_weight, linear_bias, target, weight, lse, entropy, *ctx.options
+    )
+    return (dx, dw, None if linear_bias is None else db) + none
+
+
+def _not_written(what: str):
+    def refuse(*_args):
+        raise NotImplementedError(
+            f"stablekernels::linear_cross_entropy: {what} is not supported (only first-order "
+            "reverse mode: .backward(), torch.autograd.grad, torch.func.grad/vjp)"
+        )
+
+    return refuse
+
+
+def _linear_cross_entropy_backward_setup(ctx, inputs, output):
+    pass
+
+
+# ----------------------------------------------------------------------------------------
 # Registration: one autograd.Function per op, run by the op's Autograd kernel.
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
@@ -378,6 +471,16 @@ _RULES = {
         _cross_entropy_backward_setup,
         _cross_entropy_backward_vjp,
         _cross_entropy_backward_jvp,
+    ),
+    "linear_cross_entropy": (
+        _linear_cross_entropy_setup,
+        _linear_cross_entropy_vjp,
+        _not_written("forward-mode AD"),
+    ),
+    "linear_cross_entropy_backward": (
+        _linear_cross_entropy_backward_setup,
+        _not_written("a derivative of the gradient (double backward)"),
+        _not_written("forward-mode AD of the gradient"),
     ),
 }
 

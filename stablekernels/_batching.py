@@ -8,7 +8,9 @@ where a view does:
   input becomes a row of one);
 * cross_entropy and its backward work on (rows, C): the vmapped dim and the rows flatten
   into one row dim. Per-sample class weights cannot share one call, so a vmapped ``weight``
-  runs one call per sample.
+  runs one call per sample;
+* linear_cross_entropy and its backward run one call per sample (each sample its own
+  tiled problem, whose weights may differ per sample).
 
 Unbatched tensor arguments beside batched ones are expanded (a view; the ops make their
 inputs contiguous where they need to). Rules get ``(info, in_dims, *args)`` and return
@@ -126,6 +128,12 @@ RULES = {
     "logsumexp_backward": _logsumexp_backward_rule,
     "cross_entropy": _cross_entropy_rule,
     "cross_entropy_backward": _cross_entropy_backward_rule,
+    "linear_cross_entropy": lambda info, in_dims, *args: _per_sample(
+        ops.linear_cross_entropy.default, info, in_dims, args
+    ),
+    "linear_cross_entropy_backward": lambda info, in_dims, *args: _per_sample(
+        ops.linear_cross_entropy_backward.default, info, in_dims, args
+    ),
 }
 for _name, _rule in RULES.items():
     torch.library.register_vmap(f"{NAMESPACE}::{_name}", _rule, lib=_lib)

@@ -175,34 +175,17 @@ def cross_entropy(
         )
         # torch divides by input.numel() / C: NaN for C == 0
         denominator = float(rows.numel()) if classes else float("nan")
-        z_mean = None
+        loss = _reduce(rows, reduction, denominator, batch_shape)
     else:
         flat = _class_targets(input, target, batch_shape, classes)
-        # The z-loss is a per-row penalty, never weighted: its mean is over the counted
-        # rows, while the weighted mean divides by their summed weights. With class weights
-        # the two means differ, so the z-loss is then added here, from the returned lse
-        # (its gradient flows through the op's lse output); elsewhere the op adds it per row.
-        weighted_mean = reduction == "mean" and weight is not None and classes > 0
-        z_apart = z_loss if weighted_mean else 0.0
+        z_in_op, z_apart = split_z_loss(z_loss, weight, reduction, classes)
         rows, lse = ops.cross_entropy(
-            logits, flat, weight, ignore_index, label_smoothing, z_loss - z_apart, name
+            logits, flat, weight, ignore_index, label_smoothing, z_in_op, name
         )
-        safe, counted = counted_targets(flat, ignore_index)
-        z_mean = _z_loss_mean(lse, counted, z_apart) if z_apart else None
-        if weight is None or classes == 0:  # with no classes, every row is ignored
-            denominator = counted.sum().to(rows.dtype)
-        else:
-            target_weights = weight.index_select(0, safe)
-            denominator = torch.where(counted, target_weights, 0).sum().to(rows.dtype)
+        loss = reduce_class_rows(
+            rows, lse, flat, weight, classes, ignore_index, reduction, z_apart, batch_shape
+        )
 
-    if reduction == "none":
-        loss = rows.reshape(batch_shape)
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / denominator
-        if z_mean is not None:
-            loss = loss + z_mean.to(loss.dtype)
     out_dtype = loss_dtype(input)
     if target.shape == input.shape:  # as torch: the loss of probabilities promotes with them
         out_dtype = torch.promote_types(out_dtype, target.dtype)
@@ -210,6 +193,44 @@ def cross_entropy(
     if return_lse:
         return loss, lse.float().reshape(batch_shape)
     return loss
+
+
+def split_z_loss(z_loss: float, weight, reduction: str, classes: int) -> tuple[float, float]:
+    """(z-loss the op adds per row, z-loss added apart from the op's lse output).
+
+    The z-loss is a per-row penalty, never weighted: its mean is over the counted rows,
+    while the weighted mean divides by their summed weights. With class weights the two
+    means differ, so the z-loss is then added by :func:`reduce_class_rows` (its gradient
+    flows through the op's lse output); elsewhere the op adds it per row."""
+    weighted_mean = reduction == "mean" and weight is not None and classes > 0
+    z_apart = z_loss if weighted_mean else 0.0
+    return z_loss - z_apart, z_apart
+
+
+def reduce_class_rows(
+    rows, lse, flat, weight, classes, ignore_index, reduction, z_apart, batch_shape
+):
+    """The reduced loss of per-row class-target losses ``rows`` (0 on ignored rows), as
+    torch: "mean" divides by the summed class weights of the counted rows (their number
+    without weights), then adds the z-loss kept apart (:func:`split_z_loss`)."""
+    safe, counted = counted_targets(flat, ignore_index)
+    if weight is None or classes == 0:  # with no classes, every row is ignored
+        denominator = counted.sum().to(rows.dtype)
+    else:
+        target_weights = weight.index_select(0, safe)
+        denominator = torch.where(counted, target_weights, 0).sum().to(rows.dtype)
+    loss = _reduce(rows, reduction, denominator, batch_shape)
+    if reduction == "mean" and z_apart:
+        loss = loss + _z_loss_mean(lse, counted, z_apart).to(loss.dtype)
+    return loss
+
+
+def _reduce(rows, reduction, denominator, batch_shape):
+    if reduction == "none":
+        return rows.reshape(batch_shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / denominator
 
 
 def _z_loss_mean(lse, counted, z_loss):

@@ -62,6 +62,15 @@ def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(s64.isnan(), s64, lse)
 
 
+def merge_lse(lse: torch.Tensor, dim: int) -> torch.Tensor:
+    """The float64 log-sum-exp along ``dim`` of partial log-sum-exps (fp64) of disjoint parts
+    of each row (vocabulary tiles, ranks): the partials are a row like any other,
+    M + log1p(sum_{k != argmax} exp(lse_k - M)), so a dominant part keeps the small parts'
+    precision. ``dim`` is removed."""
+    m, _, _, s = row_stats(lse, dim)
+    return finish_lse(m, s).squeeze(dim)
+
+
 def split_lse(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A float64 lse as ``hi + lo`` in ``acc``: ``x - lse`` is then taken as
     ``(x - hi) - lo``, where ``x - hi`` is exact for the entries near lse (the ones whose

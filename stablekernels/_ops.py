@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import _linear_tiles, backends
 from ._numerics import accumulation_dtype, probabilities, split_lse
 
 NAMESPACE = "stablekernels"
@@ -67,6 +67,18 @@ SCHEMAS = {
     "cross_entropy_backward": "cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, "
     "Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index, "
     "float label_smoothing, float z_loss, str backend) -> Tensor",
+    "linear_cross_entropy": "linear_cross_entropy(Tensor input, Tensor linear_weight, "
+    "Tensor? linear_bias, Tensor target, Tensor? weight, int ignore_index, "
+    "float label_smoothing, float z_loss, float? softcap, float temperature, "
+    "bool with_entropy, bool with_gradient, str backend) "
+    "-> (Tensor loss, Tensor lse, Tensor entropy, Tensor logprob, Tensor unit_grad_input, "
+    "Tensor unit_grad_linear_weight, Tensor unit_grad_linear_bias)",
+    "linear_cross_entropy_backward": "linear_cross_entropy_backward(Tensor grad_loss, "
+    "Tensor grad_lse, Tensor grad_entropy, Tensor grad_logprob, Tensor input, "
+    "Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, Tensor lse, "
+    "Tensor row_entropy, int ignore_index, float label_smoothing, float z_loss, "
+    "float? softcap, float temperature, bool with_entropy, str backend) "
+    "-> (Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -268,15 +280,19 @@ def _logsumexp_backward_fake(grad, x, result, dim, keepdim, backend):
 # shapes: stablekernels._cross_entropy. Formulas: docs/design.md.
 
 
+def _check_row_targets(op, target, rows: int) -> None:
+    if target.dtype != torch.int64 or target.shape != (rows,):
+        raise RuntimeError(
+            f"{op}(): target must be int64 of shape ({rows},), got {target.dtype} "
+            f"{tuple(target.shape)}"
+        )
+
+
 def _check_cross_entropy(op, logits, target, weight):
     if logits.dim() != 2:
         raise RuntimeError(f"{op}(): logits must be 2-D (rows, classes), got {tuple(logits.shape)}")
     check_floating(op, "the logits", logits.dtype)
-    if target.dtype != torch.int64 or target.shape != logits.shape[:1]:
-        raise RuntimeError(
-            f"{op}(): target must be int64 of shape ({logits.shape[0]},), got {target.dtype} "
-            f"{tuple(target.shape)}"
-        )
+    _check_row_targets(op, target, logits.shape[0])
     if weight is not None:
         check_floating(op, "the weight", weight.dtype)
         if weight.shape != logits.shape[1:]:
@@ -286,7 +302,7 @@ def _check_cross_entropy(op, logits, target, weight):
         check_same_device(op, logits, target)
 
 
-def _class_rows(logits, target, weight, ignore_index):
+def _class_rows(classes: int, dtype: torch.dtype, target, weight, ignore_index):
     """What every cross-entropy kernel is given: targets (an ignored row's is 0), which rows
     count, and the class weights in the accumulation dtype.
 
@@ -295,13 +311,13 @@ def _class_rows(logits, target, weight, ignore_index):
     device-side assert (``torch._assert_async``, as torch's nll_loss on CUDA), so the router
     never synchronises and works under CUDA graph capture. The GPU kernels assert it too."""
     safe, counted = counted_targets(target, ignore_index)
-    bad = counted & ((target < 0) | (target >= logits.shape[1]))
+    bad = counted & ((target < 0) | (target >= classes))
     if target.device.type == "cpu":
         if bad.any():
             raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
     else:
         torch._assert_async(~bad.any(), "cross_entropy: a target is out of bounds")
-    w = None if weight is None else weight.to(accumulation_dtype(logits.dtype)).contiguous()
+    w = None if weight is None else weight.to(accumulation_dtype(dtype)).contiguous()
     return safe, counted, w
 
 
@@ -368,7 +384,7 @@ def _cross_entropy_route(logits, target, weight, ignore_index, label_smoothing, 
     acc = accumulation_dtype(logits.dtype)
     if rows == 0:
         return logits.new_empty(0, dtype=acc), logits.new_empty(0, dtype=torch.float64)
-    safe, counted, w = _class_rows(logits, target, weight, ignore_index)
+    safe, counted, w = _class_rows(logits.shape[1], logits.dtype, target, weight, ignore_index)
     if classes == 0:
         # No class a row could count for (a counted row is reported above): every row is
         # ignored. As torch, its smoothing term is (e / 0) * 0 = NaN, the rest 0.
@@ -424,7 +440,7 @@ def _cross_entropy_backward_route(
         return torch.zeros_like(logits)
     rows, classes = logits.shape
     acc = accumulation_dtype(logits.dtype)
-    safe, counted, w = _class_rows(logits, target, weight, ignore_index)
+    safe, counted, w = _class_rows(logits.shape[1], logits.dtype, target, weight, ignore_index)
     terms = cross_entropy_backward_terms(
         grad_loss, grad_lse, lse, safe, counted, w, classes, label_smoothing, z_loss, acc
     )
@@ -438,6 +454,222 @@ def _cross_entropy_backward_fake(
     return torch.empty_like(logits)
 
 
+# ----------------------------------------------------------------------------------------
+# Linear cross-entropy of (R, H) inputs, (V, H) linear weights (and (V,) bias) and (R,) class
+# targets, the logits never materialised (stablekernels._linear_tiles): per-row losses as
+# cross_entropy's, lse (fp64), entropy (empty unless asked for) and the target's log-prob.
+# With ``with_gradient`` the forward also returns the gradient of sum(loss) (every row's
+# gradient 1; empty tensors otherwise), which the autograd rule scales when the caller
+# reduces the loss by a sum or a mean and differentiates nothing else: one matmul less.
+
+
+def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, weight, options):
+    softcap, temperature, *flags = options
+    if flags == [True, True]:
+        raise ValueError(f"{op}(): with_entropy and with_gradient exclude each other")
+    if input.dim() != 2 or linear_weight.dim() != 2 or input.shape[1] != linear_weight.shape[1]:
+        raise RuntimeError(
+            f"{op}(): input must be (rows, H) and linear_weight (V, H), got "
+            f"{tuple(input.shape)} and {tuple(linear_weight.shape)}"
+        )
+    check_floating(op, "the input", input.dtype)
+    tensors = [input, linear_weight, target]
+    if linear_bias is not None:
+        if linear_bias.shape != linear_weight.shape[:1]:
+            raise RuntimeError(
+                f"{op}(): linear_bias must have shape ({linear_weight.shape[0]},), got "
+                f"{tuple(linear_bias.shape)}"
+            )
+        tensors.append(linear_bias)
+    check_floating(op, "linear_weight", linear_weight.dtype)
+    if linear_bias is not None:
+        check_floating(op, "linear_bias", linear_bias.dtype)
+    _check_row_targets(op, target, input.shape[0])
+    if weight is not None:
+        check_floating(op, "the weight", weight.dtype)
+        if weight.shape != linear_weight.shape[:1]:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {linear_weight.shape[0]} "
+                f"classes or no classes but got weight tensor of shape: {list(weight.shape)}"
+            )
+        tensors.append(weight)
+    if softcap is not None and not (softcap > 0 and softcap < float("inf")):
+        raise ValueError(f"{op}(): softcap must be a positive finite number or None, got {softcap}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"{op}(): temperature must be a positive finite number, got {temperature}")
+    check_same_device(op, *tensors)
+
+
+def linear_accumulation_dtype(input, linear_weight, linear_bias) -> torch.dtype:
+    """The dtype of the logits and of every intermediate: float64 if any of the three is,
+    else float32 (mixed dtypes, as autocast leaves them, are computed in it too)."""
+    bias = () if linear_bias is None else (linear_bias.dtype,)
+    return accumulation_dtype(input.dtype, linear_weight.dtype, *bias)
+
+
+def _linear_cross_entropy_route(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    temperature,
+    with_entropy,
+    with_gradient,
+    backend,
+):
+    op = "linear_cross_entropy"
+    _check_linear_cross_entropy(
+        op,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        (softcap, temperature, with_entropy, with_gradient),
+    )
+    kernels = _kernels(op, backend, input)
+    rows, vocab = input.shape[0], linear_weight.shape[0]
+    acc = linear_accumulation_dtype(input, linear_weight, linear_bias)
+    safe, counted, w = _class_rows(vocab, acc, target, weight, ignore_index)
+    if rows == 0 or vocab == 0:
+        # With no classes every row is ignored (a counted row is reported above): as
+        # cross_entropy, the smoothing term is then (e / 0) * 0 = NaN, the rest 0.
+        lse = input.new_full((rows,), float("-inf"), dtype=torch.float64)
+        loss = torch.full_like(lse, float("nan") if label_smoothing else 0.0, dtype=acc)
+        entropy = torch.full_like(loss[: rows if with_entropy else 0], float("nan"))
+        gradient = _unit_gradient_shapes(input, linear_weight, linear_bias, with_gradient, acc)
+        return loss, lse, entropy, torch.zeros_like(loss), *(g.zero_() for g in gradient)
+    logits = _linear_tiles.Logits(linear_weight, linear_bias, softcap, temperature, acc)
+    if with_gradient:
+        ones, zeros = input.new_ones(rows, dtype=acc), input.new_zeros(rows, dtype=acc)
+
+        def unit_terms(lse_rows, r):
+            return cross_entropy_backward_terms(
+                ones[r], zeros[r], lse_rows, safe[r], counted[r], w, vocab,
+                label_smoothing, z_loss, acc,
+            )  # fmt: skip
+
+        nll, smooth, lse, dx, dw, db = _linear_tiles.forward_with_gradient(
+            kernels, input, logits, safe, counted, w, label_smoothing > 0, unit_terms
+        )
+        entropy = input.new_empty(0, dtype=acc)
+        gradient = (dx, dw, input.new_empty(0, dtype=acc) if db is None else db)
+    else:
+        nll, smooth, lse, entropy = _linear_tiles.forward(
+            kernels, input, logits, safe, counted, w, label_smoothing > 0, with_entropy
+        )
+        gradient = _unit_gradient_shapes(input, linear_weight, linear_bias, False, acc)
+    loss = cross_entropy_row_loss(
+        nll, smooth, lse, safe, counted, w, vocab, label_smoothing, z_loss
+    )
+    logprob = torch.where(counted, -nll, 0.0)
+    return loss.to(acc), lse, entropy.to(acc), logprob.to(acc), *gradient
+
+
+def _unit_gradient_shapes(input, linear_weight, linear_bias, with_gradient, acc):
+    """New tensors of the shapes of the forward's gradient outputs: those of input,
+    linear_weight and linear_bias (empty without a bias) in ``acc``, or all empty."""
+    if not with_gradient:
+        return tuple(input.new_empty(0, dtype=acc) for _ in range(3))
+    bias_shape = (0,) if linear_bias is None else linear_bias.shape
+    return (
+        input.new_empty(input.shape, dtype=acc),
+        input.new_empty(linear_weight.shape, dtype=acc),
+        input.new_empty(bias_shape, dtype=acc),
+    )
+
+
+def _linear_cross_entropy_fake(*args):
+    """The outputs' shapes and dtypes (arguments as the router's)."""
+    input, linear_weight, linear_bias, target, weight = args[:5]
+    softcap, temperature, with_entropy, with_gradient = args[8:12]
+    _check_linear_cross_entropy(
+        "linear_cross_entropy", input, linear_weight, linear_bias, target, weight,
+        (softcap, temperature, with_entropy, with_gradient),
+    )  # fmt: skip
+    rows = input.shape[0]
+    acc = linear_accumulation_dtype(input, linear_weight, linear_bias)
+    return (
+        input.new_empty(rows, dtype=acc),
+        input.new_empty(rows, dtype=torch.float64),
+        input.new_empty(rows if with_entropy else 0, dtype=acc),
+        input.new_empty(rows, dtype=acc),
+        *_unit_gradient_shapes(input, linear_weight, linear_bias, with_gradient, acc),
+    )
+
+
+def _linear_cross_entropy_backward_route(
+    grad_loss,
+    grad_lse,
+    grad_entropy,
+    grad_logprob,
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    lse,
+    row_entropy,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    temperature,
+    with_entropy,
+    backend,
+):
+    """The per-row terms of cross_entropy_backward_terms, with the target's log-prob
+    (d/dz_j = [j == t] - p_j) and the entropy's p_j part (dH/dz_j = -p_j (z_j - lse + H))
+    folded into coef and one_hot; the tiles add the entropy's -g_H p_j (z_j - lse)."""
+    op = "linear_cross_entropy_backward"
+    _check_linear_cross_entropy(
+        op, input, linear_weight, linear_bias, target, weight, (softcap, temperature)
+    )
+    kernels = _kernels(op, backend, input, grad_loss, grad_lse, grad_logprob, lse)
+    rows, vocab = input.shape[0], linear_weight.shape[0]
+    no_bias = input.new_empty(0)
+    if rows == 0 or vocab == 0:
+        bias = None if linear_bias is None else torch.zeros_like(linear_bias)
+        return (
+            torch.zeros_like(input),
+            torch.zeros_like(linear_weight),
+            no_bias if bias is None else bias,
+        )
+    acc = linear_accumulation_dtype(input, linear_weight, linear_bias)
+    safe, counted, w = _class_rows(vocab, acc, target, weight, ignore_index)
+    terms = cross_entropy_backward_terms(
+        grad_loss, grad_lse, lse, safe, counted, w, vocab, label_smoothing, z_loss, acc
+    )
+    g_logprob = torch.where(counted, grad_logprob.to(acc), 0.0)
+    terms[:, 2] -= g_logprob
+    terms[:, 4] -= g_logprob
+    g_entropy = None
+    if with_entropy:
+        g_entropy = grad_entropy.to(acc)
+        terms[:, 2] -= g_entropy * row_entropy.to(acc)
+    logits = _linear_tiles.Logits(linear_weight, linear_bias, softcap, temperature, acc)
+    dx, dw, db = _linear_tiles.backward(kernels, input, logits, safe, counted, w, terms, g_entropy)
+    db = no_bias if db is None else db.to(linear_bias.dtype)
+    return dx.to(input.dtype), dw.to(linear_weight.dtype), db
+
+
+def _linear_cross_entropy_backward_fake(*args):
+    """The gradients' shapes and dtypes (arguments as the router's)."""
+    input, linear_weight, linear_bias, target, weight = args[4:9]
+    softcap, temperature = args[14:16]
+    _check_linear_cross_entropy(
+        "linear_cross_entropy_backward", input, linear_weight, linear_bias, target, weight,
+        (softcap, temperature),
+    )  # fmt: skip
+    bias = input.new_empty(0) if linear_bias is None else torch.empty_like(linear_bias)
+    return torch.empty_like(input), torch.empty_like(linear_weight), bias
+
+
 _ROUTES = {
     "softmax": _softmax_family("softmax", log=False),
     "log_softmax": _softmax_family("log_softmax", log=True),
@@ -447,6 +679,11 @@ _ROUTES = {
     "logsumexp_backward": (_logsumexp_backward_route, _logsumexp_backward_fake),
     "cross_entropy": (_cross_entropy_route, _cross_entropy_fake),
     "cross_entropy_backward": (_cross_entropy_backward_route, _cross_entropy_backward_fake),
+    "linear_cross_entropy": (_linear_cross_entropy_route, _linear_cross_entropy_fake),
+    "linear_cross_entropy_backward": (
+        _linear_cross_entropy_backward_route,
+        _linear_cross_entropy_backward_fake,
+    ),
 }
 ROUTERS = {name: route for name, (route, _) in _ROUTES.items()}
 for _name, (_route, _fake) in _ROUTES.items():

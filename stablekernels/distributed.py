@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import backends
 from ._api import _check_tensor, resolve_backend
-from ._numerics import accumulation_dtype, finish_lse, row_stats
+from ._numerics import accumulation_dtype, merge_lse
 from ._ops import cross_entropy_backward_terms, cross_entropy_row_loss, ops, wrap_dim
 
 
@@ -37,14 +37,6 @@ def _gather(local: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def _merge_lse(lse: torch.Tensor) -> torch.Tensor:
-    """The log-sum-exp over dim 0 of per-rank lse (fp64): the ranks' lse are a row like any
-    other, M + log1p(sum_{k != argmax} exp(lse_k - M)), so a dominant rank keeps the small
-    terms' precision."""
-    m, _, _, s = row_stats(lse, 0)
-    return finish_lse(m, s)[0]
-
-
 def _local_lse(rows: torch.Tensor, backend: str) -> torch.Tensor:
     """Per-row lse (fp64) of a (rows, local classes) shard; -inf for an empty shard."""
     if rows.shape[-1] == 0:
@@ -55,7 +47,7 @@ def _local_lse(rows: torch.Tensor, backend: str) -> torch.Tensor:
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, group, backend):
-        lse = _merge_lse(_gather(_local_lse(rows, backend), group))
+        lse = merge_lse(_gather(_local_lse(rows, backend), group), 0)
         ctx.save_for_backward(rows, lse)
         ctx.backend = backend
         return lse
@@ -119,7 +111,7 @@ class _CrossEntropy(torch.autograd.Function):
                 f"target differs across the ranks of the group (row {row}: "
                 f"{targets[:, row].long().tolist()}); every rank must pass the same targets"
             )
-        total = _merge_lse(table[..., 0])
+        total = merge_lse(table[..., 0], 0)
         x_target = table[..., 1].sum(0)
         found = table[..., 2].sum(0) > 0
         smooth = torch.zeros_like(total)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _api, _cross_entropy
+from . import _api, _cross_entropy, _linear_cross_entropy
 
 
 class _AlongDim(torch.nn.Module):
@@ -78,3 +78,42 @@ class CrossEntropyLoss(torch.nn.Module):
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}"
         )
+
+
+class LinearCrossEntropyLoss(CrossEntropyLoss):
+    """:func:`stablekernels.linear_cross_entropy` as a module: ``forward(input,
+    linear_weight, target, linear_bias=None)`` with the options of
+    :class:`CrossEntropyLoss` (``weight``, the class weights, kept as a buffer) and
+    ``softcap`` and ``temperature``."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        *,
+        softcap: float | None = None,
+        temperature: float = 1.0,
+        **options,
+    ) -> None:
+        super().__init__(weight, **options)
+        self.softcap = softcap
+        self.temperature = temperature
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        return _linear_cross_entropy.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            temperature=self.temperature,
+            return_lse=self.return_lse,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, softcap={self.softcap}, temperature={self.temperature}"

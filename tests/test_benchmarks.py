@@ -218,3 +218,24 @@ def test_runner_pins_the_cpu_allocator():
     if default != (True, True):
         pytest.skip(f"glibc's default already serves 30 MiB from the heap here: {default}")
     assert _allocator_probe("pin") == (False, True)
+
+
+def test_linear_cross_entropy_benchmark_smoke(tmp_path):
+    """The linear cross-entropy benchmark on a tiny shape: every provider named measures
+    (each in its own process), the losses agree, the files are written."""
+    out = tmp_path / "lce"
+    providers = ["naive", "torch.lce", "sk-torch"]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.linear_cross_entropy", "--shapes", "64x16x300",
+         "--dtypes", "fp32", "--repeats", "1", "--providers", *providers, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == providers
+    assert all(not r["error"] and float(r["time_s"]) > 0 for r in rows), rows
+    losses = [float(r["loss"]) for r in rows]
+    assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), losses
+    assert (out / "table.txt").read_text().count("| 64 x 16 x 300 |") == len(providers)
+    assert "fresh process" in (out / "command.txt").read_text()

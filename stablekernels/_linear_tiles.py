@@ -1,0 +1,251 @@
+"""The passes of the linear cross-entropy over tiles of (rows x vocabulary), on any backend.
+
+Two ways through the problem: :func:`forward` and :func:`backward` take vocabulary tiles
+(memory: one tile), the backward recomputing the logits; :func:`forward_with_gradient`
+takes row chunks over the whole vocabulary (memory: the largest of the budget, the
+input's size and 512 rows of logits) and computes the gradient of the summed
+losses as it goes, one matmul fewer in all, for the usual case of a mean or sum loss
+differentiated alone.
+
+The logits z = softcap * tanh((x W^T + b) / (temperature * softcap)) (without softcap:
+(x W^T + b) / temperature) are never held for all rows and classes: the rows are taken in
+chunks and the vocabulary in tiles, and one tile of logits, at most ``TILE_ELEMENTS``
+elements in the accumulation dtype (fp32 for halves, fp64 for fp64), lives at a time. Its
+matmul is ``torch.mm`` (at::mm: oneDNN/MKL on CPU, cuBLAS on CUDA) on the tile's rows and
+classes converted to the accumulation dtype, so no logit is ever rounded to a half type.
+Each tile is then handed to the backend's own cross-entropy kernels (the ``Kernels`` record
+of :mod:`stablekernels.backends`), which treat it as rows of ``V_tile`` classes:
+
+forward, per tile k: ``(nll_k, smooth_k, lse_k)`` per row (float64), with the target's
+local index where the tile holds it; the tiles then merge as the ranks of
+:mod:`stablekernels.distributed` do (docs/design.md, section 1.2)::
+
+    lse    = merge_lse(lse_1, ..., lse_K)                   (max + log1p, one term left out)
+    nll    = (lse - lse_k*) + nll_k*                        k* the tile holding the target
+    smooth = sum_k smooth_k + W_k (lse - lse_k)             W_k the tile's summed weights
+    H      = sum_k exp(lse_k - lse) (H_k + (lse - lse_k))   entropy; H_k the tile's own
+
+every added term >= 0, so a dominant tile keeps the others' precision.
+
+backward, per tile: ``dz = kernels.cross_entropy_backward(z, local target, w_k, terms)``,
+the per-row terms of the router (the one-hot term only on the rows whose target the tile
+holds), plus, for the entropy, ``-g_H p (z - lse)``; then the chain through the softcap
+(``1 - tanh^2``) and the temperature, and ``dx += dz W_k``, ``dW_k += dz^T x``,
+``db_k += sum_rows dz``, accumulated in the accumulation dtype in a fixed order (row chunks
+in order, tiles in order): no atomics, the same bits run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._numerics import merge_lse
+
+TILE_ELEMENTS = 1 << 22
+"""The most elements of one tile of logits, and of one chunk of x or W converted to the
+accumulation dtype (16 MiB each in fp32). Tests lower it to cross many tiles."""
+
+
+MIN_CHUNK_ROWS = 512
+"""The fewest rows of a chunk of :func:`forward_with_gradient` (all of them if fewer)."""
+
+
+def _steps(rows: int, hidden: int, vocab: int) -> tuple[int, int]:
+    """(row chunk, vocabulary tile): the tile up to 4096 classes and its weights within the
+    budget, the row chunk filling the budget with logits and with inputs."""
+    budget = TILE_ELEMENTS
+    vocab_step = max(1, min(vocab, 4096, budget // max(hidden, 1)))
+    row_step = max(1, min(rows, budget // vocab_step, budget // max(hidden, 1)))
+    return row_step, vocab_step
+
+
+def _slices(total: int, step: int):
+    for start in range(0, total, step):
+        yield slice(start, min(total, start + step))
+
+
+class Logits:
+    """The logits of the problem for one chunk of rows and one tile of classes."""
+
+    def __init__(self, weight, bias, softcap, temperature, acc):
+        self.weight, self.bias = weight, bias
+        self.softcap, self.temperature, self.acc = softcap, temperature, acc
+
+    def weights(self, classes: slice):
+        """(part, W[part] in the accumulation dtype) covering ``classes``: one view when W
+        is in it already, else parts of at most TILE_ELEMENTS converted one at a time."""
+        if self.weight.dtype == self.acc:
+            yield classes, self.weight[classes]
+            return
+        step = max(1, TILE_ELEMENTS // max(self.weight.shape[1], 1))
+        for start in range(classes.start, classes.stop, step):
+            part = slice(start, min(classes.stop, start + step))
+            yield part, self.weight[part].to(self.acc)
+
+    def tile(self, x_acc: torch.Tensor, classes: slice):
+        """(z, tanh) of rows ``x_acc`` (already in the accumulation dtype) for ``classes``:
+        z (rows, tile) contiguous; tanh is the softcap's tanh (None without softcap)."""
+        parts = list(self.weights(classes))
+        if len(parts) == 1:
+            z = torch.mm(x_acc, parts[0][1].t())
+        else:
+            z = x_acc.new_empty(x_acc.shape[0], classes.stop - classes.start)
+            for part, w in parts:
+                z[:, part.start - classes.start : part.stop - classes.start] = torch.mm(
+                    x_acc, w.t()
+                )
+        if self.bias is not None:
+            z += self.bias[classes].to(self.acc)
+        if self.temperature != 1.0:
+            z /= self.temperature
+        if self.softcap is None:
+            return z, None
+        tanh = torch.tanh(z / self.softcap)
+        return tanh * self.softcap, tanh
+
+
+def _owned(target, counted, classes: slice):
+    """Which rows' targets the tile holds, and their local indices (0 elsewhere)."""
+    owned = counted & (target >= classes.start) & (target < classes.stop)
+    return owned, torch.where(owned, target - classes.start, 0)
+
+
+def forward(kernels, x, logits: Logits, target, counted, class_weight, smoothing, entropy):
+    """Per-row (nll, smooth, lse, H) in float64 of x (R, H) against the logits' (V, H)
+    weights; ``smooth`` is 0 unless ``smoothing``, H is empty unless ``entropy``.
+    ``target`` are class indices in [0, V) (an ignored row's is any valid class),
+    ``counted`` the rows that count, ``class_weight`` (V,) in the accumulation dtype or
+    None."""
+    rows, hidden = x.shape
+    vocab = logits.weight.shape[0]
+    row_step, vocab_step = _steps(rows, hidden, vocab)
+    f64 = {"dtype": torch.float64, "device": x.device}
+    nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
+    ent = torch.zeros(rows if entropy else 0, **f64)
+    tiles = list(_slices(vocab, vocab_step))
+    tile_weights = [
+        float(t.stop - t.start) if class_weight is None else class_weight[t].double().sum()
+        for t in tiles
+    ]
+    for r in _slices(rows, row_step):
+        x_acc = x[r].to(logits.acc)
+        part_lse, part_smooth, part_ent = [], [], []
+        own_lse, own_nll = (
+            torch.zeros(r.stop - r.start, **f64),
+            torch.zeros(r.stop - r.start, **f64),
+        )
+        for classes in tiles:
+            z, _ = logits.tile(x_acc, classes)
+            owned, local = _owned(target[r], counted[r], classes)
+            w = None if class_weight is None else class_weight[classes]
+            nll_k, smooth_k, lse_k = kernels.cross_entropy(z, local, w, smoothing)
+            own_lse = torch.where(owned, lse_k, own_lse)
+            own_nll = torch.where(owned, nll_k, own_nll)
+            part_lse.append(lse_k)
+            part_smooth.append(smooth_k)
+            if entropy:
+                p = kernels.softmax(z, 1, z.dtype, False)
+                part_ent.append(torch.special.entr(p).sum(1).double())
+        lse_r = merge_lse(torch.stack(part_lse, 1), 1)
+        lse[r] = lse_r
+        nll[r] = (lse_r - own_lse) + own_nll
+        if smoothing:
+            smooth[r] = sum(
+                s + w * (lse_r - k)
+                for s, w, k in zip(part_smooth, tile_weights, part_lse, strict=False)
+            )
+        if entropy:
+            total = torch.zeros_like(lse_r)
+            for h_k, lse_k in zip(part_ent, part_lse, strict=False):
+                share = torch.exp(lse_k - lse_r)
+                total += torch.where(share > 0, share * (h_k + (lse_r - lse_k)), 0.0)
+            ent[r] = torch.where(lse_r.isfinite(), total, float("nan"))
+    return nll, smooth, lse, ent
+
+
+def _gradient_chunk(kernels, z, tanh, temperature, local, w, terms, grad_entropy=None):
+    """dz of a tile from the per-row ``terms`` (module doc), chained through the softcap
+    and the temperature back to x W^T + b."""
+    dz = kernels.cross_entropy_backward(z, local, w, terms)
+    if grad_entropy is not None:
+        shifted = (z - terms[:, 0:1]) - terms[:, 1:2]  # z - lse, split
+        p = torch.exp(shifted)
+        dz -= torch.where(p > 0, p * shifted, 0.0) * grad_entropy[:, None]
+    if tanh is not None:
+        dz *= 1 - tanh * tanh
+    if temperature != 1.0:
+        dz /= temperature
+    return dz
+
+
+def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_weight, smoothing,
+                          unit_terms):  # fmt: skip
+    """Per-row (nll, smooth, lse) as :func:`forward`, and the gradient (dx, dW, db) of the
+    summed per-row losses (each row's gradient 1), in one pass: the rows in chunks whose
+    logits over the whole vocabulary fit in the largest of the budget, the input's size and
+    MIN_CHUNK_ROWS rows,
+    each chunk's logits made once and turned into dz in place of a second matmul in the
+    backward. ``unit_terms(lse, rows)`` gives the router's per-row terms of those rows for
+    a gradient of 1. What the autograd rule scales when the loss is reduced by a sum or a
+    mean (a uniform per-row gradient); db is None without a bias."""
+    rows, hidden = x.shape
+    vocab = logits.weight.shape[0]
+    acc = logits.acc
+    # Chunks of at least MIN_CHUNK_ROWS rows: each chunk re-reads W twice and re-writes dW,
+    # which on a CPU costs as much as the matmuls of thin chunks (1024 x 1024 x 32000: chunks
+    # of 131 rows 35% slower than of 256; 1024 x 2048 x 128256: 4 chunks 10% slower than 1).
+    budget = max(TILE_ELEMENTS, rows * hidden, MIN_CHUNK_ROWS * vocab)
+    row_step = max(1, min(rows, budget // vocab))
+    f64 = {"dtype": torch.float64, "device": x.device}
+    nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
+    dx = torch.empty(rows, hidden, dtype=acc, device=x.device)
+    dw = torch.zeros(vocab, hidden, dtype=acc, device=x.device)
+    db = None if logits.bias is None else torch.zeros(vocab, dtype=acc, device=x.device)
+    everything = slice(0, vocab)
+    for r in _slices(rows, row_step):
+        x_acc = x[r].to(acc)
+        z, tanh = logits.tile(x_acc, everything)
+        nll[r], smooth[r], lse[r] = kernels.cross_entropy(z, target[r], class_weight, smoothing)
+        terms = unit_terms(lse[r], r)
+        dz = _gradient_chunk(kernels, z, tanh, logits.temperature, target[r], class_weight, terms)
+        del z
+        dx_r = torch.zeros(r.stop - r.start, hidden, dtype=acc, device=x.device)
+        for part, w in logits.weights(everything):
+            dx_r.addmm_(dz[:, part], w)
+        dx[r] = dx_r
+        dw.addmm_(dz.t(), x_acc)
+        if db is not None:
+            db += dz.sum(0)
+    return nll, smooth, lse, dx, dw, db
+
+
+def backward(kernels, x, logits: Logits, target, counted, class_weight, terms, grad_entropy):
+    """(dx, dW, db) in the accumulation dtype: the gradient of the per-row losses whose
+    derivative along the logits is, per tile, what ``kernels.cross_entropy_backward`` maps
+    ``terms`` (R, 5) = (hi, lo, coef, smooth, one_hot) to, plus ``-g_H p (z - lse)`` when
+    ``grad_entropy`` (R,) is given; db is None without a bias."""
+    rows, hidden = x.shape
+    vocab = logits.weight.shape[0]
+    acc = logits.acc
+    row_step, vocab_step = _steps(rows, hidden, vocab)
+    dx = torch.empty(rows, hidden, dtype=acc, device=x.device)
+    dw = torch.zeros(vocab, hidden, dtype=acc, device=x.device)
+    db = None if logits.bias is None else torch.zeros(vocab, dtype=acc, device=x.device)
+    for r in _slices(rows, row_step):
+        x_acc = x[r].to(acc)
+        dx_r = torch.zeros(r.stop - r.start, hidden, dtype=acc, device=x.device)
+        for classes in _slices(vocab, vocab_step):
+            z, tanh = logits.tile(x_acc, classes)
+            owned, local = _owned(target[r], counted[r], classes)
+            terms_k = terms[r].clone()
+            terms_k[:, 4] = torch.where(owned, terms_k[:, 4], 0.0)
+            w = None if class_weight is None else class_weight[classes]
+            g_entropy = None if grad_entropy is None else grad_entropy[r]
+            dz = _gradient_chunk(kernels, z, tanh, logits.temperature, local, w, terms_k, g_entropy)
+            for part, w in logits.weights(classes):
+                dx_r.addmm_(dz[:, part.start - classes.start : part.stop - classes.start], w)
+            dw[classes].addmm_(dz.t(), x_acc)
+            if db is not None:
+                db[classes] += dz.sum(0)
+        dx[r] = dx_r
+    return dx, dw, db
