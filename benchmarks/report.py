@@ -33,6 +33,7 @@ def table(rows: list[Row]) -> str:
         "GB/s",
         "of roof",
         "x torch",
+        "x compile",
         "1st call s",
         "peak MiB",
         "correct",
@@ -54,6 +55,7 @@ def table(rows: list[Row]) -> str:
                 if not math.isnan(r.roof_fraction)
                 else "-",
                 _num(r.speedup_vs_torch, ".2f"),
+                _num(r.speedup_vs_compile, ".2f"),
                 _num(r.first_call_s, ".2f"),
                 _num(r.peak_mem_mib, ",.1f"),
                 correct,

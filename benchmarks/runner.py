@@ -47,6 +47,7 @@ class Row:
     roof_gbs: float = math.nan
     roof_fraction: float = math.nan
     speedup_vs_torch: float = math.nan
+    speedup_vs_compile: float = math.nan
     first_call_s: float = math.nan
     peak_mem_mib: float = math.nan
     correct: bool | None = None
@@ -362,15 +363,24 @@ def run(
             row.gbs = case.bytes_moved() / timing.median / 1e9
         case_rows = [row for row, _ in prepared]
         roof = roofs.read if case.read_only else roofs.copy
-        eager = next((r for r in case_rows if r.provider == "torch"), None)
+        set_speedups(case_rows)
         for r in case_rows:
             r.roof_gbs = roof / 1e9
             r.roof_fraction = r.gbs * 1e9 / roof
-            if eager is not None and eager.median_us > 0:
-                r.speedup_vs_torch = eager.median_us / r.median_us
         rows.extend(case_rows)
         del x, dy, ref, target, prepared, timed, copy, read
     return rows, log
+
+
+def set_speedups(case_rows: list[Row]) -> None:
+    """Each row's speed-up over torch eager and over torch.compile on the same case (NaN
+    where that provider did not run)."""
+    for name, field in (("torch", "speedup_vs_torch"), ("torch.compile", "speedup_vs_compile")):
+        base = next((r for r in case_rows if r.provider == name), None)
+        if base is None or not base.median_us > 0:
+            continue
+        for r in case_rows:
+            setattr(r, field, base.median_us / r.median_us)
 
 
 def count_steps(cases: list[Case], providers: list[Provider], device: torch.device) -> int:
