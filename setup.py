@@ -150,6 +150,14 @@ def extension_build() -> dict:
         at a time, each in a build folder of its own: torch's ninja build writes one
         build.ninja per folder), then the rest."""
 
+        def finalize_options(self):
+            super().finalize_options()
+            # One object folder for every build of this tree when asked for (CI builds an
+            # editable install and a wheel): ninja then recompiles only what changed.
+            shared = os.environ.get("STABLEKERNELS_BUILD_TEMP")
+            if shared:
+                self.build_temp = os.path.abspath(shared)
+
         def build_extension(self, ext):
             base = ext.extra_compile_args
 
