@@ -152,11 +152,11 @@ def forward(kernels, x, logits: Logits, target, counted, class_weight, smoothing
         if smoothing:
             smooth[r] = sum(
                 s + w * (lse_r - k)
-                for s, w, k in zip(part_smooth, tile_weights, part_lse, strict=False)
+                for s, w, k in zip(part_smooth, tile_weights, part_lse, strict=True)
             )
         if entropy:
             total = torch.zeros_like(lse_r)
-            for h_k, lse_k in zip(part_ent, part_lse, strict=False):
+            for h_k, lse_k in zip(part_ent, part_lse, strict=True):
                 share = torch.exp(lse_k - lse_r)
                 total += torch.where(share > 0, share * (h_k + (lse_r - lse_k)), 0.0)
             ent[r] = torch.where(lse_r.isfinite(), total, float("nan"))
@@ -178,16 +178,24 @@ def _gradient_chunk(kernels, z, tanh, temperature, local, w, terms, grad_entropy
     return dz
 
 
-def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_weight, smoothing,
-                          unit_terms):  # fmt: skip
+def _accumulate_gradient(logits: Logits, dz, classes: slice, x_acc, dx_rows, dw, db):
+    """The tile's share of the gradient: dx_rows += dz W[classes], dW[classes] += dz^T x,
+    db[classes] += sum over rows of dz (db None without a bias)."""
+    for part, w in logits.weights(classes):
+        dx_rows.addmm_(dz[:, part.start - classes.start : part.stop - classes.start], w)
+    dw[classes].addmm_(dz.t(), x_acc)
+    if db is not None:
+        db[classes] += dz.sum(0)
+
+
+def forward_with_gradient(kernels, x, logits: Logits, target, class_weight, smoothing, unit_terms):
     """Per-row (nll, smooth, lse) as :func:`forward`, and the gradient (dx, dW, db) of the
     summed per-row losses (each row's gradient 1), in one pass: the rows in chunks whose
     logits over the whole vocabulary fit in the largest of the budget, the input's size and
-    MIN_CHUNK_ROWS rows,
-    each chunk's logits made once and turned into dz in place of a second matmul in the
-    backward. ``unit_terms(lse, rows)`` gives the router's per-row terms of those rows for
-    a gradient of 1. What the autograd rule scales when the loss is reduced by a sum or a
-    mean (a uniform per-row gradient); db is None without a bias."""
+    MIN_CHUNK_ROWS rows, each chunk's logits made once and turned into dz in place of a
+    second matmul in the backward. ``unit_terms(lse, rows)`` gives the router's per-row
+    terms of those rows for a gradient of 1. What the autograd rule scales when the loss is
+    reduced by a sum or a mean (a uniform per-row gradient); db is None without a bias."""
     rows, hidden = x.shape
     vocab = logits.weight.shape[0]
     acc = logits.acc
@@ -210,12 +218,8 @@ def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_wei
         dz = _gradient_chunk(kernels, z, tanh, logits.temperature, target[r], class_weight, terms)
         del z
         dx_r = torch.zeros(r.stop - r.start, hidden, dtype=acc, device=x.device)
-        for part, w in logits.weights(everything):
-            dx_r.addmm_(dz[:, part], w)
+        _accumulate_gradient(logits, dz, everything, x_acc, dx_r, dw, db)
         dx[r] = dx_r
-        dw.addmm_(dz.t(), x_acc)
-        if db is not None:
-            db += dz.sum(0)
     return nll, smooth, lse, dx, dw, db
 
 
@@ -242,10 +246,6 @@ def backward(kernels, x, logits: Logits, target, counted, class_weight, terms, g
             w = None if class_weight is None else class_weight[classes]
             g_entropy = None if grad_entropy is None else grad_entropy[r]
             dz = _gradient_chunk(kernels, z, tanh, logits.temperature, local, w, terms_k, g_entropy)
-            for part, w in logits.weights(classes):
-                dx_r.addmm_(dz[:, part.start - classes.start : part.stop - classes.start], w)
-            dw[classes].addmm_(dz.t(), x_acc)
-            if db is not None:
-                db[classes] += dz.sum(0)
+            _accumulate_gradient(logits, dz, classes, x_acc, dx_r, dw, db)
         dx[r] = dx_r
     return dx, dw, db

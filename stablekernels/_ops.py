@@ -473,6 +473,7 @@ def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, w
             f"{tuple(input.shape)} and {tuple(linear_weight.shape)}"
         )
     check_floating(op, "the input", input.dtype)
+    check_floating(op, "linear_weight", linear_weight.dtype)
     tensors = [input, linear_weight, target]
     if linear_bias is not None:
         if linear_bias.shape != linear_weight.shape[:1]:
@@ -480,10 +481,8 @@ def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, w
                 f"{op}(): linear_bias must have shape ({linear_weight.shape[0]},), got "
                 f"{tuple(linear_bias.shape)}"
             )
-        tensors.append(linear_bias)
-    check_floating(op, "linear_weight", linear_weight.dtype)
-    if linear_bias is not None:
         check_floating(op, "linear_bias", linear_bias.dtype)
+        tensors.append(linear_bias)
     _check_row_targets(op, target, input.shape[0])
     if weight is not None:
         check_floating(op, "the weight", weight.dtype)
@@ -555,7 +554,7 @@ def _linear_cross_entropy_route(
             )  # fmt: skip
 
         nll, smooth, lse, dx, dw, db = _linear_tiles.forward_with_gradient(
-            kernels, input, logits, safe, counted, w, label_smoothing > 0, unit_terms
+            kernels, input, logits, safe, w, label_smoothing > 0, unit_terms
         )
         entropy = input.new_empty(0, dtype=acc)
         gradient = (dx, dw, input.new_empty(0, dtype=acc) if db is None else db)
