@@ -86,16 +86,17 @@ class Logits:
         """(z, tanh) of rows ``x_acc`` (already in the accumulation dtype) for ``classes``:
         z (rows, tile) contiguous; tanh is the softcap's tanh (None without softcap)."""
         parts = list(self.weights(classes))
-        if len(parts) == 1:
-            z = torch.mm(x_acc, parts[0][1].t())
+        bias = None if self.bias is None else self.bias[classes].to(self.acc)
+        if len(parts) == 1:  # the bias is the GEMM's initial value, as F.linear's addmm
+            w = parts[0][1].t()
+            z = torch.mm(x_acc, w) if bias is None else torch.addmm(bias, x_acc, w)
         else:
             z = x_acc.new_empty(x_acc.shape[0], classes.stop - classes.start)
             for part, w in parts:
-                z[:, part.start - classes.start : part.stop - classes.start] = torch.mm(
-                    x_acc, w.t()
-                )
-        if self.bias is not None:
-            z += self.bias[classes].to(self.acc)
+                local = slice(part.start - classes.start, part.stop - classes.start)
+                z[:, local] = torch.mm(x_acc, w.t())
+            if bias is not None:
+                z += bias
         if self.temperature != 1.0:
             z /= self.temperature
         if self.softcap is None:
@@ -178,48 +179,87 @@ def _gradient_chunk(kernels, z, tanh, temperature, local, w, terms, grad_entropy
     return dz
 
 
-def _accumulate_gradient(logits: Logits, dz, classes: slice, x_acc, dx_rows, dw, db):
+def _into(out, a, b, first: bool):
+    """out = a @ b when ``first`` (no zero fill, no read of out), else out += a @ b."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _gradient_buffers(x, logits: Logits):
+    """Uninitialised (dx, dW, db) in the accumulation dtype (db None without a bias): every
+    element is written by the first contribution to it (``_accumulate_gradient``)."""
+    rows, hidden = x.shape
+    vocab, acc = logits.weight.shape[0], logits.acc
+    dx = torch.empty(rows, hidden, dtype=acc, device=x.device)
+    dw = torch.empty(vocab, hidden, dtype=acc, device=x.device)
+    db = None if logits.bias is None else torch.empty(vocab, dtype=acc, device=x.device)
+    return dx, dw, db
+
+
+def _accumulate_gradient(logits: Logits, dz, classes: slice, x_acc, dx_rows, dw, db, *, first_tile,
+                         first_chunk):  # fmt: skip
     """The tile's share of the gradient: dx_rows += dz W[classes], dW[classes] += dz^T x,
-    db[classes] += sum over rows of dz (db None without a bias)."""
+    db[classes] += sum over rows of dz (db None without a bias); ``first_tile`` (the rows'
+    first tile) writes dx_rows, ``first_chunk`` (the classes' first row chunk) dW and db."""
     for part, w in logits.weights(classes):
-        dx_rows.addmm_(dz[:, part.start - classes.start : part.stop - classes.start], w)
-    dw[classes].addmm_(dz.t(), x_acc)
+        local = slice(part.start - classes.start, part.stop - classes.start)
+        _into(dx_rows, dz[:, local], w, first_tile and part.start == classes.start)
+    _into(dw[classes], dz.t(), x_acc, first_chunk)
     if db is not None:
-        db[classes] += dz.sum(0)
+        if first_chunk:
+            torch.sum(dz, 0, out=db[classes])
+        else:
+            db[classes] += dz.sum(0)
 
 
-def forward_with_gradient(kernels, x, logits: Logits, target, class_weight, smoothing, unit_terms):
+def _tile_terms(terms, owned):
+    """The rows' terms for one tile: the one-hot term only on the rows whose target it holds."""
+    terms_k = terms.clone()
+    terms_k[:, 4] = torch.where(owned, terms_k[:, 4], 0.0)
+    return terms_k
+
+
+def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_weight, smoothing,
+                          unit_terms):  # fmt: skip
     """Per-row (nll, smooth, lse) as :func:`forward`, and the gradient (dx, dW, db) of the
     summed per-row losses (each row's gradient 1), in one pass: the rows in chunks whose
     logits over the whole vocabulary fit in the largest of the budget, the input's size and
-    MIN_CHUNK_ROWS rows, each chunk's logits made once and turned into dz in place of a
-    second matmul in the backward. ``unit_terms(lse, rows)`` gives the router's per-row
-    terms of those rows for a gradient of 1. What the autograd rule scales when the loss is
-    reduced by a sum or a mean (a uniform per-row gradient); db is None without a bias."""
+    MIN_CHUNK_ROWS rows, each chunk's logits made once; their lse known, they are overwritten
+    by dz one vocabulary tile at a time (no second chunk-sized buffer), in place of a second
+    matmul in the backward. ``unit_terms(lse, rows)`` gives the router's per-row terms of
+    those rows for a gradient of 1. What the autograd rule scales when the loss is reduced
+    by a sum or a mean (a uniform per-row gradient); db is None without a bias."""
     rows, hidden = x.shape
     vocab = logits.weight.shape[0]
-    acc = logits.acc
     # Chunks of at least MIN_CHUNK_ROWS rows: each chunk re-reads W twice and re-writes dW,
     # which on a CPU costs as much as the matmuls of thin chunks (1024 x 1024 x 32000: chunks
     # of 131 rows 35% slower than of 256; 1024 x 2048 x 128256: 4 chunks 10% slower than 1).
     budget = max(TILE_ELEMENTS, rows * hidden, MIN_CHUNK_ROWS * vocab)
     row_step = max(1, min(rows, budget // vocab))
+    _, vocab_step = _steps(rows, hidden, vocab)
     f64 = {"dtype": torch.float64, "device": x.device}
     nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
-    dx = torch.empty(rows, hidden, dtype=acc, device=x.device)
-    dw = torch.zeros(vocab, hidden, dtype=acc, device=x.device)
-    db = None if logits.bias is None else torch.zeros(vocab, dtype=acc, device=x.device)
-    everything = slice(0, vocab)
+    dx, dw, db = _gradient_buffers(x, logits)
     for r in _slices(rows, row_step):
-        x_acc = x[r].to(acc)
-        z, tanh = logits.tile(x_acc, everything)
+        x_acc = x[r].to(logits.acc)
+        z, tanh = logits.tile(x_acc, slice(0, vocab))
         nll[r], smooth[r], lse[r] = kernels.cross_entropy(z, target[r], class_weight, smoothing)
         terms = unit_terms(lse[r], r)
-        dz = _gradient_chunk(kernels, z, tanh, logits.temperature, target[r], class_weight, terms)
-        del z
-        dx_r = torch.zeros(r.stop - r.start, hidden, dtype=acc, device=x.device)
-        _accumulate_gradient(logits, dz, everything, x_acc, dx_r, dw, db)
-        dx[r] = dx_r
+        for classes in _slices(vocab, vocab_step):  # z becomes dz, a tile at a time
+            owned, local = _owned(target[r], counted[r], classes)
+            w = None if class_weight is None else class_weight[classes]
+            z[:, classes] = _gradient_chunk(
+                kernels, z[:, classes], None if tanh is None else tanh[:, classes],
+                logits.temperature, local, w, _tile_terms(terms, owned),
+            )  # fmt: skip
+        del tanh
+        _accumulate_gradient(
+            logits, z, slice(0, vocab), x_acc, dx[r], dw, db,
+            first_tile=True, first_chunk=r.start == 0,
+        )  # fmt: skip
+        del z  # before the next chunk's logits are made
     return nll, smooth, lse, dx, dw, db
 
 
@@ -230,22 +270,21 @@ def backward(kernels, x, logits: Logits, target, counted, class_weight, terms, g
     ``grad_entropy`` (R,) is given; db is None without a bias."""
     rows, hidden = x.shape
     vocab = logits.weight.shape[0]
-    acc = logits.acc
     row_step, vocab_step = _steps(rows, hidden, vocab)
-    dx = torch.empty(rows, hidden, dtype=acc, device=x.device)
-    dw = torch.zeros(vocab, hidden, dtype=acc, device=x.device)
-    db = None if logits.bias is None else torch.zeros(vocab, dtype=acc, device=x.device)
+    dx, dw, db = _gradient_buffers(x, logits)
     for r in _slices(rows, row_step):
-        x_acc = x[r].to(acc)
-        dx_r = torch.zeros(r.stop - r.start, hidden, dtype=acc, device=x.device)
+        x_acc = x[r].to(logits.acc)
         for classes in _slices(vocab, vocab_step):
             z, tanh = logits.tile(x_acc, classes)
             owned, local = _owned(target[r], counted[r], classes)
-            terms_k = terms[r].clone()
-            terms_k[:, 4] = torch.where(owned, terms_k[:, 4], 0.0)
             w = None if class_weight is None else class_weight[classes]
             g_entropy = None if grad_entropy is None else grad_entropy[r]
-            dz = _gradient_chunk(kernels, z, tanh, logits.temperature, local, w, terms_k, g_entropy)
-            _accumulate_gradient(logits, dz, classes, x_acc, dx_r, dw, db)
-        dx[r] = dx_r
+            dz = _gradient_chunk(
+                kernels, z, tanh, logits.temperature, local, w, _tile_terms(terms[r], owned),
+                g_entropy,
+            )  # fmt: skip
+            _accumulate_gradient(
+                logits, dz, classes, x_acc, dx[r], dw, db,
+                first_tile=classes.start == 0, first_chunk=r.start == 0,
+            )  # fmt: skip
     return dx, dw, db

@@ -554,7 +554,7 @@ def _linear_cross_entropy_route(
             )  # fmt: skip
 
         nll, smooth, lse, dx, dw, db = _linear_tiles.forward_with_gradient(
-            kernels, input, logits, safe, w, label_smoothing > 0, unit_terms
+            kernels, input, logits, safe, counted, w, label_smoothing > 0, unit_terms
         )
         entropy = input.new_empty(0, dtype=acc)
         gradient = (dx, dw, input.new_empty(0, dtype=acc) if db is None else db)
