@@ -84,7 +84,9 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
     """:func:`stablekernels.linear_cross_entropy` as a module: ``forward(input,
     linear_weight, target, linear_bias=None)`` with the options of
     :class:`CrossEntropyLoss` (``weight``, the class weights, kept as a buffer) and
-    ``softcap`` and ``temperature``."""
+    ``softcap`` and ``temperature``. ``target``: class indices of the input's batch shape
+    (*), or class probabilities (*, V) (the slower chunked path of
+    :func:`stablekernels.linear_cross_entropy`)."""
 
     def __init__(
         self,

@@ -396,7 +396,11 @@ def test_unsupported_derivatives_raise(backend):
             r"expected target of shape \[4\]",
         ),
         ({"target": torch.zeros(4)}, RuntimeError, "Long or Byte, but got Float"),
-        ({"target": torch.zeros(4, 11)}, NotImplementedError, "class-probability targets"),
+        (
+            {"target": torch.zeros(4, 11, dtype=torch.long)},
+            RuntimeError,
+            "Expected floating point type for target with class probabilities, got Long",
+        ),
         ({"target": torch.tensor([0, 11, 1, 2])}, IndexError, "Target 11 is out of bounds"),
         ({"w": torch.zeros(11, 3, dtype=torch.float64)}, RuntimeError, "cannot be multiplied"),
         (
@@ -418,3 +422,245 @@ def test_bad_arguments_raise(change, error, match):
     kw = {k: v for k, v in change.items() if k not in ("x", "w", "b", "target")}
     with pytest.raises(error, match=match):
         sk.linear_cross_entropy(args["x"], args["w"], args["target"], linear_bias=args["b"], **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# Class-probability targets (*, V): the slower path of row chunks under activation
+# checkpointing, each chunk's logits through sk.cross_entropy.
+
+
+def _probabilities(rows=13, vocab=37, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(rows, vocab, generator=g, dtype=torch.float64), -1).to(
+        dtype
+    )
+
+
+def _naive_probability_loss(
+    x, w, b, q, reduction, weight=None, label_smoothing=0.0, z_loss=0.0, temperature=1.0,
+    softcap=None,
+):  # fmt: skip
+    """F.cross_entropy of the float64 logits against probabilities q, plus the z-loss of
+    sk.cross_entropy for them (z * lse^2 on every row; "mean" over the rows)."""
+    z = _naive_logits(
+        x.double(), w.double(), None if b is None else b.double(), temperature, softcap
+    )
+    loss = F.cross_entropy(
+        z, q.double(), weight=weight, label_smoothing=label_smoothing, reduction=reduction
+    )
+    if z_loss:
+        penalty = z_loss * torch.logsumexp(z, -1) ** 2
+        loss = loss + {"none": penalty, "sum": penalty.sum(), "mean": penalty.mean()}[reduction]
+    return loss
+
+
+def _interpreted(backend):
+    return backend == "triton" and backends.TRITON_INTERPRETER
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_probability_targets_match_the_float64_formula(backend, small_tiles, option, reduction):
+    """Loss and gradients of input, linear_weight, linear_bias (and of the probabilities)
+    against autograd of the float64 formula; 7 rows in chunks of 2."""
+    if _interpreted(backend) and (option, reduction) not in (
+        ("everything", "mean"),
+        ("softcap", "none"),
+    ):
+        pytest.skip("the path is the backend's cross_entropy per chunk; 2 cases interpreted")
+    x, w, b, _, class_weight = _problem(rows=7)
+    q = _probabilities(rows=7)
+    kw = _kwargs(option, class_weight)
+    leaves = [t.requires_grad_() for t in (x, w, b, q)]
+    ours = sk.linear_cross_entropy(
+        x, w, q, linear_bias=b, reduction=reduction, backend=backend, **kw
+    )
+    ref = _naive_probability_loss(x, w, b, q, reduction, **kw)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, r in zip(
+        torch.autograd.grad(ours, leaves, g), torch.autograd.grad(ref, leaves, g), strict=True
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-12)
+
+
+def test_probability_targets_lse_entropy_and_gradcheck(backend, small_tiles):
+    """return_lse and return_entropy per row (batch shape, float64 here) as the formula;
+    gradcheck of every output at once, through the chunks' recomputation."""
+    x, w, b, _, class_weight = _problem(rows=5, hidden=3, vocab=11)
+    q = _probabilities(5, 11)
+    kw = {"softcap": 2.0, "temperature": 0.8}
+    loss, lse, entropy = sk.linear_cross_entropy(
+        x, w, q, linear_bias=b, return_lse=True, return_entropy=True, backend=backend, **kw
+    )
+    z = _naive_logits(x, w, b, **kw)
+    logp = torch.log_softmax(z, -1)
+    torch.testing.assert_close(loss, _naive_probability_loss(x, w, b, q, "mean", **kw))
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), rtol=1e-12, atol=1e-13)
+
+    def outputs(x, w, b, q):
+        return sk.linear_cross_entropy(
+            x, w, q, linear_bias=b, weight=class_weight, label_smoothing=0.1, z_loss=1e-2,
+            reduction="none", return_lse=True, return_entropy=True, backend=backend, **kw,
+        )  # fmt: skip
+
+    leaves = [t.requires_grad_() for t in (x, w, b, q)]
+    assert torch.autograd.gradcheck(outputs, leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probability_targets_in_low_precision(backend, dtype):
+    """Half inputs and probabilities: logits in float32, the loss (the half dtype) within
+    the dtype's rounding of the float64 formula on the same inputs; gradients within the
+    dtype's rounding; under CPU autocast the loss is float32 and the matmul stays in
+    float32 (close to the float32 result, not to a bf16 matmul's)."""
+    x, w, b, _, _ = _problem(rows=24, hidden=16, vocab=100, dtype=dtype)
+    q = _probabilities(24, 100, dtype=dtype)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    ours = sk.linear_cross_entropy(
+        x, w, q, linear_bias=b, label_smoothing=0.1, reduction="none", backend=backend
+    )
+    assert ours.dtype == dtype
+    ref = _naive_probability_loss(x, w, b, q, "none", label_smoothing=0.1)
+    assert (ours.double() - ref).abs().max().item() <= eps(dtype) * ref.abs().max().item() + 1e-6
+    g = torch.rand_like(ref)
+    for a, r in zip(
+        torch.autograd.grad(ours, leaves, g.to(dtype)),
+        torch.autograd.grad(ref, leaves, g),
+        strict=True,
+    ):
+        assert a.dtype == dtype
+        assert (a.double() - r).abs().max().item() <= 4 * eps(dtype) * r.abs().max().item() + 1e-6
+    if dtype == torch.bfloat16:
+        fp32 = sk.linear_cross_entropy(x.float(), w.float(), q.float(), linear_bias=b.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_loss = sk.linear_cross_entropy(x, w, q, linear_bias=b, backend=backend)
+        assert autocast_loss.dtype == torch.float32
+        torch.testing.assert_close(autocast_loss, fp32, rtol=1e-6, atol=1e-6)
+
+
+def test_probability_targets_shapes_module_and_empty(backend, small_tiles):
+    """(*, H) inputs with (*, V) probabilities, a 1-D input, no bias, the module, an empty
+    batch (mean NaN, as torch), and float32 probabilities promoting a bfloat16 loss."""
+    x, w, _, _, class_weight = _problem(rows=12, bias=False)
+    q = _probabilities(12)
+    ours = sk.linear_cross_entropy(
+        x.reshape(3, 4, -1), w, q.reshape(3, 4, -1), reduction="none", backend=backend
+    )
+    assert ours.shape == (3, 4)
+    torch.testing.assert_close(ours.reshape(-1), _naive_probability_loss(x, w, None, q, "none"))
+    one = sk.linear_cross_entropy(x[0], w, q[0], backend=backend)
+    torch.testing.assert_close(one, _naive_probability_loss(x[:1], w, None, q[:1], "mean"))
+    module = sk.nn.LinearCrossEntropyLoss(class_weight, label_smoothing=0.1, backend=backend)
+    torch.testing.assert_close(
+        module(x, w, q),
+        _naive_probability_loss(x, w, None, q, "mean", weight=class_weight, label_smoothing=0.1),
+    )
+    assert sk.linear_cross_entropy(x[:0], w, q[:0], backend=backend).isnan()
+    assert sk.linear_cross_entropy(x[:0], w, q[:0], reduction="sum", backend=backend) == 0
+    empty = sk.linear_cross_entropy(x[:0], w, q[:0], reduction="none", backend=backend)
+    assert empty.shape == (0,)
+    half = sk.linear_cross_entropy(x.bfloat16(), w.bfloat16(), q.float(), backend=backend)
+    assert half.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("target", "kw", "match"),
+    [
+        (torch.zeros(4, 11, dtype=torch.long), {}, "Expected floating point type for target"),
+        (torch.full((4, 11), 1 / 11), {"ignore_index": 0}, "ignore_index is not supported"),
+        (torch.zeros(4, 7), {}, r"expected target of shape \[4\] \(class indices\) or \[4, 11\]"),
+    ],
+)
+def test_probability_target_errors_as_torch(target, kw, match):
+    x, w, b, _, _ = _problem(rows=4, vocab=11, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=match):
+        sk.linear_cross_entropy(x, w, target, linear_bias=b, **kw)
+    if target.is_floating_point() and target.shape == (4, 11):
+        with pytest.raises(NotImplementedError, match="class-probability targets"):
+            sk.linear_logprobs(x, w, target, linear_bias=b)
+
+
+class _LargestNewStorage(TorchDispatchMode):
+    """The most elements of any storage an op creates while the mode is on (views of the
+    given tensors, such as the chunks of the target, do not count)."""
+
+    def __init__(self, *given):
+        super().__init__()
+        self.given = {t.untyped_storage().data_ptr() for t in given}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.given:
+                size = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+                self.largest = max(self.largest, size)
+        return out
+
+
+def test_probability_targets_hold_one_chunk_of_logits(backend, monkeypatch):
+    """Forward and backward (autograd, the checkpointed chunks recomputed) never create a
+    storage of rows x V elements: with a budget of 32768 elements (chunks of 32 rows of
+    1000 logits) and rows x V = 200k, nothing larger than a chunk's logits, the inputs or
+    the weight's gradient is made."""
+    if _interpreted(backend):
+        pytest.skip("the chunking is the same on every backend; slow under the interpreter")
+    monkeypatch.setattr(_linear_tiles, "TILE_ELEMENTS", 32768)
+    monkeypatch.setattr(_linear_tiles, "MIN_CHUNK_ROWS", 4)
+    rows, hidden, vocab = 200, 8, 1000
+    x, w, b, _, class_weight = _problem(rows, hidden, vocab, dtype=torch.float32)
+    q = _probabilities(rows, vocab, dtype=torch.float32)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    with _LargestNewStorage(x, w, b, q, class_weight) as watched:
+        loss, entropy = sk.linear_cross_entropy(
+            x, w, q, linear_bias=b, weight=class_weight.float(), label_smoothing=0.1,
+            return_entropy=True, backend=backend,
+        )  # fmt: skip
+        grads = torch.autograd.grad(loss + entropy.sum(), leaves)
+    bound = max(32768, rows * hidden, vocab * hidden)
+    assert 32000 <= watched.largest <= bound < rows * vocab
+    ref = _naive_probability_loss(x, w, b, q, "mean", weight=class_weight, label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert all(g.shape == t.shape for g, t in zip(grads, leaves, strict=True))
+
+
+def test_probability_targets_compile_fullgraph(small_tiles):
+    """torch.compile(fullgraph=True) traces the chunks (here 2) and their checkpoints: the
+    same loss and gradients as eager."""
+    x, w, b, _, class_weight = _problem(rows=4, dtype=torch.float32)
+    q = _probabilities(rows=4, dtype=torch.float32)
+
+    def loss_fn(x, w, b):
+        return sk.linear_cross_entropy(
+            x, w, q, linear_bias=b, weight=class_weight.float(), label_smoothing=0.1,
+            z_loss=1e-2, softcap=3.0, backend="torch",
+        )  # fmt: skip
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    expected = loss_fn(*leaves)
+    got = compiled(*leaves)
+    torch.testing.assert_close(got, expected)
+    for a, c in zip(
+        torch.autograd.grad(got, leaves), torch.autograd.grad(expected, leaves), strict=True
+    ):
+        torch.testing.assert_close(a, c)
+
+
+def test_probability_targets_under_torch_func(small_tiles):
+    """torch.func.grad (which refuses checkpointing's hooks: the chunks are then not
+    checkpointed) and vmap of it give autograd's gradient."""
+    x, w, b, _, _ = _problem(rows=5)
+    q = _probabilities(rows=5)
+
+    def loss_fn(w):
+        return sk.linear_cross_entropy(x, w, q, linear_bias=b, z_loss=1e-2, backend="torch")
+
+    expected = torch.autograd.grad(loss_fn(w.requires_grad_()), w)[0]
+    w = w.detach()
+    torch.testing.assert_close(torch.func.grad(loss_fn)(w), expected)
+    batched = torch.func.vmap(torch.func.grad(loss_fn))(torch.stack([w, w]))
+    torch.testing.assert_close(batched, torch.stack([expected, expected]))
