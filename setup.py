@@ -61,6 +61,7 @@ CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for runs on OpenMP in torch's CP
 CUDA_SOURCES = [
     "csrc/cuda/softmax.cu",
     "csrc/cuda/cross_entropy.cu",
+    "csrc/cuda/masked_softmax.cu",
     "csrc/bindings/cuda_ops.cpp",
 ]
 NVCC_FLAGS = ["-O3", "-std=c++17"]

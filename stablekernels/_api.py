@@ -118,6 +118,37 @@ def _softmax_inputs(op: str, x, dim, dtype):
     return x, dim, dtype
 
 
+def _masked_options(op: str, x: torch.Tensor, dims, scale, mask, causal, causal_offset,
+                    masked_rows):  # fmt: skip
+    """The masked op's ``(mask, scale, causal_offset, nan_rows)``, or None when none of
+    scale, mask and causal is given (the plain op serves the call)."""
+    if masked_rows not in ("zero", "nan"):
+        raise ValueError(f"{op}(): masked_rows must be 'zero' or 'nan', got {masked_rows!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}(): argument 'causal' must be bool, not {type(causal).__name__}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}(): argument 'mask' must be Tensor, not {type(mask).__name__}")
+    causal_offset = _check_int(op, "causal_offset", causal_offset)
+    if scale is None and mask is None and not causal:
+        return None
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{op}(): argument 'scale' must be float, not {type(scale).__name__}")
+    last = max(x.dim() - 1, 0)
+    if tuple(dims) != (last,):
+        raise NotImplementedError(
+            f"{op}(): scale, mask and causal apply along the last dim only; got dim "
+            f"{dims[0] if len(dims) == 1 else tuple(dims)} of a {x.dim()}-dim input (move that "
+            "dim last first, e.g. x.movedim(dim, -1))"
+        )
+    return (
+        mask,
+        1.0 if scale is None else float(scale),
+        causal_offset if causal else None,
+        masked_rows == "nan",
+    )
+
+
 # ----------------------------------------------------------------------------------------
 # Public functions.
 
@@ -127,6 +158,11 @@ def softmax(
     dim: int = -1,
     *,
     dtype: torch.dtype | None = None,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    masked_rows: str = "zero",
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softmax of ``x`` along ``dim``: ``exp(x_j - max) / (1 + s')`` with
@@ -139,8 +175,25 @@ def softmax(
     Guarantees: never overflows (softmax([1000, 1000]) is [0.5, 0.5]); special values as
     torch (a row with +inf or NaN is all NaN; all -inf is all NaN); each row independent.
     Differentiable twice.
+
+    Attention (docs/masked_softmax.md): ``scale``, ``mask`` and ``causal`` give the softmax
+    of ``t = scale * x + mask`` along the last dim, fused (x and the mask read once, the
+    mask by its strides, never expanded). ``mask``: bool (True keeps, as
+    ``F.scaled_dot_product_attention``'s ``attn_mask``) or floating (added), broadcastable
+    to x. ``causal=True`` drops ``j > i + causal_offset`` (i, j: the indices along dims -2
+    and -1) without a mask tensor. A row with nothing kept gives zeros (``masked_rows=
+    "zero"``, as SDPA) or NaN (``"nan"``, as masked_fill then torch.softmax); its gradient
+    is 0. Differentiable once (x and an additive mask); forward mode too.
     """
     x, dim, dtype = _softmax_inputs("softmax", x, dim, dtype)
+    masked = _masked_options(
+        "softmax", x, (wrap_dim("softmax", dim, x.dim()),), scale, mask, causal, causal_offset,
+        masked_rows,
+    )  # fmt: skip
+    if masked is not None:
+        mask, scale, offset, nan_rows = masked
+        name = resolve_backend(backend, x.device)
+        return ops.masked_softmax(x, mask, scale, offset, dtype, False, nan_rows, name)[0]
     return ops.softmax(x, dim, dtype, resolve_backend(backend, x.device))
 
 
@@ -149,6 +202,11 @@ def log_softmax(
     dim: int = -1,
     *,
     dtype: torch.dtype | None = None,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    masked_rows: str = "zero",
     backend: str | None = None,
 ) -> torch.Tensor:
     """Log-softmax of ``x`` along ``dim``: ``(x_j - max) - log1p(s')``.
@@ -156,8 +214,20 @@ def log_softmax(
     Shapes, dtypes and special values as :func:`softmax`. The log1p form keeps entries
     near 0 accurate to relative precision: ``log_softmax([0., -20.])[0]`` is
     -2.0611536e-09, where ``log(sum(exp))`` gives 0. Differentiable twice.
+
+    ``scale``, ``mask``, ``causal``, ``causal_offset`` and ``masked_rows`` as
+    :func:`softmax`: dropped elements are -inf, a row with nothing kept -inf throughout
+    ("zero": the log of zero probabilities) or NaN.
     """
     x, dim, dtype = _softmax_inputs("log_softmax", x, dim, dtype)
+    masked = _masked_options(
+        "log_softmax", x, (wrap_dim("log_softmax", dim, x.dim()),), scale, mask, causal,
+        causal_offset, masked_rows,
+    )  # fmt: skip
+    if masked is not None:
+        mask, scale, offset, nan_rows = masked
+        name = resolve_backend(backend, x.device)
+        return ops.masked_softmax(x, mask, scale, offset, dtype, True, nan_rows, name)[0]
     return ops.log_softmax(x, dim, dtype, resolve_backend(backend, x.device))
 
 
@@ -179,6 +249,11 @@ def logsumexp(
     dim: int | Sequence[int] = -1,
     keepdim: bool = False,
     *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    masked_rows: str = "zero",
     backend: str | None = None,
 ) -> torch.Tensor:
     """``log(sum(exp(x)))`` over ``dim`` (an int or a tuple of ints), as ``max + log1p(s')``.
@@ -188,6 +263,10 @@ def logsumexp(
     default float dtype, as torch); halves are accumulated in fp32 and rounded once, so a
     float16 row of 70000 zeros gives log(70000) = 11.16, not inf. Special values as torch:
     all -inf -> -inf, any +inf -> +inf, any NaN -> NaN. Differentiable twice.
+
+    ``scale``, ``mask``, ``causal``, ``causal_offset`` and ``masked_rows`` as
+    :func:`softmax` (along the last dim): the log-sum-exp of the kept ``scale * x + mask``;
+    a row with nothing kept is -inf ("zero") or NaN.
     """
     x = _check_tensor("logsumexp", x)
     if not x.is_floating_point():
@@ -195,6 +274,11 @@ def logsumexp(
     keepdim = bool(keepdim)
     dims = _reduce_dims(x, dim)
     name = resolve_backend(backend, x.device)
+    masked = _masked_options("logsumexp", x, dims, scale, mask, causal, causal_offset, masked_rows)
+    if masked is not None:
+        mask, scale, offset, nan_rows = masked
+        out = ops.masked_logsumexp(x, mask, scale, offset, nan_rows, name)[0]
+        return out.unsqueeze(-1) if keepdim and x.dim() else out
     if len(dims) == 1 or x.dim() == 0:
         return ops.logsumexp(x, dims[0] if dims else 0, keepdim, name)[0]
     if not dims:

@@ -8,6 +8,7 @@ op                 CUDA                                        CPU
 softmax,           float32 result (``dtype=torch.float32`` set  input dtype (no rule)
 log_softmax        when not given; the input is not copied)
 logsumexp          input cast to float32                       input dtype (no rule)
+(masked too)
 cross_entropy      float32 loss                                float32 loss
 linear_cross_      float32 loss; inputs as given, computed     as CUDA
 entropy            in float32 (no matmul in a half type)
@@ -72,9 +73,21 @@ def _float32_input(x, dim, keepdim, backend):
     return (x.float() if _eligible(x) else x), dim, keepdim, backend
 
 
+def _masked_float32_result(x, mask, scale, causal_offset, dtype, *rest):
+    if dtype is None and _eligible(x):
+        dtype = torch.float32
+    return x, mask, scale, causal_offset, dtype, *rest
+
+
+def _masked_float32_input(x, *rest):
+    return (x.float() if _eligible(x) else x), *rest
+
+
 _register("softmax", "cuda", _float32_result)
 _register("log_softmax", "cuda", _float32_result)
 _register("logsumexp", "cuda", _float32_input)
+_register("masked_softmax", "cuda", _masked_float32_result)
+_register("masked_logsumexp", "cuda", _masked_float32_input)
 
 
 def _as_given(*args):

@@ -421,10 +421,10 @@ def _linear_cross_entropy_vjp(ctx, grad_loss, grad_lse, grad_entropy, grad_logpr
     return (dx, dw, None if linear_bias is None else db) + none
 
 
-def _not_written(what: str):
+def _not_written(what: str, op: str = "linear_cross_entropy"):
     def refuse(*_args):
         raise NotImplementedError(
-            f"stablekernels::linear_cross_entropy: {what} is not supported (only first-order "
+            f"stablekernels::{op}: {what} is not supported (only first-order "
             "reverse mode: .backward(), torch.autograd.grad, torch.func.grad/vjp)"
         )
 
@@ -437,6 +437,117 @@ def _linear_cross_entropy_backward_setup(ctx, inputs, output):
 
 # ----------------------------------------------------------------------------------------
 # Registration: one autograd.Function per op, run by the op's Autograd kernel.
+
+# ----------------------------------------------------------------------------------------
+# masked_softmax: inputs (x, mask, scale, causal_offset, dtype, log, nan_rows, backend),
+# outputs (y, lse); masked_logsumexp: inputs (x, mask, scale, causal_offset, nan_rows,
+# backend), outputs (out, lse). With t = scale * x + mask, dt/dx = scale and, for an additive
+# mask, dt/dmask = 1 (summed over the dims the mask is broadcast along). Dropped elements
+# and rows with nothing kept have no derivative (0). The backward op has no derivative of
+# its own: double backward and forward-over-reverse raise.
+
+
+def _mask_gradient(mask, dt):
+    """The gradient of an additive mask from dt (x-shaped): summed to the mask's shape."""
+    return dt.sum_to_size(mask.shape).to(mask.dtype)
+
+
+def _masked_softmax_setup(ctx, inputs, output):
+    x, mask, scale, _causal, _dtype, log, _nan_rows, backend = inputs
+    y, lse = output
+    ctx.save_for_backward(y, lse, mask)
+    ctx.save_for_forward(y, lse)
+    ctx.scale, ctx.log, ctx.input_dtype, ctx.backend = scale, log, x.dtype, backend
+    ctx.set_materialize_grads(False)
+
+
+def _masked_softmax_vjp(ctx, g, g_lse):
+    y, lse, mask = ctx.saved_tensors
+    none = (None,) * 6
+    if g is None and g_lse is None:
+        return (None, None) + none
+    # (call, x, mask, ...)
+    mask_asked = ctx.needs_input_grad[2]
+    if g_lse is None and not mask_asked:
+        dx = ops.masked_softmax_backward(
+            g, y, lse, ctx.scale, ctx.log, ctx.input_dtype, ctx.backend
+        )
+        return dx, None, *none
+    # dt: the gradient along t = scale * x + mask; the lse's is p = softmax(t).
+    acc = accumulation_dtype(ctx.input_dtype, y.dtype)
+    if g is None:
+        dt = torch.zeros_like(y, dtype=acc)
+    else:
+        dt = ops.masked_softmax_backward(g, y, lse, 1.0, ctx.log, acc, ctx.backend)
+    if g_lse is not None:
+        p = torch.exp(_acc(y)) if ctx.log else _acc(y)
+        g_rows = g_lse.to(acc).unsqueeze(-1) if y.dim() else g_lse.to(acc)
+        dt = dt + torch.where(p > 0, p * g_rows, 0.0)  # 0 where dropped, dead or NaN
+    dmask = _mask_gradient(mask, dt) if mask_asked else None
+    return (dt * ctx.scale).to(ctx.input_dtype), dmask, *none
+
+
+def _masked_tangent(ctx_scale, tx, tmask, like):
+    """The tangent of t = scale * x + mask, in the accumulation dtype of ``like``."""
+    acc = accumulation_dtype(like.dtype)
+    tt = torch.zeros_like(like, dtype=acc) if tx is None else tx.to(acc) * ctx_scale
+    if tmask is not None:
+        tt = tt + tmask.to(acc)
+    return tt
+
+
+def _masked_softmax_jvp(ctx, tx, tmask, *_):
+    y, lse = ctx.saved_tensors
+    tt = _masked_tangent(ctx.scale, tx, tmask, y)
+    dead = (lse == float("-inf")).unsqueeze(-1) if y.dim() else lse == float("-inf")
+    if ctx.log:
+        p = torch.exp(_acc(y))
+        t_lse = _row_sum(torch.where(p > 0, p * tt, 0.0), -1)
+        out = torch.where((y == float("-inf")) | dead, 0.0, tt - t_lse)
+    else:
+        ya = _acc(y)
+        t_lse = _row_sum(torch.where(ya > 0, ya * tt, 0.0), -1)
+        out = torch.where(dead, 0.0, ya * (tt - t_lse))
+    t_lse = torch.where(dead, 0.0, t_lse)
+    return out.to(y.dtype), (t_lse.squeeze(-1) if y.dim() else t_lse).to(lse.dtype)
+
+
+def _masked_logsumexp_setup(ctx, inputs, output):
+    x, mask, scale, causal_offset, _nan_rows, backend = inputs
+    ctx.save_for_backward(x, mask)
+    ctx.save_for_forward(x, mask)
+    ctx.scale, ctx.causal_offset, ctx.backend = scale, causal_offset, backend
+    ctx.set_materialize_grads(False)
+
+
+def _masked_probabilities(ctx, x, mask):
+    """softmax of t in the accumulation dtype (0 where dropped and on rows with nothing
+    kept), by the forward op: the mask read again, the row's statistics recomputed."""
+    acc = accumulation_dtype(x.dtype)
+    return ops.masked_softmax(
+        x, mask, ctx.scale, ctx.causal_offset, acc, False, False, ctx.backend
+    )[0]
+
+
+def _masked_logsumexp_vjp(ctx, g, g_lse):
+    x, mask = ctx.saved_tensors
+    none = (None,) * 4
+    if g is None and g_lse is None:
+        return (None, None) + none
+    g = g_lse if g is None else (g if g_lse is None else g + g_lse)
+    p = _masked_probabilities(ctx, x, mask)
+    dt = g.to(p.dtype).unsqueeze(-1) * p if x.dim() else g.to(p.dtype) * p
+    dmask = _mask_gradient(mask, dt) if ctx.needs_input_grad[2] else None
+    return (dt * ctx.scale).to(x.dtype), dmask, *none
+
+
+def _masked_logsumexp_jvp(ctx, tx, tmask, *_):
+    x, mask = ctx.saved_tensors
+    p = _masked_probabilities(ctx, x, mask)
+    tt = _masked_tangent(ctx.scale, tx, tmask, x)
+    t_lse = torch.where(p > 0, p * tt, 0.0).sum(-1) if x.dim() else torch.where(p > 0, p * tt, 0.0)
+    return t_lse.to(x.dtype), t_lse.double()
+
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 
@@ -481,6 +592,17 @@ _RULES = {
         _linear_cross_entropy_backward_setup,
         _not_written("a derivative of the gradient (double backward)"),
         _not_written("forward-mode AD of the gradient"),
+    ),
+    "masked_softmax": (_masked_softmax_setup, _masked_softmax_vjp, _masked_softmax_jvp),
+    "masked_softmax_backward": (
+        _linear_cross_entropy_backward_setup,
+        _not_written("a derivative of the gradient (double backward)", "masked_softmax"),
+        _not_written("forward-mode AD of the gradient", "masked_softmax"),
+    ),
+    "masked_logsumexp": (
+        _masked_logsumexp_setup,
+        _masked_logsumexp_vjp,
+        _masked_logsumexp_jvp,
     ),
 }
 

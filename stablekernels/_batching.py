@@ -119,6 +119,11 @@ def _cross_entropy_backward_rule(info, in_dims, *args):
     return dx.unflatten(0, (size, -1)), 0
 
 
+def _per_sample_rule(name: str):
+    op = getattr(ops, name).default
+    return lambda info, in_dims, *args: _per_sample(op, info, in_dims, args)
+
+
 RULES = {
     "softmax": _softmax_rule("softmax"),
     "log_softmax": _softmax_rule("log_softmax"),
@@ -134,6 +139,12 @@ RULES = {
     "linear_cross_entropy_backward": lambda info, in_dims, *args: _per_sample(
         ops.linear_cross_entropy_backward.default, info, in_dims, args
     ),
+    # The masked ops (the causal index is a row's place along dim -2, the mask broadcast
+    # against each sample): one call per sample.
+    **{
+        name: _per_sample_rule(name)
+        for name in ("masked_softmax", "masked_softmax_backward", "masked_logsumexp")
+    },
 }
 for _name, _rule in RULES.items():
     torch.library.register_vmap(f"{NAMESPACE}::{_name}", _rule, lib=_lib)

@@ -27,6 +27,13 @@ local index where the tile holds it; the tiles then merge as the ranks of
 
 every added term >= 0, so a dominant tile keeps the others' precision.
 
+A backend whose record has a ``linear_cross_entropy`` kernel (optional in ``Kernels``: the
+triton backend's, a ``tl.dot`` kernel with the online lse in its epilogue,
+stablekernels/backends/triton/linear_cross_entropy.py) gives :func:`forward` the
+per-row ``(nll, smooth, lse)`` itself, merged over its vocabulary splits by the same
+formulas, without logits in memory, when no gradient is to be taken through the call (the
+backward's recomputed logits then agree with the lse); the entropy stays on the tiles.
+
 backward, per tile: ``dz = kernels.cross_entropy_backward(z, local target, w_k, terms)``,
 the per-row terms of the router (the one-hot term only on the rows whose target the tile
 holds), plus, for the entropy, ``-g_H p (z - lse)``; then the chain through the softcap
@@ -48,6 +55,11 @@ accumulation dtype (16 MiB each in fp32). Tests lower it to cross many tiles."""
 
 MIN_CHUNK_ROWS = 512
 """The fewest rows of a chunk of :func:`forward_with_gradient` (all of them if fewer)."""
+
+
+USE_FUSED_FORWARD = True
+"""Whether :func:`forward` uses a backend's fused ``linear_cross_entropy`` where it offers
+one (module doc). Tests turn it off to compare with the tiles."""
 
 
 def _steps(rows: int, hidden: int, vocab: int) -> tuple[int, int]:
@@ -111,16 +123,36 @@ def _owned(target, counted, classes: slice):
     return owned, torch.where(owned, target - classes.start, 0)
 
 
+def _gradient_follows(x, logits: Logits) -> bool:
+    """Whether autograd will take this call's gradient, as far as the op sees it (grad mode
+    on and an input requiring grad: eager autograd). The backward then recomputes the
+    logits with ``torch.mm``, and an lse made from the same products keeps the gradient's
+    rounding that of the logits; a fused kernel's lse, from products summed in another
+    order, differs from them by their float32 rounding (|lse| x eps), about twice the
+    gradient error. Under torch.func and torch.compile the op cannot see it (False)."""
+    tensors = (x, logits.weight, logits.bias)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def forward(kernels, x, logits: Logits, target, counted, class_weight, smoothing, entropy):
     """Per-row (nll, smooth, lse, H) in float64 of x (R, H) against the logits' (V, H)
     weights; ``smooth`` is 0 unless ``smoothing``, H is empty unless ``entropy``.
     ``target`` are class indices in [0, V) (an ignored row's is any valid class),
     ``counted`` the rows that count, ``class_weight`` (V,) in the accumulation dtype or
-    None."""
+    None. Without ``entropy`` and without a gradient to follow (:func:`_gradient_follows`),
+    a backend's fused ``linear_cross_entropy`` does it all (module doc;
+    ``USE_FUSED_FORWARD``)."""
     rows, hidden = x.shape
     vocab = logits.weight.shape[0]
-    row_step, vocab_step = _steps(rows, hidden, vocab)
     f64 = {"dtype": torch.float64, "device": x.device}
+    fused = getattr(kernels, "linear_cross_entropy", None) if USE_FUSED_FORWARD else None
+    if fused is not None and not entropy and not _gradient_follows(x, logits):
+        nll, smooth, lse = fused(
+            x, logits.weight, logits.bias, target, class_weight, logits.softcap,
+            logits.temperature, smoothing,
+        )  # fmt: skip
+        return nll, smooth, lse, torch.zeros(0, **f64)
+    row_step, vocab_step = _steps(rows, hidden, vocab)
     nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
     ent = torch.zeros(rows if entropy else 0, **f64)
     tiles = list(_slices(vocab, vocab_step))
@@ -172,11 +204,17 @@ def _gradient_chunk(kernels, z, tanh, temperature, local, w, terms, grad_entropy
         shifted = (z - terms[:, 0:1]) - terms[:, 1:2]  # z - lse, split
         p = torch.exp(shifted)
         dz -= torch.where(p > 0, p * shifted, 0.0) * grad_entropy[:, None]
+    _chain(dz, tanh, temperature)
+    return dz
+
+
+def _chain(dz, tanh, temperature):
+    """dz along the capped logits, in place, to dz along x W^T + b: through the softcap
+    (1 - tanh^2) and the temperature."""
     if tanh is not None:
         dz *= 1 - tanh * tanh
     if temperature != 1.0:
         dz /= temperature
-    return dz
 
 
 def _into(out, a, b, first: bool):
@@ -227,10 +265,11 @@ def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_wei
     summed per-row losses (each row's gradient 1), in one pass: the rows in chunks whose
     logits over the whole vocabulary fit in the largest of the budget, the input's size and
     MIN_CHUNK_ROWS rows, each chunk's logits made once; their lse known, they are overwritten
-    by dz one vocabulary tile at a time (no second chunk-sized buffer), in place of a second
-    matmul in the backward. ``unit_terms(lse, rows)`` gives the router's per-row terms of
-    those rows for a gradient of 1. What the autograd rule scales when the loss is reduced
-    by a sum or a mean (a uniform per-row gradient); db is None without a bias."""
+    by dz (no second chunk-sized buffer: by the backend's in-place kernel where it has one,
+    else one vocabulary tile at a time), in place of a second matmul in the backward.
+    ``unit_terms(lse, rows)`` gives the router's per-row terms of those rows for a gradient
+    of 1. What the autograd rule scales when the loss is reduced by a sum or a mean (a
+    uniform per-row gradient); db is None without a bias."""
     rows, hidden = x.shape
     vocab = logits.weight.shape[0]
     # Chunks of at least MIN_CHUNK_ROWS rows: each chunk re-reads W twice and re-writes dW,
@@ -239,6 +278,7 @@ def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_wei
     budget = max(TILE_ELEMENTS, rows * hidden, MIN_CHUNK_ROWS * vocab)
     row_step = max(1, min(rows, budget // vocab))
     _, vocab_step = _steps(rows, hidden, vocab)
+    in_place = getattr(kernels, "cross_entropy_backward_inplace", None)
     f64 = {"dtype": torch.float64, "device": x.device}
     nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
     dx, dw, db = _gradient_buffers(x, logits)
@@ -247,13 +287,17 @@ def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_wei
         z, tanh = logits.tile(x_acc, slice(0, vocab))
         nll[r], smooth[r], lse[r] = kernels.cross_entropy(z, target[r], class_weight, smoothing)
         terms = unit_terms(lse[r], r)
-        for classes in _slices(vocab, vocab_step):  # z becomes dz, a tile at a time
-            owned, local = _owned(target[r], counted[r], classes)
-            w = None if class_weight is None else class_weight[classes]
-            z[:, classes] = _gradient_chunk(
-                kernels, z[:, classes], None if tanh is None else tanh[:, classes],
-                logits.temperature, local, w, _tile_terms(terms, owned),
-            )  # fmt: skip
+        if in_place is not None:  # z becomes dz in one pass of the backend's kernel
+            in_place(z, target[r], class_weight, terms)
+            _chain(z, tanh, logits.temperature)
+        else:  # z becomes dz a tile at a time
+            for classes in _slices(vocab, vocab_step):
+                owned, local = _owned(target[r], counted[r], classes)
+                w = None if class_weight is None else class_weight[classes]
+                z[:, classes] = _gradient_chunk(
+                    kernels, z[:, classes], None if tanh is None else tanh[:, classes],
+                    logits.temperature, local, w, _tile_terms(terms, owned),
+                )  # fmt: skip
         del tanh
         _accumulate_gradient(
             logits, z, slice(0, vocab), x_acc, dx[r], dw, db,

@@ -17,6 +17,14 @@ backends; the backend is an argument, chosen by :mod:`stablekernels._api`::
                            Tensor? weight, Tensor lse, int ignore_index,
                            float label_smoothing, float z_loss, str backend) -> Tensor
 
+    masked_softmax(Tensor x, Tensor? mask, float scale, int? causal_offset,
+                   ScalarType? dtype, bool log, bool nan_rows, str backend)
+                   -> (Tensor y, Tensor lse)
+    masked_softmax_backward(Tensor grad, Tensor output, Tensor lse, float scale, bool log,
+                            ScalarType input_dtype, str backend) -> Tensor
+    masked_logsumexp(Tensor x, Tensor? mask, float scale, int? causal_offset,
+                     bool nan_rows, str backend) -> (Tensor out, Tensor lse)
+
 ``logsumexp`` returns the result in x's dtype and, beside it, the same log-sum-exp in
 float64: the backward uses that one, since exp(x - lse) puts the rounding of the lse into
 every gradient entry (ulp 0.5 at 100 in bf16: up to 28%; ulp 0.06 at 1e6 in fp32: up to
@@ -79,6 +87,12 @@ SCHEMAS = {
     "Tensor row_entropy, int ignore_index, float label_smoothing, float z_loss, "
     "float? softcap, float temperature, bool with_entropy, str backend) "
     "-> (Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)",
+    "masked_softmax": "masked_softmax(Tensor x, Tensor? mask, float scale, int? causal_offset, "
+    "ScalarType? dtype, bool log, bool nan_rows, str backend) -> (Tensor y, Tensor lse)",
+    "masked_softmax_backward": "masked_softmax_backward(Tensor grad, Tensor output, "
+    "Tensor lse, float scale, bool log, ScalarType input_dtype, str backend) -> Tensor",
+    "masked_logsumexp": "masked_logsumexp(Tensor x, Tensor? mask, float scale, "
+    "int? causal_offset, bool nan_rows, str backend) -> (Tensor out, Tensor lse)",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -669,6 +683,149 @@ def _linear_cross_entropy_backward_fake(*args):
     return torch.empty_like(input), torch.empty_like(linear_weight), bias
 
 
+# ----------------------------------------------------------------------------------------
+# Masked softmax, log_softmax and logsumexp along the last dim (docs/masked_softmax.md):
+# t = scale * x + mask (additive) or -inf where a bool mask is False or, causally, where
+# j > i + causal_offset (i the row's index along x's dim -2). A row with nothing kept is 0
+# (softmax), -inf (log_softmax, logsumexp) or, with nan_rows, NaN; its gradient is 0. The
+# ops' lse output (float64, x's shape without its last dim) is -inf on such rows whatever
+# nan_rows says: the backward finds them there.
+
+
+def _check_masked(op, x, mask):
+    check_floating(op, "the input", x.dtype)
+    if mask is None:
+        return
+    check_same_device(op, x, mask)
+    if mask.dtype != torch.bool and mask.dtype not in FLOATING_DTYPES:
+        raise RuntimeError(
+            f"{op}(): mask must be bool (True keeps) or floating (added), got {mask.dtype}"
+        )
+    try:
+        shape = torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise RuntimeError(
+            f"{op}(): mask of shape {tuple(mask.shape)} cannot be broadcast to the input's "
+            f"shape {tuple(x.shape)}"
+        )
+
+
+def _masked_kernel(op, backend, x, mask):
+    kernels = _kernels(op, backend, x, *(() if mask is None else (mask,)))
+    if kernels.masked_softmax is None:
+        raise backends.BackendUnavailableError(
+            f"{op}(): the {backend} backend has no masked softmax kernel"
+        )
+    return kernels.masked_softmax
+
+
+def _masked_rows(op, backend, x, mask, scale, causal_offset, dtype, mode):
+    """The kernel's (y, lse) on x as rows along its last dim (0-dim as one row of one); lse
+    shaped as x without its last dim. An additive mask is converted to the accumulation
+    dtype before it is expanded (a view), so no mask-sized copy is made."""
+    kernel = _masked_kernel(op, backend, x, mask)
+    rows_shape = x.shape[:-1]
+    if x.dim() == 0:
+        x = x.reshape(1)
+        mask = None if mask is None else mask.reshape(1)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            mask = mask.to(accumulation_dtype(x.dtype, dtype))
+        mask = mask.expand(x.shape)
+    y, lse = kernel(x.contiguous(), mask, float(scale), causal_offset, dtype, mode)
+    return y, lse.view(rows_shape)
+
+
+def _masked_softmax_family():
+    op = "masked_softmax"
+
+    def route(x, mask, scale, causal_offset, dtype, log, nan_rows, backend):
+        _check_masked(op, x, mask)
+        out_dtype = x.dtype if dtype is None else dtype
+        check_floating(op, "the requested dtype", out_dtype)
+        if x.numel() == 0:
+            _masked_kernel(op, backend, x, mask)
+            return (
+                torch.empty(x.shape, dtype=out_dtype, device=x.device),
+                torch.empty(x.shape[:-1], dtype=torch.float64, device=x.device),
+            )
+        y, lse = _masked_rows(op, backend, x, mask, scale, causal_offset, out_dtype, int(log))
+        y = y.view(x.shape)
+        if nan_rows:
+            dead = lse == float("-inf")
+            if dead.any():
+                y = y.masked_fill(dead.unsqueeze(-1) if x.dim() else dead, float("nan"))
+        return y, lse
+
+    def fake(x, mask, scale, causal_offset, dtype, log, nan_rows, backend):
+        _check_masked(op, x, mask)
+        out_dtype = x.dtype if dtype is None else dtype
+        check_floating(op, "the requested dtype", out_dtype)
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float64)
+
+    return route, fake
+
+
+def _masked_softmax_backward_check(grad, output, lse, input_dtype):
+    op = "masked_softmax_backward"
+    check_floating(op, "the output", output.dtype)
+    check_floating(op, "the input dtype", input_dtype)
+    check_same_device(op, output, grad, lse)
+    _check_same_shape(op, grad, output)
+
+
+def _masked_softmax_backward_route(grad, output, lse, scale, log, input_dtype, backend):
+    """scale * (softmax or log_softmax backward of y), 0 on dropped elements (log_softmax:
+    where y is -inf) and on rows with nothing kept (lse -inf): the backend's fused backward
+    kernel, no mask read."""
+    _masked_softmax_backward_check(grad, output, lse, input_dtype)
+    kernels = _kernels("masked_softmax_backward", backend, output, grad, lse)
+    if output.numel() == 0:
+        return output.new_empty(output.shape, dtype=input_dtype)
+    g = grad.to(output.dtype).contiguous()
+    y = output.contiguous()
+    if y.dim() == 0:
+        g, y = g.reshape(1), y.reshape(1)
+    dx = kernels.softmax_backward(g, y, y.dim() - 1, input_dtype, log)
+    if scale != 1.0:
+        dx.mul_(scale)  # the kernel's own output: scaled in place, one pass
+    if log:  # log_softmax's backward gives dx = g where y = -inf (exp(y) = 0): dropped
+        dx.masked_fill_(y == float("-inf"), 0.0)
+    dead = lse == float("-inf")
+    if dead.any():  # rows with nothing kept: NaN under masked_rows="nan"
+        dx.masked_fill_(dead.reshape(*y.shape[:-1], 1), 0.0)
+    return dx.view(output.shape)
+
+
+def _masked_softmax_backward_fake(grad, output, lse, scale, log, input_dtype, backend):
+    _masked_softmax_backward_check(grad, output, lse, input_dtype)
+    return output.new_empty(output.shape, dtype=input_dtype)
+
+
+def _masked_logsumexp_route(x, mask, scale, causal_offset, nan_rows, backend):
+    op = "masked_logsumexp"
+    _check_masked(op, x, mask)
+    if x.numel() == 0:
+        _masked_kernel(op, backend, x, mask)
+        shape = x.shape[:-1]
+        return (
+            torch.full(shape, float("-inf"), dtype=x.dtype, device=x.device),
+            torch.full(shape, float("-inf"), dtype=torch.float64, device=x.device),
+        )
+    _, lse = _masked_rows(op, backend, x, mask, scale, causal_offset, x.dtype, 2)
+    out = lse
+    if nan_rows:
+        out = torch.where(lse == float("-inf"), float("nan"), lse)
+    return out.to(x.dtype), lse
+
+
+def _masked_logsumexp_fake(x, mask, scale, causal_offset, nan_rows, backend):
+    _check_masked("masked_logsumexp", x, mask)
+    return x.new_empty(x.shape[:-1]), x.new_empty(x.shape[:-1], dtype=torch.float64)
+
+
 _ROUTES = {
     "softmax": _softmax_family("softmax", log=False),
     "log_softmax": _softmax_family("log_softmax", log=True),
@@ -683,6 +840,9 @@ _ROUTES = {
         _linear_cross_entropy_backward_route,
         _linear_cross_entropy_backward_fake,
     ),
+    "masked_softmax": _masked_softmax_family(),
+    "masked_softmax_backward": (_masked_softmax_backward_route, _masked_softmax_backward_fake),
+    "masked_logsumexp": (_masked_logsumexp_route, _masked_logsumexp_fake),
 }
 ROUTERS = {name: route for name, (route, _) in _ROUTES.items()}
 for _name, (_route, _fake) in _ROUTES.items():
@@ -714,6 +874,11 @@ _FUSED_FAKES = {
     "_fused_cross_entropy": _fused_rows,
     "_fused_cross_entropy_backward": lambda logits, target, weight, terms: logits.new_empty(
         logits.shape
+    ),
+    "_fused_cross_entropy_backward_inplace": lambda logits, target, weight, terms: None,
+    "_fused_masked_softmax": lambda x, mask, scale, causal_offset, dtype, mode: (
+        x.new_empty((0,) if mode == 2 else x.shape, dtype=dtype),
+        x.new_empty(x.numel() // x.shape[-1], dtype=torch.float64),
     ),
 }
 if backends.EXTENSION:  # the ops exist only where stablekernels._C loaded

@@ -26,10 +26,18 @@ def _shape_of(fn):
 
 def test_signatures_are_those_of_the_design():
     pos, kw = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    attention = [  # docs/masked_softmax.md
+        ("scale", kw, None),
+        ("mask", kw, None),
+        ("causal", kw, False),
+        ("causal_offset", kw, 0),
+        ("masked_rows", kw, "zero"),
+    ]
     softmax_like = [
         ("x", pos, inspect.Parameter.empty),
         ("dim", pos, -1),
         ("dtype", kw, None),
+        *attention,
         ("backend", kw, None),
     ]
     assert _shape_of(sk.softmax) == softmax_like
@@ -38,6 +46,7 @@ def test_signatures_are_those_of_the_design():
         ("x", pos, inspect.Parameter.empty),
         ("dim", pos, -1),
         ("keepdim", pos, False),
+        *attention,
         ("backend", kw, None),
     ]
 

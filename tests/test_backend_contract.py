@@ -26,6 +26,9 @@ def test_each_available_backend_loads_one_record_meeting_the_contract(name):
     assert isinstance(kernels, backends.Kernels)
     for field in dataclasses.fields(backends.Kernels):
         kernel = getattr(kernels, field.name)
+        if kernel is None:  # an optional kernel (a fused path some backends add)
+            assert field.default is None and field.name != "masked_softmax", field.name
+            continue
         assert backends.argument_names(kernel) == backends.KERNEL_ARGUMENTS[field.name]
 
 

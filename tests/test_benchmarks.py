@@ -239,3 +239,25 @@ def test_linear_cross_entropy_benchmark_smoke(tmp_path):
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), losses
     assert (out / "table.txt").read_text().count("| 64 x 16 x 300 |") == len(providers)
     assert "fresh process" in (out / "command.txt").read_text()
+
+
+def test_masked_softmax_benchmark_smoke(tmp_path):
+    """The attention softmax benchmark on a tiny shape: every provider named measures both
+    masks and directions, the files are written."""
+    out = tmp_path / "masked"
+    providers = ["torch", "torch._masked_softmax", "sk-torch"]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.masked_softmax", "--shapes", "2x2x16",
+         "--dtypes", "fp32", "--repeats", "2", "--providers", *providers, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * len(providers)
+    for r in rows:
+        # torch._masked_softmax has no backward for these masks (torch's own error).
+        broken = r["provider"] == "torch._masked_softmax" and r["direction"] != "forward"
+        assert bool(r["error"]) == broken, r
+        assert broken or float(r["time_ms"]) > 0
+    assert "rounds" in (out / "command.txt").read_text()

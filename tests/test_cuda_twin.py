@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from . import reference
-from .conftest import lse_error, rel_error, softmax_condition
+from .conftest import eps, lse_error, rel_error, softmax_condition
 from .test_accuracy import OFFSETS, check_bound, make_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,3 +135,136 @@ def test_twin_special_values_are_torchs(twin, row, piece):
         rtol=1e-6,
         atol=0,
     )
+
+
+# ----------------------------------------------------------------------------------------
+# The masked kernels (csrc/cuda/masked_softmax.cu): rows held whole up to CAPACITY elements
+# (the register kernel's 8192), longer ones walked in tiles (the long kernel's 8192; smaller
+# tiles here walk short rows in several).
+
+CAPACITY = 8192
+MASKED_CAP = 8  # bound, in eps of the dtype, on y's error per unit of 1 + |t - m|, and lse's
+
+
+def twin_masked(lib, x, keep, add, scale, causal_offset, mode, capacity=CAPACITY, tile=8192):
+    """(y, lse) of the twin for x (rows, n) and per-element keep (bool) / add masks, rows of
+    one query block (query r % rows)."""
+    x = x.contiguous()
+    rows, n = x.shape
+    y = torch.empty_like(x)
+    lse = torch.empty(rows, dtype=torch.float64)
+    keep_u8 = None if keep is None else keep.to(torch.uint8).contiguous()
+    add = None if add is None else add.to(x.dtype).contiguous()
+    name = f"sk_twin_masked_softmax_f{32 if x.dtype == torch.float32 else 64}"
+    getattr(lib, name)(
+        _ptr(x),
+        None if keep_u8 is None else _ptr(keep_u8),
+        None if add is None else _ptr(add),
+        ctypes.c_double(scale), ctypes.c_int64(rows), ctypes.c_int64(n),
+        ctypes.c_int(causal_offset is not None), ctypes.c_int64(rows),
+        ctypes.c_int64(causal_offset or 0), ctypes.c_int64(capacity), ctypes.c_int64(tile),
+        ctypes.c_int(mode), _ptr(y), _ptr(lse),
+    )  # fmt: skip
+    return y, lse
+
+
+def masked_scores(x, keep, add, scale, causal_offset) -> torch.Tensor:
+    """t in float64, rounded as the kernels round it (in x's dtype here: fp32 or fp64)."""
+    t = x * torch.tensor(scale, dtype=x.dtype)
+    if add is not None:
+        t = t + add.to(x.dtype)
+    t = t.double()
+    if keep is not None:
+        t = t.masked_fill(~keep, -math.inf)
+    if causal_offset is not None:
+        rows, n = x.shape
+        j = torch.arange(n)
+        i = torch.arange(rows)[:, None]
+        t = t.masked_fill(j > i + causal_offset, -math.inf)
+    return t
+
+
+MASKED_CASES = [
+    (n, dtype, mask, causal, capacity, tile)
+    for dtype in (torch.float32, torch.float64)
+    for mask in ("none", "bool", "additive")
+    for causal in (None, 0, -3, 5)
+    for n, capacity, tile in ((7, CAPACITY, 8192), (1000, CAPACITY, 8192), (1000, 64, 96),
+                              (20000, CAPACITY, 8192))
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    MASKED_CASES,
+    ids=lambda c: f"n{c[0]}-{str(c[1])[6:]}-{c[2]}-causal{c[3]}-cap{c[4]}-tile{c[5]}",
+)
+def test_twin_masked_is_within_the_bounds(twin, case):
+    n, dtype, kind, causal, capacity, tile = case
+    torch.manual_seed(n)
+    rows = 6
+    x = make_input((rows, n), dtype, 1e4 if dtype == torch.float64 else 0.0)
+    keep = add = None
+    if kind == "bool":
+        keep = torch.rand(rows, n) < 0.7
+        keep[2] = False  # a dead row
+    elif kind == "additive":
+        add = torch.randn(rows, n, dtype=dtype) * 3
+        add[1, ::2] = -math.inf
+        add[3] = -math.inf  # a dead row
+    scale = 0.125
+    t = masked_scores(x, keep, add, scale, causal)
+    kept = t > -math.inf
+    live = kept.any(-1)
+    e = eps(dtype)
+    for mode in (0, 1, 2):
+        y, lse = twin_masked(twin, x, keep, add, scale, causal, mode, capacity, tile)
+        ref_lse = torch.where(live, reference.logsumexp(t.clamp(min=-1e300), -1), -math.inf)
+        assert torch.equal(lse[~live], ref_lse[~live])
+        assert lse_error(lse[live], ref_lse[live]) <= MASKED_CAP * e
+        if mode == 2:
+            continue
+        log = mode == 1
+        dropped = -math.inf if log else 0.0
+        assert (y[~kept] == dropped).all()
+        tl = t[live]
+        name = "log_softmax" if log else "softmax"
+        ref = getattr(reference, name)(tl.clamp(min=-1e300), -1)
+        cond = None if log else softmax_condition(tl.clamp(min=-1e300), -1)
+        k = kept[live]
+        err = rel_error(y[live][k], ref[k], None if cond is None else cond[k])
+        assert err <= MASKED_CAP * e, f"{name}: {err:.3g} > {MASKED_CAP} eps"
+
+
+MASKED_SPECIAL = [
+    ([1.0, math.nan, 2.0, 3.0], math.nan),
+    ([1.0, math.inf, 2.0, 3.0], math.inf),
+    ([-math.inf, -math.inf, -math.inf, -math.inf], -math.inf),
+]
+
+
+@pytest.mark.parametrize("capacity", [CAPACITY, 2])
+@pytest.mark.parametrize("row, want_lse", MASKED_SPECIAL, ids=str)
+def test_twin_masked_special_rows(twin, row, want_lse, capacity):
+    """NaN and +inf rows: y NaN throughout, past the causal limit too; lse NaN / +inf. A dead
+    row: y 0 / -inf throughout, lse -inf (not torch's NaN)."""
+    x = torch.tensor([row], dtype=torch.float32)
+    for causal in (None, 2):
+        for mode in (0, 1):
+            y, lse = twin_masked(twin, x, None, None, 1.0, causal, mode, capacity, 2)
+            torch.testing.assert_close(
+                lse, torch.tensor([want_lse], dtype=torch.float64), equal_nan=True
+            )
+            if math.isnan(want_lse) or want_lse == math.inf:
+                assert y.isnan().all(), y
+            else:
+                assert (y == (-math.inf if mode == 1 else 0.0)).all(), y
+
+
+def test_twin_masked_dead_rows_from_the_causal_limit(twin):
+    # Offset -rows: no row keeps an element (L = 0 everywhere; nothing is read).
+    x = torch.randn(4, 9)
+    for mode in (0, 1):
+        y, lse = twin_masked(twin, x, None, None, 1.0, -4, mode)
+        assert (lse == -math.inf).all()
+        assert (y == (-math.inf if mode == 1 else 0.0)).all()

@@ -179,3 +179,33 @@ def test_opcheck_of_the_triton_ops():
     ]:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keys", [37, 2048, 20000])
+def test_masked_softmax_matches_the_cpu_reference(gpu_backend, dtype, keys):
+    """The attention softmax on the GPU (strided (B,1,1,S) bool mask, an additive (1,H,1,S)
+    bias, causal limits, a row with nothing kept) against the torch backend on the CPU in
+    float64, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, keys, generator=g, dtype=torch.float64) * 4
+    keep = torch.rand(2, 1, 1, keys, generator=g) > 0.3
+    keep[1] = False
+    bias = torch.randn(1, 3, 1, keys, generator=g, dtype=torch.float64)
+    for mask, offset in ((keep, keys - 5), (bias, 1), (None, -2)):
+        for name in ("softmax", "log_softmax", "logsumexp"):
+            kw = {"scale": 0.3, "mask": mask, "causal": True, "causal_offset": offset}
+            xg = x.to(dtype).cuda().requires_grad_()
+            mg = None if mask is None else mask.cuda()
+            ours = getattr(sk, name)(xg, -1, backend=gpu_backend, **{**kw, "mask": mg})
+            xr = x.to(dtype).double().requires_grad_()
+            ref = getattr(sk, name)(xr, -1, backend="torch", **kw)
+            finite = ref.isfinite()
+            assert torch.equal(ours.isfinite().cpu(), finite), name
+            torch.testing.assert_close(ours.double().cpu()[finite], ref[finite],
+                                       rtol=TOL[dtype], atol=TOL[dtype])  # fmt: skip
+            grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+            (dx,) = torch.autograd.grad(ours, xg, grad.to(dtype).cuda())
+            (dr,) = torch.autograd.grad(ref, xr, grad.to(dtype).double())
+            torch.testing.assert_close(dx.double().cpu(), dr, rtol=4 * TOL[dtype],
+                                       atol=4 * TOL[dtype])  # fmt: skip

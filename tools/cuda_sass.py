@@ -59,6 +59,8 @@ LOADS_FIRST = (
     "row_parts_kernel",
     "softmax_finish_kernel",
     "cross_entropy_forward_kernel",
+    "masked_softmax_rows_kernel",  # x and the mask
+    "masked_softmax_long_kernel",  # per tile, both walks
 )
 # Kernels that load vectors and compute at most one exp per element they load.
 ONE_EXP = (
@@ -66,6 +68,7 @@ ONE_EXP = (
     "softmax_finish_kernel",
     "row_parts_kernel",
     "logsumexp_rows_kernel",
+    "masked_softmax_rows_kernel",  # (the long kernel's second walk exps again, as the split path)
 )
 EX2 = "MUFU.EX2"
 GLOBAL_LOADS = ("LDG", "LDGSTS")  # base opcodes (LDGDEPBAR is no load)

@@ -20,9 +20,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from stablekernels._numerics import accumulation_dtype
-from stablekernels.backends.triton import cross_entropy, logsumexp, softmax
+from stablekernels.backends.triton import (
+    cross_entropy,
+    linear_cross_entropy,
+    logsumexp,
+    masked_softmax,
+    softmax,
+)
 
-LAUNCHING_MODULES = (softmax, logsumexp, cross_entropy)
+LAUNCHING_MODULES = (softmax, logsumexp, cross_entropy, linear_cross_entropy, masked_softmax)
 # Dtype pairs (input, output) of softmax: one dtype, and halves written as float32.
 SOFTMAX_PAIRS = (
     (torch.float32, torch.float32),
@@ -43,6 +49,24 @@ ROWS = 64
 STRIDED_ROW_LENGTH = 1024
 # Class counts of cross-entropy: within one tile (cross_entropy.TILE) and over several.
 CLASS_COUNTS = (1024, 32000)
+# Linear cross-entropy: (rows, hidden, vocab) of an output layer, every count divisible by
+# 16 (as are the plan's row blocks and split size here), and the (input, linear_weight)
+# dtypes: one dtype each, and bf16 activations with fp32 weights (converted to fp32).
+LINEAR_SHAPE = (4096, 1024, 32000)
+LINEAR_DTYPES = (
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+)
+# Masked softmax: (B, H, S_q) = 64 rows of each length (one of each block size class and the
+# split path), x dtypes (y in the same dtype), masks (none, a bool key-padding mask
+# expanded from (B, 1, 1, S), a full additive mask), causal or not; every mode at the widest
+# block and on the split path, softmax (mode 0) at the others.
+MASKED_ROW_LENGTHS = (128, 1024, 8192, 3 * 8192)
+MASKED_ALL_MODES_FROM = 8192
+MASKED_BHS = (2, 4, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +137,10 @@ def recorded_launches() -> Iterator[list[Launch]]:
 def launch_matrix(device: str = "cuda:0") -> list[Launch]:
     """The launches of every ``_triton_*`` op over ROW_LENGTHS (rows along the last dim and,
     for softmax at STRIDED_ROW_LENGTH, along dim 0), the dtypes the ops take, log and not,
-    and cross-entropy with and without class weights and label smoothing: fake tensors on
-    ``device``."""
+    cross-entropy with and without class weights and label smoothing, and the fused linear
+    cross-entropy over LINEAR_DTYPES with and without bias, smoothing (with and without
+    class weights) and softcap, and the masked softmax (MASKED_ROW_LENGTHS, masks, causal):
+    fake tensors on ``device``."""
     ops = torch.ops.stablekernels
     with FakeTensorMode(), recorded_launches() as launches:
         for n in ROW_LENGTHS:
@@ -141,4 +167,28 @@ def launch_matrix(device: str = "cuda:0") -> list[Launch]:
                         ops._triton_cross_entropy(logits, target, weight, smoothing)
                     terms = torch.empty(ROWS, 5, dtype=acc, device=device)
                     ops._triton_cross_entropy_backward(logits, target, weight, terms)
+        rows, hidden, vocab = LINEAR_SHAPE
+        target = torch.empty(rows, dtype=torch.int64, device=device)
+        for x_dtype, w_dtype in LINEAR_DTYPES:
+            acc = accumulation_dtype(x_dtype, w_dtype)
+            x = torch.empty(rows, hidden, dtype=x_dtype, device=device)
+            w = torch.empty(vocab, hidden, dtype=w_dtype, device=device)
+            class_weight = torch.empty(vocab, dtype=acc, device=device)
+            for bias in (None, torch.empty(vocab, dtype=w_dtype, device=device)):
+                for weight, smoothing in ((None, False), (None, True), (class_weight, True)):
+                    for softcap in (None, 30.0):
+                        ops._triton_linear_cross_entropy_parts(
+                            x, w, bias, target, weight, softcap, 1.0, smoothing, 0
+                        )
+        b, h, sq = MASKED_BHS
+        for n in MASKED_ROW_LENGTHS:
+            for dtype in DTYPES:
+                acc = accumulation_dtype(dtype)
+                x = torch.empty(b, h, sq, n, dtype=dtype, device=device)
+                key = torch.empty(b, 1, 1, n, dtype=torch.bool, device=device)
+                additive = torch.empty(b, h, sq, n, dtype=acc, device=device)
+                for mask in (None, key.expand(x.shape), additive):
+                    for causal_offset in (None, 0):
+                        for mode in (0, 1, 2) if n >= MASKED_ALL_MODES_FROM else (0,):
+                            ops._triton_masked_softmax(x, mask, 0.125, causal_offset, dtype, mode)
     return launches

@@ -3,6 +3,7 @@
 // machine's CPU capability.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../cpu/kernels.h"
@@ -80,6 +81,37 @@ at::Tensor fused_cross_entropy_backward_cpu(const at::Tensor& logits, const at::
   return dx;
 }
 
+std::tuple<at::Tensor, at::Tensor> fused_masked_softmax_cpu(const at::Tensor& x,
+                                                            const c10::optional<at::Tensor>& mask,
+                                                            double scale,
+                                                            c10::optional<int64_t> causal_offset,
+                                                            at::ScalarType dtype, int64_t mode) {
+  const MaskedRows in = masked_softmax_args(x, mask, dtype, mode);
+  at::Tensor y = mode == 2 ? at::empty({0}, x.options().dtype(dtype))
+                           : at::empty(x.sizes(), x.options().dtype(dtype));
+  at::Tensor lse = at::empty({in.rows}, x.options().dtype(at::kDouble));
+  cpu_kernels().masked_softmax_forward(
+      x.const_data_ptr(), x.scalar_type(), mode == 2 ? nullptr : y.mutable_data_ptr(), dtype,
+      in.rows, in.n, in.mask, scale, causal_offset.has_value(), in.query_len,
+      causal_offset.value_or(0), static_cast<int>(mode), lse.mutable_data_ptr<double>());
+  return {y, lse};
+}
+
+// dx written over the logits (contiguous rows), which the kernel allows: each element is
+// read just before it is written, the target's logit before the row.
+void fused_cross_entropy_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                              const c10::optional<at::Tensor>& weight,
+                                              const at::Tensor& terms) {
+  const ClassRows in = cross_entropy_backward_args(logits, target, weight, terms);
+  TORCH_CHECK(in.logits.data_ptr() == logits.data_ptr() && in.x_stride == in.classes,
+              "_fused_cross_entropy_backward_inplace: expects contiguous logits (the "
+              "stablekernels router guarantees it)");
+  cpu_kernels().cross_entropy_backward(in.logits.const_data_ptr(), in.logits.scalar_type(),
+                                       in.x_stride, in.target.const_data_ptr<int64_t>(),
+                                       in.weight_data(), terms.const_data_ptr(), in.rows,
+                                       in.classes, logits.mutable_data_ptr());
+}
+
 std::string cpu_capability() { return cpu_kernels().capability; }
 
 }  // namespace
@@ -91,6 +123,8 @@ TORCH_LIBRARY_IMPL(stablekernels, CPU, m) {
   m.impl("_fused_logsumexp_backward", &fused_logsumexp_backward_cpu);
   m.impl("_fused_cross_entropy", &fused_cross_entropy_cpu);
   m.impl("_fused_cross_entropy_backward", &fused_cross_entropy_backward_cpu);
+  m.impl("_fused_masked_softmax", &fused_masked_softmax_cpu);
+  m.impl("_fused_cross_entropy_backward_inplace", &fused_cross_entropy_backward_inplace_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(stablekernels, m) {

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../cuda/kernels.h"
 #include "row_view.h"
 
@@ -136,6 +138,33 @@ at::Tensor fused_cross_entropy_backward_cuda(const at::Tensor& logits, const at:
   return dx;
 }
 
+// The mask is read in place by its strides (masked_softmax_args coalesces its row dims); y is
+// written in `dtype` directly or, for the pairs the kernels do not write (fp32 -> fp16, say),
+// in the accumulation dtype and converted (one rounding, as _fused_softmax). Mode 2 computes
+// lse only: y is an empty (0,) tensor.
+std::tuple<at::Tensor, at::Tensor> fused_masked_softmax_cuda(const at::Tensor& x,
+                                                             const c10::optional<at::Tensor>& mask,
+                                                             double scale,
+                                                             c10::optional<int64_t> causal_offset,
+                                                             at::ScalarType dtype, int64_t mode) {
+  const MaskedRows in = masked_softmax_args(x, mask, dtype, mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The kernels' y dtype; its accumulation dtype is the mask's (fp64 if x or dtype is).
+  const at::ScalarType written = kernel_output_type(x.scalar_type(), dtype);
+  at::Tensor y = mode == 2 ? at::empty({0}, x.options().dtype(dtype))
+                           : at::empty(x.sizes(), x.options().dtype(written));
+  at::Tensor lse = at::empty({in.rows}, x.options().dtype(at::kDouble));
+  check_launch(cuda::masked_softmax_forward(
+                   in.x.const_data_ptr(), dtype_of(x.scalar_type()),
+                   mode == 2 ? nullptr : y.mutable_data_ptr(), dtype_of(written), in.rows, in.n,
+                   in.mask, scale, causal_offset.has_value(), in.query_len,
+                   causal_offset.value_or(0), static_cast<int>(mode),
+                   lse.mutable_data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
+               "_fused_masked_softmax");
+  if (mode != 2 && written != dtype) y = y.to(dtype);
+  return {y, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
@@ -145,6 +174,7 @@ TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
   m.impl("_fused_logsumexp_backward", &fused_logsumexp_backward_cuda);
   m.impl("_fused_cross_entropy", &fused_cross_entropy_cuda);
   m.impl("_fused_cross_entropy_backward", &fused_cross_entropy_backward_cuda);
+  m.impl("_fused_masked_softmax", &fused_masked_softmax_cuda);
 }
 
 }  // namespace stablekernels

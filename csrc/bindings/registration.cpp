@@ -31,4 +31,20 @@ TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
   m.def(
       "_fused_cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, "
       "Tensor terms) -> Tensor");
+  // Masked softmax along the last dim of x (contiguous, >= 1-D, non-empty), rows r:
+  //   t_j = scale * x_j (in the accumulation dtype) + mask_j (an additive mask), or -inf where
+  //   a bool mask is False or (causal_offset given) j > i + causal_offset, i = r % x.size(-2)
+  //   (0 for 1-D x). mask: None or x's shape (an expanded view: any strides), bool (True
+  //   keeps) or of the accumulation dtype. mode 0: softmax, 1: log_softmax (y in `dtype`,
+  //   x's shape; 0 / -inf where dropped; a row with every t_j = -inf gives 0 / -inf
+  //   throughout), 2: statistics only (y empty). lse: float64 per row, m + log1p(s') over
+  //   the row, -inf for such a row.
+  m.def(
+      "_fused_masked_softmax(Tensor x, Tensor? mask, float scale, int? causal_offset, "
+      "ScalarType dtype, int mode) -> (Tensor, Tensor)");
+  // The same dx written over the logits (contiguous), for a caller done with them: the
+  // linear cross-entropy turns a chunk of logits into its gradient without a second buffer.
+  m.def(
+      "_fused_cross_entropy_backward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
+      "Tensor terms) -> ()");
 }

@@ -2,6 +2,9 @@
 
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace stablekernels {
 
 namespace {
@@ -140,6 +143,54 @@ ClassRows cross_entropy_backward_args(const at::Tensor& logits, const at::Tensor
   expect_alongside(op, "terms", terms, {in.rows, 5}, at::toOpMathType(logits.scalar_type()),
                    logits);
   return in;
+}
+
+MaskedRows masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                               at::ScalarType dtype, int64_t mode) {
+  const char* op = "_fused_masked_softmax";
+  expect_rows(op, "x", x, x.dim() - 1);
+  expect_floating(op, "dtype", dtype);
+  TORCH_CHECK(x.is_contiguous(), op, ": expects a contiguous x", kGuaranteed);
+  TORCH_CHECK(mode >= 0 && mode <= 2, op, ": expects mode 0, 1 or 2, got ", mode, kGuaranteed);
+  MaskedRows out;
+  out.x = x;
+  out.n = x.size(-1);
+  out.rows = x.numel() / out.n;
+  out.query_len = x.dim() >= 2 ? x.size(-2) : 1;
+  if (!mask.has_value()) return out;
+  const at::Tensor& m = *mask;
+  // The accumulation dtype of reading x and writing dtype: float64 if either is.
+  const at::ScalarType acc =
+      x.scalar_type() == at::kDouble || dtype == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(m.sizes() == x.sizes() && m.device() == x.device() &&
+                  (m.scalar_type() == at::kBool || m.scalar_type() == acc),
+              op, ": expects a mask of x's shape ", x.sizes(), " on ", x.device(), ", bool or ",
+              acc, ", got ", m.scalar_type(), " of shape ", m.sizes(), " on ", m.device(),
+              kGuaranteed);
+  out.mask.data = m.const_data_ptr();
+  out.mask.additive = m.scalar_type() != at::kBool;
+  out.mask.col_stride = m.stride(-1);
+  // The leading dims, outermost first, dropping size-1 dims and merging a dim into the next
+  // when the mask steps through both as one (stride[d] == stride[d + 1] * size[d + 1]).
+  std::vector<int64_t> sizes, strides;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
+    if (x.size(d) == 1) continue;
+    if (!sizes.empty() && strides.back() == m.stride(d) * x.size(d)) {
+      sizes.back() *= x.size(d);
+      strides.back() = m.stride(d);
+    } else {
+      sizes.push_back(x.size(d));
+      strides.push_back(m.stride(d));
+    }
+  }
+  TORCH_CHECK(static_cast<int>(sizes.size()) <= RowMask::kMaxDims, op, ": a mask with more than ",
+              RowMask::kMaxDims,
+              " independent leading dims is not supported; make it "
+              "contiguous first");
+  out.mask.dims = static_cast<int>(sizes.size());
+  std::copy(sizes.begin(), sizes.end(), out.mask.sizes);
+  std::copy(strides.begin(), strides.end(), out.mask.strides);
+  return out;
 }
 
 }  // namespace stablekernels

@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <stablekernels/layout.h>
+#include <stablekernels/row_mask.h>
 
 namespace stablekernels {
 
@@ -63,5 +64,18 @@ ClassRows cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
 ClassRows cross_entropy_backward_args(const at::Tensor& logits, const at::Tensor& target,
                                       const c10::optional<at::Tensor>& weight,
                                       const at::Tensor& terms);
+
+// _fused_masked_softmax: x contiguous (rows along the last dim), the mask (if any) of x's
+// shape read by its strides, never copied (stablekernels/row_mask.h: its row dims coalesced
+// where the mask's strides allow, at most RowMask::kMaxDims of them).
+struct MaskedRows {
+  at::Tensor x;
+  int64_t rows = 0, n = 0;
+  int64_t query_len = 1;  // x.size(-2) (1 for 1-D x): row r is query r % query_len
+  RowMask mask;
+};
+
+MaskedRows masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                               at::ScalarType dtype, int64_t mode);
 
 }  // namespace stablekernels

@@ -7,10 +7,12 @@
 
 #include <c10/core/ScalarType.h>
 #include <stablekernels/layout.h>
+#include <stablekernels/row_mask.h>
 
 namespace stablekernels::cpu {
 
 using stablekernels::Layout;
+using stablekernels::RowMask;
 
 struct KernelTable {
   const char* capability;
@@ -58,6 +60,17 @@ struct KernelTable {
   void (*cross_entropy_backward)(const void* x, c10::ScalarType x_type, int64_t x_stride,
                                  const int64_t* target, const void* weight, const void* terms,
                                  int64_t rows, int64_t classes, void* dx);
+
+  // Masked softmax of `rows` contiguous rows of n elements of x: t_j = scale * x_j (in the
+  // accumulation dtype) + mask_j if the mask is additive; -inf where a bool mask is false or,
+  // if `causal`, where j > (r % query_len) + causal_offset (those past the limit are never
+  // computed). mode 0: y = softmax of t, 1: log_softmax (0 / -inf where dropped; a row with
+  // every t_j = -inf is 0 / -inf throughout; a NaN row NaN), 2: y untouched (may be null).
+  // lse[r] = logsumexp of t in fp64, -inf for such a row.
+  void (*masked_softmax_forward)(const void* x, c10::ScalarType x_type, void* y,
+                                 c10::ScalarType y_type, int64_t rows, int64_t n,
+                                 const RowMask& mask, double scale, bool causal, int64_t query_len,
+                                 int64_t causal_offset, int mode, double* lse);
 };
 
 namespace capability_default {

@@ -651,12 +651,13 @@ constexpr int64_t kKeepExpsMax = int64_t(1) << 20;
 // once. The exps go to y itself when y has the accumulation dtype and is cached, else to a
 // per-thread buffer (a streamed y is written once, by the scaling pass).
 template <typename T, typename U>
-void softmax_row(const T* x, U* y, int64_t n, bool log, Store mode) {
+State softmax_row(const T* x, U* y, int64_t n, bool log, Store mode) {
   using acc_t = acc_of<T, U>;
   constexpr bool kSameType = std::is_same_v<U, acc_t>;
   if (log || (!kSameType && n > kKeepExpsMax)) {
-    softmax_write(x, y, n, segment_stats<T, acc_t>(x, n), log, mode);
-    return;
+    const State st = segment_stats<T, acc_t>(x, n);
+    softmax_write(x, y, n, st, log, mode);
+    return st;
   }
   acc_t* e;
   if (kSameType && (mode == Store::cached || n > kKeepExpsMax)) {
@@ -670,7 +671,7 @@ void softmax_row(const T* x, U* y, int64_t n, bool log, Store mode) {
   if (n <= kChunk) {
     const State st = chunk_stats<T, acc_t>(x, n, e);
     write_scaled_chunk(e, y, n, st, static_cast<acc_t>(st.m), mode);
-    return;
+    return st;
   }
   thread_local std::vector<acc_t> maxima;
   maxima.resize(ceil_div(n, kChunk));
@@ -682,6 +683,7 @@ void softmax_row(const T* x, U* y, int64_t n, bool log, Store mode) {
   }
   for (int64_t c0 = 0, k = 0; c0 < n; c0 += kChunk, ++k)
     write_scaled_chunk(e + c0, y + c0, std::min(kChunk, n - c0), st, maxima[k], mode);
+  return st;
 }
 
 // Whether rows are split into segments on different threads: when there are fewer rows than
@@ -1189,6 +1191,11 @@ void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* t
       const acc_t* k = terms + r * 5;
       const acc_t hi = k[0], lo = k[1], coef = k[2], smooth = k[3], one_hot = k[4];
       const V vhi(hi), vlo(lo), vcoef(coef), vsmooth(smooth);
+      // The target's logit is read before the row is written: dx may be x itself (the
+      // in-place op), every other element being read just before it is written.
+      const int64_t t = target[r];
+      check_target(t, classes);
+      const acc_t x_t = static_cast<acc_t>(xr[t]);
       auto probability = [=](int64_t j, int64_t count) {
         return exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
       };
@@ -1208,11 +1215,87 @@ void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* t
             },
             mode);
       }
-      const int64_t t = target[r];
-      check_target(t, classes);
-      const acc_t p = std::exp((static_cast<acc_t>(xr[t]) - hi) - lo);
+      const acc_t p = std::exp((x_t - hi) - lo);
       const acc_t w_t = weight == nullptr ? acc_t(1) : weight[t];
       dr[t] = static_cast<T>(p * coef - smooth * w_t - one_hot);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Masked softmax (attention): each row's t = scale * x + mask is formed in a per-thread
+// buffer of the accumulation dtype (x and the mask read once, the mask by its strides), then
+// taken by the row kernels above as a row of acc_t: one read of x, one write of y. A causal
+// row forms and exponentiates only its first `limit` elements; the rest is written as 0
+// (-inf for log_softmax).
+
+// t[j] = scale * x[j] (+ mask[j * ms] if additive; -inf where a bool mask is false), j < len.
+template <typename T, typename M, typename acc_t>
+void masked_terms(const T* __restrict__ x, const M* __restrict__ mask, int64_t ms, acc_t scale,
+                  acc_t* __restrict__ t, int64_t len) {
+  constexpr acc_t kDropped = -std::numeric_limits<acc_t>::infinity();
+  if (mask == nullptr) {
+    for (int64_t j = 0; j < len; ++j) t[j] = scale * static_cast<acc_t>(x[j]);
+  } else if constexpr (std::is_same_v<M, bool>) {
+    if (ms == 1) {
+      for (int64_t j = 0; j < len; ++j)
+        t[j] = mask[j] ? scale * static_cast<acc_t>(x[j]) : kDropped;
+    } else {
+      for (int64_t j = 0; j < len; ++j)
+        t[j] = mask[j * ms] ? scale * static_cast<acc_t>(x[j]) : kDropped;
+    }
+  } else if (ms == 1) {
+    for (int64_t j = 0; j < len; ++j) t[j] = scale * static_cast<acc_t>(x[j]) + mask[j];
+  } else {
+    for (int64_t j = 0; j < len; ++j) t[j] = scale * static_cast<acc_t>(x[j]) + mask[j * ms];
+  }
+}
+
+template <typename acc_t, typename U>
+void fill_row(U* y, int64_t len, acc_t value, Store mode) {
+  const Vectorized<acc_t> v(value);
+  store_each<acc_t>(y, len, [v](int64_t, int64_t) { return v; }, mode);
+}
+
+template <typename T, typename U, typename M>
+void masked_softmax_typed(const T* x, U* y, int64_t rows, int64_t n, const RowMask& mask,
+                          double scale, bool causal, int64_t query_len, int64_t causal_offset,
+                          int mode, double* lse) {
+  using acc_t = acc_of<T, U>;
+  const acc_t s = static_cast<acc_t>(scale);
+  const M* mask_data = static_cast<const M*>(mask.data);
+  const bool log = mode == 1;
+  const Store store = store_for(mode == 2 ? 0 : rows * n * int64_t(sizeof(U)));
+  const acc_t dropped = log ? -infinity<acc_t>() : acc_t(0);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<acc_t> terms;
+    if (static_cast<int64_t>(terms.size()) < n) terms.resize(n);
+    acc_t* t = terms.data();
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t limit = n;
+      if (causal) limit = std::clamp<int64_t>(r % query_len + causal_offset + 1, 0, n);
+      const M* m = mask_data == nullptr ? nullptr : mask_data + mask.offset(r);
+      masked_terms<T, M, acc_t>(x + r * n, m, mask.col_stride, s, t, limit);
+      U* yr = mode == 2 ? nullptr : y + r * n;
+      State st = State::empty();
+      if (limit > 0) {
+        st = mode == 2 ? segment_stats<acc_t, acc_t>(t, limit)
+                       : softmax_row<acc_t, U>(t, yr, limit, log, store);
+      }
+      // Nothing kept (every t_j = -inf): 0 / -inf throughout, lse -inf (not torch's NaN).
+      const bool dead = st.m == -std::numeric_limits<double>::infinity() && !std::isnan(st.s);
+      lse[r] = dead ? st.m : finish_lse<double>(st);
+      if (mode == 2) continue;
+      if (dead) {
+        fill_row<acc_t>(yr, n, dropped, store);
+      } else if (limit < n) {
+        if (row_is_nan(st)) {
+          store_nan<acc_t>(yr + limit, n - limit, store);
+        } else {
+          fill_row<acc_t>(yr + limit, n - limit, dropped, store);
+        }
+      }
     }
   });
 }
@@ -1284,13 +1367,34 @@ void cross_entropy_backward(const void* x, c10::ScalarType x_type, int64_t x_str
   });
 }
 
+void masked_softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10::ScalarType y_type,
+                            int64_t rows, int64_t n, const RowMask& mask, double scale, bool causal,
+                            int64_t query_len, int64_t causal_offset, int mode, double* lse) {
+  SK_DISPATCH(x_type, "stablekernels masked_softmax", [&] {
+    using T = scalar_t;
+    SK_DISPATCH(y_type, "stablekernels masked_softmax", [&] {
+      using U = scalar_t;
+      using acc_t = acc_of<T, U>;
+      const auto* xt = static_cast<const T*>(x);
+      auto* yt = static_cast<U*>(y);
+      if (mask.data != nullptr && mask.additive) {
+        masked_softmax_typed<T, U, acc_t>(xt, yt, rows, n, mask, scale, causal, query_len,
+                                          causal_offset, mode, lse);
+      } else {
+        masked_softmax_typed<T, U, bool>(xt, yt, rows, n, mask, scale, causal, query_len,
+                                         causal_offset, mode, lse);
+      }
+    });
+  });
+}
+
 #undef SK_DISPATCH
 
 }  // namespace
 
 extern const KernelTable kTable;
-const KernelTable kTable = {SK_CAPABILITY_NAME,    softmax_forward,    logsumexp_forward,
-                            softmax_backward,      logsumexp_backward, cross_entropy_forward,
-                            cross_entropy_backward};
+const KernelTable kTable = {SK_CAPABILITY_NAME,     softmax_forward,       logsumexp_forward,
+                            softmax_backward,       logsumexp_backward,    cross_entropy_forward,
+                            cross_entropy_backward, masked_softmax_forward};
 
 }  // namespace stablekernels::cpu::SK_CAPABILITY_NAMESPACE

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 #include <stablekernels/layout.h>
+#include <stablekernels/row_mask.h>
 
 #include <cstddef>
 
@@ -67,5 +68,23 @@ cudaError_t cross_entropy_forward(const void* x, Dtype x_type, int64_t x_stride,
 cudaError_t cross_entropy_backward(const void* x, Dtype x_type, int64_t x_stride,
                                    const int64_t* target, const void* weight, const void* terms,
                                    int64_t rows, int64_t classes, void* dx, cudaStream_t stream);
+
+using stablekernels::RowMask;  // stablekernels/row_mask.h
+
+// Masked softmax of `rows` contiguous rows of n elements of x (row r at x + r * n), in the
+// accumulation dtype A of (x_type, y_type): t_j = scale * x_j (+ mask_j if additive); -inf
+// where a bool mask is false or, if `causal`, where j > (r % query_len) + causal_offset (the
+// elements past that limit are neither read nor exponentiated). mode 0: y = softmax of t,
+// 1: log_softmax; y contiguous, of y_type (writes_directly(x_type, y_type) must hold), 0 /
+// -inf where dropped; a row with every t_j = -inf ("dead") 0 / -inf throughout, a row with a
+// NaN or a +inf t NaN throughout. mode 2: y unused (may be null), lse only. lse[r] (fp64) =
+// m + log1p(s') of row r: -inf for a dead row, NaN for a NaN row, +inf for a row with +inf.
+// Rows of up to 8192 elements are held in registers (a group of 4 to 512 threads per row);
+// longer rows are walked by one block of 512 threads, which reads x (and the mask) twice.
+// No workspace.
+cudaError_t masked_softmax_forward(const void* x, Dtype x_type, void* y, Dtype y_type, int64_t rows,
+                                   int64_t n, const RowMask& mask, double scale, bool causal,
+                                   int64_t query_len, int64_t causal_offset, int mode, double* lse,
+                                   cudaStream_t stream);
 
 }  // namespace stablekernels::cuda

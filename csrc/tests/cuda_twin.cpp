@@ -6,10 +6,14 @@
 // path), and outputs exp(x - m) * softmax_scale or (x - m) - log_softmax_shift. What differs
 // on the GPU: the order of the sums (a tree over threads), exp (CUDA's expf, within 2 ulp),
 // and the float reciprocal (rcp.approx and a Newton step, within 1 ulp of the rounded one).
+// The masked kernels (csrc/cuda/masked_softmax.cu) are twinned below the plain ones: the
+// scores t, the causal limit, the long rows' walk with running maxima, and the dead rows.
 #include <stablekernels/online_softmax.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -70,9 +74,109 @@ void logsumexp_rows(const A* x, double* out, int64_t rows, int64_t n, int64_t pi
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// The masked kernels (csrc/cuda/masked_softmax.cu). t_j = scale * x_j (rounded on its own) +
+// add_j, or -inf where keep_j is 0 or past the causal limit L = clamp(r % query_len + offset
+// + 1, 0, n), which is never read. A row whose L fits `capacity` is held whole (the max first,
+// as the register kernel); a longer one is walked in tiles of `tile` elements, each split over
+// kWalkThreads threads that keep their sums against their running max (moved by one exp when a
+// tile raises it), the threads' states merged (the long kernel). Outputs from the state: a dead
+// row (m = -inf, s' not NaN) 0 / -inf throughout, [L, n) as t = -inf.
+
+constexpr int64_t kWalkThreads = 512;  // the long kernel's block
+
+// The states of threads [lo, hi) merged pairwise (the block's shuffle trees).
+template <typename A>
+RowState<A> merge_tree(const std::vector<RowState<A>>& states, size_t lo, size_t hi) {
+  if (hi - lo == 1) return states[lo];
+  const size_t mid = lo + (hi - lo) / 2;
+  return merge(merge_tree(states, lo, mid), merge_tree(states, mid, hi));
+}
+
+template <typename A>
+RowState<A> walked_state(const A* t, int64_t len, int64_t tile) {
+  const int64_t chunk = (tile + kWalkThreads - 1) / kWalkThreads;
+  std::vector<RowState<A>> states;
+  for (int64_t w = 0; w < kWalkThreads; ++w) {
+    A m = -static_cast<A>(INFINITY);
+    SumsAtMax<A> sums = SumsAtMax<A>::empty();
+    int64_t count = 0;
+    for (int64_t first = 0; first < len; first += tile) {
+      const int64_t tile_end = std::min(first + tile, len);
+      const int64_t begin = std::min(first + w * chunk, tile_end);
+      const int64_t end = std::min(begin + chunk, tile_end);
+      A tile_max = -static_cast<A>(INFINITY);
+      for (int64_t j = begin; j < end; ++j) tile_max = std::fmax(tile_max, t[j]);
+      if (tile_max > m) {
+        sums = {(sums.below + sums.at_max) * std::exp(m - tile_max), A(0)};
+        m = tile_max;
+      }
+      for (int64_t j = begin; j < end; ++j) sums.add(t[j], m);
+      count += end - begin;
+    }
+    states.push_back(state_at_max(m, sums, static_cast<A>(count)));
+  }
+  return merge_tree(states, 0, states.size());
+}
+
+template <typename A>
+void masked_rows(const A* x, const unsigned char* keep, const A* add, A scale, int64_t rows,
+                 int64_t n, bool causal, int64_t query_len, int64_t offset, int64_t capacity,
+                 int64_t tile, int mode, A* y, double* lse) {
+  const A inf = static_cast<A>(INFINITY);
+  std::vector<A> t(static_cast<size_t>(n));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t limit = causal ? std::clamp<int64_t>(r % query_len + offset + 1, 0, n) : n;
+    for (int64_t j = 0; j < limit; ++j) {
+      volatile A product = scale * x[r * n + j];  // no fma with the addition
+      A v = product;
+      if (keep != nullptr && keep[r * n + j] == 0) v = -inf;
+      if (add != nullptr) v += add[r * n + j];
+      t[j] = v;
+    }
+    RowState<A> st;
+    if (limit <= capacity) {
+      A m = -inf;
+      for (int64_t j = 0; j < limit; ++j) m = std::fmax(m, t[j]);
+      st = state_at_max(m, limit > 0 ? piece_sums(t.data(), 0, limit, m) : SumsAtMax<A>::empty(),
+                        static_cast<A>(limit));
+    } else {
+      st = walked_state(t.data(), limit, tile);
+    }
+    lse[r] = stablekernels::finish_lse<double>(st);
+    if (mode == 2) continue;
+    const bool log = mode == 1;
+    const bool dead = std::isinf(st.m) && st.m < 0 && !std::isnan(st.s);
+    const A factor = log ? log_softmax_shift(st) : softmax_scale(st);
+    const A dropped = dead ? (log ? -inf : A(0)) : (log ? -inf - factor : A(0) * factor);
+    for (int64_t j = 0; j < n; ++j) {
+      A out = dropped;
+      if (!dead && j < limit) out = log ? (t[j] - st.m) - factor : std::exp(t[j] - st.m) * factor;
+      y[r * n + j] = out;
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// keep (uint8) and add (the accumulation dtype) are per element of x, or null.
+void sk_twin_masked_softmax_f32(const float* x, const unsigned char* keep, const float* add,
+                                double scale, int64_t rows, int64_t n, int causal,
+                                int64_t query_len, int64_t offset, int64_t capacity, int64_t tile,
+                                int mode, float* y, double* lse) {
+  masked_rows(x, keep, add, static_cast<float>(scale), rows, n, causal != 0, query_len, offset,
+              capacity, tile, mode, y, lse);
+}
+
+void sk_twin_masked_softmax_f64(const double* x, const unsigned char* keep, const double* add,
+                                double scale, int64_t rows, int64_t n, int causal,
+                                int64_t query_len, int64_t offset, int64_t capacity, int64_t tile,
+                                int mode, double* y, double* lse) {
+  masked_rows(x, keep, add, scale, rows, n, causal != 0, query_len, offset, capacity, tile, mode, y,
+              lse);
+}
 
 void sk_twin_softmax_f32(const float* x, float* y, int64_t rows, int64_t n, int64_t piece,
                          int log) {

@@ -10,6 +10,9 @@ A backend is one :class:`Kernels` record, 1:1 with the compiled ops of the exten
     logsumexp_backward(grad, x, hi, lo, dim)        -> dx
     cross_entropy(logits, target, weight, smoothing) -> (nll, smooth, lse), float64 rows
     cross_entropy_backward(logits, target, weight, terms) -> dx
+    masked_softmax(x, mask, scale, causal_offset, dtype, mode) -> (y, lse)
+    linear_cross_entropy(input, linear_weight, linear_bias, target, weight, softcap,
+                         temperature, smoothing) -> (nll, smooth, lse), float64 rows
 
 Preconditions, which the routers of :mod:`stablekernels._ops` establish (the kernels only
 assert them): floating inputs with at least one dim and no zero-size dim, ``dim`` wrapped to
@@ -26,6 +29,7 @@ their modules imported) on first use, and checked against the contract then.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -51,6 +55,20 @@ class Kernels:
     logsumexp_backward: Callable
     cross_entropy: Callable
     cross_entropy_backward: Callable
+    cross_entropy_backward_inplace: Callable | None = None
+    """cross_entropy_backward's dx written over the (contiguous) logits, returning nothing:
+    the linear cross-entropy's chunk of logits becomes its gradient without a second buffer
+    (cpp); None elsewhere (then a tile at a time through cross_entropy_backward)."""
+    masked_softmax: Callable | None = None
+    """softmax (mode 0), log_softmax (1) or the row statistics only (2) of
+    ``scale * x + mask`` along the last dim, dropped elements -inf (docs/masked_softmax.md);
+    None where a backend has none (the router then says so)."""
+    linear_cross_entropy: Callable | None = None
+    """The linear cross-entropy's forward pieces of cross_entropy (nll, smooth, lse per row)
+    of the logits ``softcap * tanh((input W^T + b) / (temperature * softcap))`` made and
+    reduced in one kernel, without the logits in memory (triton: backends/triton/
+    linear_cross_entropy.py); None where a backend has none (``_linear_tiles.forward`` then
+    takes the logits a tile at a time through ``cross_entropy``)."""
 
 
 # The argument names of each kernel, in order: a record whose kernels take others is refused
@@ -62,6 +80,18 @@ KERNEL_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "logsumexp_backward": ("grad", "x", "hi", "lo", "dim"),
     "cross_entropy": ("logits", "target", "weight", "smoothing"),
     "cross_entropy_backward": ("logits", "target", "weight", "terms"),
+    "cross_entropy_backward_inplace": ("logits", "target", "weight", "terms"),
+    "masked_softmax": ("x", "mask", "scale", "causal_offset", "dtype", "mode"),
+    "linear_cross_entropy": (
+        "input",
+        "linear_weight",
+        "linear_bias",
+        "target",
+        "weight",
+        "softcap",
+        "temperature",
+        "smoothing",
+    ),
 }
 
 
@@ -79,7 +109,10 @@ def check_kernels(name: str, kernels: Kernels) -> Kernels:
     if not isinstance(kernels, Kernels):
         raise TypeError(f"backend {name!r} provides {type(kernels).__name__}, not Kernels")
     for field in fields(Kernels):
-        got = argument_names(getattr(kernels, field.name))
+        kernel = getattr(kernels, field.name)
+        if kernel is None and field.default is None:  # an optional kernel not provided
+            continue
+        got = argument_names(kernel)
         if got != KERNEL_ARGUMENTS[field.name]:
             raise TypeError(
                 f"backend {name!r}: kernel {field.name} takes {got}, the contract says "
@@ -195,6 +228,11 @@ def _load_torch() -> Kernels:
     return torch_ref.KERNELS
 
 
+def _load_cpp() -> Kernels:
+    in_place = torch.ops.stablekernels._fused_cross_entropy_backward_inplace.default
+    return dataclasses.replace(_load_extension(), cross_entropy_backward_inplace=in_place)
+
+
 def _load_extension() -> Kernels:
     # The CPU and CUDA kernels of stablekernels._C are the same ops, dispatched by device.
     ops = torch.ops.stablekernels
@@ -205,6 +243,7 @@ def _load_extension() -> Kernels:
         logsumexp_backward=ops._fused_logsumexp_backward.default,
         cross_entropy=ops._fused_cross_entropy.default,
         cross_entropy_backward=ops._fused_cross_entropy_backward.default,
+        masked_softmax=ops._fused_masked_softmax.default,
     )
 
 
@@ -256,7 +295,7 @@ BACKENDS: dict[str, Backend] = {
             "C++ kernels in stablekernels._C, CPU tensors",
             "cpu",
             _cpp_supports,
-            _load_extension,
+            _load_cpp,
         ),
         Backend(
             "cuda",

@@ -74,6 +74,40 @@ def logsumexp_backward(
     return torch.mul(g, torch.exp((x.to(acc) - hi) - lo), out=out)
 
 
+def masked_softmax(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal_offset: int | None,
+    dtype: torch.dtype,
+    mode: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax (mode 0), log_softmax (1) or nothing (2: y empty) of t = scale * x + mask along
+    the last dim, with -inf where a bool mask is False or, causally, where
+    j > (row's query index) + causal_offset; and the float64 lse of each row (-inf for a row
+    with nothing kept, which gives 0 / -inf throughout). docs/masked_softmax.md."""
+    acc = accumulation_dtype(x.dtype, dtype)
+    t = x.to(acc) * scale
+    if mask is not None:
+        t = t.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else t + mask
+    if causal_offset is not None:
+        n, queries = x.shape[-1], x.shape[-2] if x.dim() >= 2 else 1
+        j = torch.arange(n, device=x.device)
+        i = torch.arange(queries, device=x.device)[:, None]
+        t = t.masked_fill(j > i + causal_offset, float("-inf"))
+    m, shifted, e, s = row_stats(t, -1, keep_shifted=mode == 1)
+    lse = finish_lse(m, s)
+    dead = (m == float("-inf")) & ~s.isnan()
+    rows = lse.reshape(-1)
+    if mode == 2:
+        return torch.empty(0, dtype=dtype, device=x.device), rows
+    if mode == 1:
+        y = _nan_where_max_not_finite(shifted, m) - s.log1p()
+        return torch.where(dead, float("-inf"), y).to(dtype), rows
+    y = _nan_where_max_not_finite(e, m) / (s + 1)
+    return torch.where(dead, 0.0, y).to(dtype), rows
+
+
 KERNELS = Kernels(
     softmax=softmax,
     softmax_backward=softmax_backward,
@@ -81,4 +115,5 @@ KERNELS = Kernels(
     logsumexp_backward=logsumexp_backward,
     cross_entropy=cross_entropy,
     cross_entropy_backward=cross_entropy_backward,
+    masked_softmax=masked_softmax,
 )

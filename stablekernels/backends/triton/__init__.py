@@ -2,9 +2,11 @@
 Triton interpreter (TRITON_INTERPRET=1, set before triton is imported).
 
 softmax.py holds softmax and log_softmax, logsumexp.py logsumexp, cross_entropy.py the
-cross-entropy from logits, each forward and backward; common.py the row view, launch
-heuristics and the (m, s') math. Computation is in fp32 (fp64 for fp64 tensors); halves are
-read as fp32 and rounded once.
+cross-entropy from logits, each forward and backward; linear_cross_entropy.py the fused
+forward of the linear cross-entropy (``tl.dot`` with the online lse in its epilogue);
+masked_softmax.py the masked (attention-ready) softmax, its forward;
+common.py the row view, launch heuristics and the (m, s') math. Computation is in fp32
+(fp64 for fp64 tensors); halves are read as fp32 and rounded once.
 
 Each launcher is a ``torch.library.triton_op`` (``stablekernels::_triton_*``, its kernels
 launched through ``wrap_triton``), so it has a fake kernel and, called directly under
@@ -16,7 +18,13 @@ from __future__ import annotations
 import torch
 
 from .. import Kernels
-from . import cross_entropy, logsumexp, softmax  # noqa: F401  (register the triton_ops)
+from . import (  # noqa: F401  (register the triton_ops)
+    cross_entropy,
+    linear_cross_entropy,
+    logsumexp,
+    masked_softmax,
+    softmax,
+)
 
 _ops = torch.ops.stablekernels
 
@@ -27,4 +35,6 @@ KERNELS = Kernels(
     logsumexp_backward=_ops._triton_logsumexp_backward,
     cross_entropy=_ops._triton_cross_entropy,
     cross_entropy_backward=_ops._triton_cross_entropy_backward,
+    linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
+    masked_softmax=_ops._triton_masked_softmax,
 )
