@@ -7,11 +7,12 @@ backward, time and peak memory, per provider.
 Providers: the naive formula (``F.linear`` then ``F.cross_entropy``), torch's
 ``F.linear_cross_entropy`` (its reference path, and its chunked path with
 ``LinearCrossEntropyOptions()``), ``torch.compile`` of the naive formula, and
-``sk.linear_cross_entropy`` on each backend that serves the device. Each measurement runs
-in a fresh process (same environment, threads and allocator for all): inputs made, one
-untimed step (compiles, first-touch), then ``--repeats`` timed steps of forward + backward
-(gradients of input, weight and bias); the time is the median. Peak memory is the growth
-of the process's peak resident set over the first step (VmHWM, reset to the resident set
+``sk.linear_cross_entropy`` on each backend that serves the device. ``--rounds`` rounds
+each run every provider once, interleaved, each in a fresh process (same environment,
+threads and allocator for all): inputs made, one untimed step (compiles, first-touch), then
+``--repeats`` timed steps of forward + backward (gradients of input, weight and bias); the
+time is the median over the rounds. Peak memory is the growth of the process's peak
+resident set over the first step (VmHWM, reset to the resident set
 just before it), inputs excluded: what the step itself allocates, its gradients included;
 ``beyond_grad_mib`` subtracts the gradients' own size (the same for every provider: dx,
 dW, db in the inputs' dtypes), leaving what the loss itself holds. Every provider runs with
@@ -126,7 +127,7 @@ def worker(provider, tokens, hidden, vocab, dtype, repeats, device) -> dict:
         step()
         times.append(time.perf_counter() - start)
     return {
-        "time_s": statistics.median(times),
+        "times": times,
         "peak_mib": peak,
         "beyond_grad_mib": peak - grad_mib,
         "loss": float(loss),
@@ -155,6 +156,21 @@ def _measure(provider, shape, dtype, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _combine(results: list[dict]) -> dict:
+    """One provider's rounds as one row: the median time over its rounds' timed steps, the
+    largest peak (the first step of each round's process), or the first error."""
+    errors = [r for r in results if "error" in r]
+    if errors:
+        return errors[0]
+    combined = {
+        "time_s": statistics.median([t for r in results for t in r["times"]]),
+        "loss": results[0]["loss"],
+    }
+    for key in ("peak_mib", "beyond_grad_mib"):
+        combined[key] = max(r[key] for r in results)
+    return combined
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     tokens, hidden, vocab = (int(v) for v in text.split("x"))
     return tokens, hidden, vocab
@@ -176,7 +192,8 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--providers", nargs="+", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -193,10 +210,17 @@ def main(argv=None) -> None:
     providers = args.providers or _providers(args.device)
     rows = []
     for (tokens, hidden, vocab), dtype in cases:
+        # Rounds: each times every provider once (a fresh process each), so that a slow
+        # spell of a shared machine falls on all providers alike.
+        runs = {p: [] for p in providers}
+        for _ in range(args.rounds):
+            for provider in providers:
+                result = _measure(provider, (tokens, hidden, vocab), dtype, args)
+                runs[provider].append(result)
+                print(json.dumps({"provider": provider, **result}), flush=True)
         for provider in providers:
-            result = _measure(provider, (tokens, hidden, vocab), dtype, args)
             row = {"tokens": tokens, "H": hidden, "V": vocab, "dtype": dtype,
-                   "provider": provider, **result}  # fmt: skip
+                   "provider": provider, **_combine(runs[provider])}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     table = _table(rows)
@@ -218,10 +242,12 @@ def main(argv=None) -> None:
             f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n"
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
-            f"method: each provider and shape in a fresh process; one untimed step, then "
-            f"the median of {args.repeats} steps (forward + backward, gradients of x, W, b); "
-            f"peak: growth of the peak resident set (VmHWM, reset before) over the first "
-            f"step (CPU), "
+            f"method: {args.rounds} rounds, each running every provider once in a fresh "
+            f"process (providers interleaved); a process makes one untimed step, then "
+            f"{args.repeats} timed step(s) (forward + backward, gradients of x, W, b); the "
+            f"time is the median over all rounds' timed steps; "
+            f"peak: the largest over rounds of the growth of the peak resident set (VmHWM, "
+            f"reset before) over a process's first step (CPU), "
             f"torch.cuda.max_memory_allocated (GPU); beyond_grad: that minus the size of "
             f"the gradients returned (dx, dW, db)\n"
             f"allocator: torch's default CPU allocator (glibc malloc, no THP_MEM_ALLOC_ENABLE), "

@@ -92,9 +92,10 @@ def _rows(op, input, linear_weight, target, probabilities_ok=False):
 def probability_chunk_rows(rows: int, vocab: int) -> int:
     """The rows of one chunk of the class-probability path: as many as keep the chunk's
     logits within the largest of ``TILE_ELEMENTS`` and ``MIN_CHUNK_ROWS`` rows of logits
-    (:mod:`stablekernels._linear_tiles`; 4M elements or 512 rows), all of them if fewer,
-    at least 1."""
-    budget = max(_linear_tiles.TILE_ELEMENTS, _linear_tiles.MIN_CHUNK_ROWS * vocab)
+    capped at ``MAX_CHUNK_ELEMENTS`` (:mod:`stablekernels._linear_tiles`; 4M elements,
+    1024 rows, 64M elements), all of them if fewer, at least 1."""
+    tiles = _linear_tiles
+    budget = max(tiles.TILE_ELEMENTS, min(tiles.MIN_CHUNK_ROWS * vocab, tiles.MAX_CHUNK_ELEMENTS))
     return max(1, min(rows, budget // max(vocab, 1)))
 
 
@@ -271,15 +272,15 @@ def linear_cross_entropy(
     torch's: class indices of the input's batch shape (*) (int64 or uint8), or class
     probabilities of shape (*, V) (floating; ``ignore_index`` must stay negative, as torch).
 
-    Class probabilities take a slower path: the rows in chunks of at most
-    max(4M / V, 512) rows (:func:`probability_chunk_rows`), each chunk's logits (chunk, V)
-    made in the accumulation dtype and passed to :func:`stablekernels.cross_entropy`
-    (``loss = -sum_c w_c p_c log_softmax(z)_c`` with p smoothed, plus ``z_loss * lse**2``
-    per row; "mean" divides by the number of rows, as torch), under activation
-    checkpointing: the backward recomputes each chunk's logits, about one extra forward
-    matmul, and memory beyond the inputs and gradients is a few (chunk, V) tensors (never
-    (rows, V)) plus, for half weights, the weight in the accumulation dtype. The loss
-    there has the dtype of the input's (as below) promoted with the target's, as torch.
+    Class probabilities take a slower path: the rows in chunks of at most max(4M / V, 1024
+    capped at 64M / V) rows (:func:`probability_chunk_rows`), each chunk's logits (chunk, V)
+    made in the accumulation dtype and passed to :func:`stablekernels.cross_entropy` (``loss =
+    -sum_c w_c p_c log_softmax(z)_c`` with p smoothed, plus ``z_loss * lse**2`` per row; "mean"
+    divides by the number of rows, as torch), under activation checkpointing: the backward
+    recomputes each chunk's logits, about one extra forward matmul, and memory beyond the inputs
+    and gradients is a few (chunk, V) tensors (never (rows, V)) plus, for half weights, the
+    weight in the accumulation dtype. The loss there has the dtype of the input's (as below)
+    promoted with the target's, as torch.
 
     Returns the loss (the input's dtype; float32 under autocast, as torch), then, if asked,
     the per-row ``lse`` and the per-row ``entropy`` of the softmax of z (both of the batch

@@ -3,9 +3,9 @@
 Two ways through the problem: :func:`forward` and :func:`backward` take vocabulary tiles
 (memory: one tile), the backward recomputing the logits; :func:`forward_with_gradient`
 takes row chunks over the whole vocabulary (memory: the largest of the budget, the
-input's size and 512 rows of logits) and computes the gradient of the summed
-losses as it goes, one matmul fewer in all, for the usual case of a mean or sum loss
-differentiated alone.
+input's size and MIN_CHUNK_ROWS = 1024 rows of logits, capped at MAX_CHUNK_ELEMENTS) and
+computes the gradient of the summed losses as it goes, one matmul fewer in all, for the
+usual case of a mean or sum loss differentiated alone.
 
 The logits z = softcap * tanh((x W^T + b) / (temperature * softcap)) (without softcap:
 (x W^T + b) / temperature) are never held for all rows and classes: the rows are taken in
@@ -53,8 +53,13 @@ TILE_ELEMENTS = 1 << 22
 accumulation dtype (16 MiB each in fp32). Tests lower it to cross many tiles."""
 
 
-MIN_CHUNK_ROWS = 512
-"""The fewest rows of a chunk of :func:`forward_with_gradient` (all of them if fewer)."""
+MIN_CHUNK_ROWS = 1024
+"""The fewest rows of a chunk of :func:`forward_with_gradient` (all of them if fewer), unless
+they would hold more than MAX_CHUNK_ELEMENTS logits."""
+
+MAX_CHUNK_ELEMENTS = 1 << 26
+"""The most logits of a chunk of :func:`forward_with_gradient` that MIN_CHUNK_ROWS asks for
+(256 MiB of fp32)."""
 
 
 USE_FUSED_FORWARD = True
@@ -274,8 +279,11 @@ def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_wei
     vocab = logits.weight.shape[0]
     # Chunks of at least MIN_CHUNK_ROWS rows: each chunk re-reads W twice and re-writes dW,
     # which on a CPU costs as much as the matmuls of thin chunks (1024 x 1024 x 32000: chunks
-    # of 131 rows 35% slower than of 256; 1024 x 2048 x 128256: 4 chunks 10% slower than 1).
-    budget = max(TILE_ELEMENTS, rows * hidden, MIN_CHUNK_ROWS * vocab)
+    # of 131 rows 35% slower than of 256; 4096 x 1024 x 32000, timed interleaved in one
+    # process: chunks of 512 rows 5.23 s, of 1024 5.01 s, of 4096 4.88 s).
+    # At most MAX_CHUNK_ELEMENTS of them (a 128256-word vocabulary: 512 rows, 256 MiB of fp32
+    # logits, as fast as 1024 rows there and half the memory beside the weight's gradient).
+    budget = max(TILE_ELEMENTS, rows * hidden, min(MIN_CHUNK_ROWS * vocab, MAX_CHUNK_ELEMENTS))
     row_step = max(1, min(rows, budget // vocab))
     _, vocab_step = _steps(rows, hidden, vocab)
     in_place = getattr(kernels, "cross_entropy_backward_inplace", None)
