@@ -33,7 +33,12 @@ from ._cross_entropy import (
     reduce_class_rows,
     split_z_loss,
 )
-from ._ops import check_floating, check_same_device, linear_accumulation_dtype, ops
+from ._ops import (
+    check_linear_problem,
+    check_same_device,
+    linear_accumulation_dtype,
+    ops,
+)
 
 
 def _is_probabilities(input, linear_weight, target) -> bool:
@@ -101,24 +106,7 @@ def probability_chunk_rows(rows: int, vocab: int) -> int:
 
 def _check_probability_problem(op, x, linear_weight, linear_bias, weight, softcap, temperature):
     """The op's checks of the class-index path (stablekernels._ops), in its words."""
-    check_floating(op, "the input", x.dtype)
-    check_floating(op, "linear_weight", linear_weight.dtype)
-    tensors = [x, linear_weight]
-    if linear_bias is not None:
-        if linear_bias.shape != linear_weight.shape[:1]:
-            raise RuntimeError(
-                f"{op}(): linear_bias must have shape ({linear_weight.shape[0]},), got "
-                f"{tuple(linear_bias.shape)}"
-            )
-        check_floating(op, "linear_bias", linear_bias.dtype)
-        tensors.append(linear_bias)
-    if weight is not None:
-        check_floating(op, "the weight", weight.dtype)
-        tensors.append(weight)
-    if softcap is not None and not (softcap > 0 and softcap < float("inf")):
-        raise ValueError(f"{op}(): softcap must be a positive finite number or None, got {softcap}")
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"{op}(): temperature must be a positive finite number, got {temperature}")
+    tensors = check_linear_problem(op, x, linear_weight, linear_bias, weight, softcap, temperature)
     check_same_device(op, *tensors)
 
 

@@ -477,10 +477,10 @@ def _cross_entropy_backward_fake(
 # reduces the loss by a sum or a mean and differentiates nothing else: one matmul less.
 
 
-def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, weight, options):
-    softcap, temperature, *flags = options
-    if flags == [True, True]:
-        raise ValueError(f"{op}(): with_entropy and with_gradient exclude each other")
+def check_linear_problem(op, input, linear_weight, linear_bias, weight, softcap, temperature):
+    """The checks every linear cross-entropy path shares (input (rows, H), linear_weight
+    (V, H), linear_bias (V,), class weights (V,), the logit transform), in torch's words
+    where torch has them; returns the tensors, for the one-device check."""
     if input.dim() != 2 or linear_weight.dim() != 2 or input.shape[1] != linear_weight.shape[1]:
         raise RuntimeError(
             f"{op}(): input must be (rows, H) and linear_weight (V, H), got "
@@ -488,7 +488,7 @@ def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, w
         )
     check_floating(op, "the input", input.dtype)
     check_floating(op, "linear_weight", linear_weight.dtype)
-    tensors = [input, linear_weight, target]
+    tensors = [input, linear_weight]
     if linear_bias is not None:
         if linear_bias.shape != linear_weight.shape[:1]:
             raise RuntimeError(
@@ -497,7 +497,6 @@ def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, w
             )
         check_floating(op, "linear_bias", linear_bias.dtype)
         tensors.append(linear_bias)
-    _check_row_targets(op, target, input.shape[0])
     if weight is not None:
         check_floating(op, "the weight", weight.dtype)
         if weight.shape != linear_weight.shape[:1]:
@@ -510,7 +509,18 @@ def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, w
         raise ValueError(f"{op}(): softcap must be a positive finite number or None, got {softcap}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"{op}(): temperature must be a positive finite number, got {temperature}")
-    check_same_device(op, *tensors)
+    return tensors
+
+
+def _check_linear_cross_entropy(op, input, linear_weight, linear_bias, target, weight, options):
+    softcap, temperature, *flags = options
+    if flags == [True, True]:
+        raise ValueError(f"{op}(): with_entropy and with_gradient exclude each other")
+    tensors = check_linear_problem(
+        op, input, linear_weight, linear_bias, weight, softcap, temperature
+    )
+    _check_row_targets(op, target, input.shape[0])
+    check_same_device(op, *tensors, target)
 
 
 def linear_accumulation_dtype(input, linear_weight, linear_bias) -> torch.dtype:
