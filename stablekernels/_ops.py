@@ -788,25 +788,22 @@ def _masked_softmax_backward_check(grad, output, lse, input_dtype):
 
 def _masked_softmax_backward_route(grad, output, lse, scale, log, input_dtype, backend):
     """scale * (softmax or log_softmax backward of y), 0 on dropped elements (log_softmax:
-    where y is -inf) and on rows with nothing kept (lse -inf): the backend's fused backward
-    kernel, no mask read."""
+    where y is -inf) and on rows with nothing kept (lse -inf): the plain backward op's router
+    (the backend's fused kernel; no mask read), then those fixes in place on its new
+    output."""
     _masked_softmax_backward_check(grad, output, lse, input_dtype)
-    kernels = _kernels("masked_softmax_backward", backend, output, grad, lse)
+    plain = ROUTERS["log_softmax_backward" if log else "softmax_backward"]
+    dx = plain(grad, output, -1, input_dtype, backend)
     if output.numel() == 0:
-        return output.new_empty(output.shape, dtype=input_dtype)
-    g = grad.to(output.dtype).contiguous()
-    y = output.contiguous()
-    if y.dim() == 0:
-        g, y = g.reshape(1), y.reshape(1)
-    dx = kernels.softmax_backward(g, y, y.dim() - 1, input_dtype, log)
+        return dx
     if scale != 1.0:
-        dx.mul_(scale)  # the kernel's own output: scaled in place, one pass
+        dx.mul_(scale)  # one pass over the kernel's own output
     if log:  # log_softmax's backward gives dx = g where y = -inf (exp(y) = 0): dropped
-        dx.masked_fill_(y == float("-inf"), 0.0)
+        dx.masked_fill_(output == float("-inf"), 0.0)
     dead = lse == float("-inf")
     if dead.any():  # rows with nothing kept: NaN under masked_rows="nan"
-        dx.masked_fill_(dead.reshape(*y.shape[:-1], 1), 0.0)
-    return dx.view(output.shape)
+        dx.masked_fill_(dead.unsqueeze(-1) if output.dim() else dead, 0.0)
+    return dx
 
 
 def _masked_softmax_backward_fake(grad, output, lse, scale, log, input_dtype, backend):
