@@ -581,10 +581,16 @@ inline void store_each(U* out, int64_t len, F value, Store mode = Store::cached)
   }
 }
 
+// Stores `value` over out[0, len).
+template <typename acc_t, typename U>
+void fill_row(U* out, int64_t len, acc_t value, Store mode = Store::cached) {
+  const Vectorized<acc_t> v(value);
+  store_each<acc_t>(out, len, [v](int64_t, int64_t) { return v; }, mode);
+}
+
 template <typename acc_t, typename U>
 void store_nan(U* out, int64_t len, Store mode = Store::cached) {
-  const Vectorized<acc_t> nan(std::numeric_limits<acc_t>::quiet_NaN());
-  store_each<acc_t>(out, len, [nan](int64_t, int64_t) { return nan; }, mode);
+  fill_row<acc_t>(out, len, std::numeric_limits<acc_t>::quiet_NaN(), mode);
 }
 
 // softmax or log_softmax of a segment of a row from the row's state, exp computed here.
@@ -629,8 +635,7 @@ void write_scaled_chunk(const acc_t* e, U* y, int64_t len, State st, acc_t m_c,
     return;
   }
   if (m_c == -infinity<acc_t>()) {
-    const V zero(acc_t(0));
-    store_each<acc_t>(y, len, [zero](int64_t, int64_t) { return zero; }, mode);
+    fill_row<acc_t>(y, len, acc_t(0), mode);
     return;
   }
   const double gap = st.m - static_cast<double>(m_c);
@@ -1249,12 +1254,6 @@ void masked_terms(const T* __restrict__ x, const M* __restrict__ mask, int64_t m
   } else {
     for (int64_t j = 0; j < len; ++j) t[j] = scale * static_cast<acc_t>(x[j]) + mask[j * ms];
   }
-}
-
-template <typename acc_t, typename U>
-void fill_row(U* y, int64_t len, acc_t value, Store mode) {
-  const Vectorized<acc_t> v(value);
-  store_each<acc_t>(y, len, [v](int64_t, int64_t) { return v; }, mode);
 }
 
 template <typename T, typename U, typename M>
