@@ -1,12 +1,12 @@
 """``python -m benchmarks``: every implementation against torch eager, torch.compile and the
 naive formula, against the memory roof measured in the same run.
 
-    python -m benchmarks --quick                  # CPU, under 3 minutes on 2 cores (no compile)
+    python -m benchmarks --quick                  # CPU: 2 shapes, 112 rows, no compile
     python -m benchmarks --device cuda            # the GPU set (fp32, bf16, fp16)
     python -m benchmarks --shapes cpu --out DIR   # the CPU default set
 
-Writes results.csv, results.json, table.txt, command.txt and plots/*.png to the output
-folder, and prints the table at the end.
+Writes results.csv (row by row as the run goes), then results.json, table.txt, command.txt
+and plots/*.png to the output folder, and prints the table at the end.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_const",
         const="quick",
         dest="shapes",
-        help="the quick CPU set: two shapes, 7 rounds, no torch.compile unless named in "
-        "--providers (its compiles alone take minutes); under 3 minutes on 2 cores",
+        help="the quick CPU set: two shapes (cross-entropy: one), fp32 and bf16, 7 rounds, no "
+        "torch.compile unless named in --providers (its compiles alone take minutes)",
     )
     sets.add_argument(
         "--smoke",
@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU: torch's huge-page allocator (THP_MEM_ALLOC_ENABLE=1) for every provider, or "
         "plain 4 KiB pages for every provider (default: on)",
     )
+    parser.add_argument(
+        "--rotation-mib",
+        type=float,
+        default=runner.ROTATION_BUDGET_BYTES / 2**20,
+        help="CPU: memory budget of one case's rotation of input copies (default: %(default)g); "
+        "rows whose rotation is cut short of 4x the last-level cache say cold_cache=False",
+    )
     parser.add_argument("--out", help="output folder (default: benchmarks/out/<date>-<device>)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         runner.use_huge_pages(args.huge_pages == "on", argv)  # may re-execute this process
+    print("python -m benchmarks: finding the providers ...", file=sys.stderr, flush=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     out_dir = args.out or f"benchmarks/out/{started:%Y%m%d-%H%M%S}-{args.device}"
 
@@ -120,21 +128,35 @@ def main(argv: list[str] | None = None) -> int:
     todo = cases.build_cases(args.shapes, args.ops, args.directions, args.dtypes)
 
     allocator = (
-        runner.steady_cpu_allocator() + "; " + runner.huge_pages_policy()
+        _timing.steady_cpu_allocator() + "; " + runner.huge_pages_policy()
         if device.type == "cpu"
         else "the CUDA caching allocator"
     )
-    progress = _timing.Progress(runner.count_steps(todo, chosen, device))
-    rows, roofs = runner.run(
-        todo,
-        chosen,
-        device,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        max_seconds=args.max_seconds,
-        progress=progress,
+    steps = runner.count_steps(todo, chosen, device)
+    print(
+        f"python -m benchmarks: {steps} rows ({len(todo)} cases x "
+        f"{', '.join(p.name for p in chosen)}) on {args.device}; results.csv in {out_dir} "
+        "grows as they finish",
+        file=sys.stderr,
+        flush=True,
     )
-    progress.close()
+    progress = _timing.Progress(steps, status=_resident_status)
+    csv_log = report.ResultsCsv(out_dir)
+    try:
+        rows, roofs = runner.run(
+            todo,
+            chosen,
+            device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            max_seconds=args.max_seconds,
+            rotation_budget=int(args.rotation_mib * 2**20),
+            progress=progress,
+            on_case_done=csv_log.append,
+        )
+    finally:
+        csv_log.close()
+        progress.close()
 
     meta = report.machine_description(args.device)
     meta["command"] = "python -m benchmarks " + " ".join(
@@ -142,10 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     meta["date"] = started.strftime("%Y-%m-%d %H:%M UTC")
     meta["allocator"] = allocator
+    meta["input rotation"] = (
+        f"CPU: the providers of a case share one rotation of input copies, up to 4x the "
+        f"last-level cache ({4 * runner.last_level_cache_bytes() / 2**20:,.0f} MiB) within "
+        f"{args.rotation_mib:g} MiB; {sum(r.cold_cache is False for r in rows)} of "
+        f"{len(rows)} rows had a shorter rotation (cold_cache=False)"
+        if device.type == "cpu"
+        else "GPU: the L2 cache flushed before every call"
+    )
+    meta["peak resident memory"] = f"{_peak_resident_bytes() / 2**30:.2f} GiB"
     meta["seconds"] = round(
         (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1
     )
-    written = report.write_files(out_dir, rows, roofs, meta)
+    written = [csv_log.path, *report.write_files(out_dir, rows, roofs, meta)]
     if not args.no_plots:
         where = meta.get("gpu", meta["cpu"])
         written += report.plot(out_dir, rows, roofs, f" - {where}")
@@ -155,8 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         f"\nroofs timed beside each case: {roofs.span()}. 'of roof' = GB/s over the copy "
         "roof (read + write) timed in the same rounds; the read roof for logsumexp forward"
     )
-    print(f"{len(rows)} rows in {meta['seconds']} s; wrote {len(written)} files to {out_dir}")
+    print(f"input rotation: {meta['input rotation']}")
+    print(
+        f"{len(rows)} rows in {meta['seconds']} s, peak resident memory "
+        f"{meta['peak resident memory']}; wrote {len(written)} files to {out_dir}"
+    )
     return 0
+
+
+def _resident_status() -> str:
+    """The progress line's memory column."""
+    return f"resident {runner.resident_bytes() / 2**30:.2f} GiB"
+
+
+def _peak_resident_bytes() -> float:
+    """The peak resident memory of this process so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 if __name__ == "__main__":

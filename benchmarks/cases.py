@@ -110,7 +110,7 @@ SHAPE_SETS: dict[str, list[tuple[tuple[int, ...], int]]] = {
         ((64, 262144), -1),
         ((1024, 4096), 0),
     ],
-    # --quick: a CPU run in under 3 minutes on 2 cores, also with another job beside it:
+    # --quick: a CPU run of about a minute on 2 cores (docs/benchmarks.md):
     # one short-row and one long-row shape (the full set has the others).
     "quick": [((4096, 1024), -1), ((256, 32768), -1)],
     # --smoke: the plumbing only (CI).

@@ -29,7 +29,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     if bench_device(config) == "cpu":
-        from .runner import steady_cpu_allocator
+        from stablekernels._timing import steady_cpu_allocator
 
         steady_cpu_allocator()  # as the runner does: large blocks warm or cold, never by luck
 

@@ -102,16 +102,33 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+class ResultsCsv:
+    """results.csv, written as the run goes: the header when opened, each case's rows as soon
+    as they are measured, flushed, so a run that crashes or is killed keeps every finished
+    row."""
+
+    def __init__(self, out_dir: str) -> None:
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "results.csv")
+        self._file = open(self.path, "w", newline="")  # noqa: SIM115 - closed by close()
+        self._writer = csv.DictWriter(self._file, fieldnames=list(Row.__dataclass_fields__))
+        self._writer.writeheader()
+        self._file.flush()
+
+    def append(self, rows: list[Row]) -> None:
+        for r in rows:
+            self._writer.writerow(r.as_dict())
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def write_files(out_dir: str, rows: list[Row], roofs: RoofLog, meta: dict) -> list[str]:
+    """results.json, table.txt and command.txt (results.csv is written as the run goes:
+    :class:`ResultsCsv`)."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    path = os.path.join(out_dir, "results.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].as_dict()) if rows else ["op"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r.as_dict())
-    written.append(path)
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as f:
         json.dump(
@@ -152,7 +169,7 @@ def plot(out_dir: str, rows: list[Row], roofs: RoofLog, title_suffix: str) -> li
 
     groups: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
     for r in rows:
-        if "dim=" not in r.shape and not math.isnan(r.gbs):
+        if "dim=" not in r.shape:
             groups[(r.op, r.direction, r.dtype)].append(r)
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     written = []
@@ -161,11 +178,22 @@ def plot(out_dir: str, rows: list[Row], roofs: RoofLog, title_suffix: str) -> li
         by_provider: dict[str, list[Row]] = defaultdict(list)
         for r in group:
             by_provider[r.provider].append(r)
-        for provider, points in by_provider.items():
-            points.sort(key=lambda r: r.n)
-            (line,) = ax.plot(
-                [p.n for p in points], [p.gbs for p in points], marker="o", label=provider
-            )
+        for provider, all_points in by_provider.items():
+            all_points.sort(key=lambda r: r.n)
+            points = [p for p in all_points if not math.isnan(p.gbs)]
+            failed = [p for p in all_points if math.isnan(p.gbs)]
+            if failed:  # an error is a result: drawn at 0 GB/s, named in the legend
+                ax.plot(
+                    [p.n for p in failed],
+                    [0.0] * len(failed),
+                    "s",
+                    color="black",
+                    markersize=8,
+                    label=f"{provider}: error at N = {', '.join(str(p.n) for p in failed)}",
+                )
+            if not points:
+                continue
+            ax.plot([p.n for p in points], [p.gbs for p in points], marker="o", label=provider)
             bad = [p for p in points if not p.correct]
             if bad:
                 ax.plot(
@@ -184,7 +212,10 @@ def plot(out_dir: str, rows: list[Row], roofs: RoofLog, title_suffix: str) -> li
         ax.set_xlabel("row length N")
         ax.set_ylabel("GB/s (bytes the op must move)")
         ax.set_ylim(bottom=0)
-        ax.set_title(f"{op} {direction}, {dtype}{title_suffix}\n(red x: output incorrect)")
+        ax.set_title(
+            f"{op} {direction}, {dtype}{title_suffix}\n(red x: output incorrect; "
+            "black square at 0: the provider raised)"
+        )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

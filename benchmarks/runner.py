@@ -5,9 +5,14 @@ Timing: the first call of each provider and case is timed on its own and reporte
 ``first_call_s`` (torch.compile and Triton compile there); more warm-up calls follow; then
 the median with p20/p80 of the timed calls, the providers of a case and the two roofs
 timed in interleaved rounds (one call of each in turn), so a drift of the machine's speed
-touches them alike. CPU: inputs smaller than four times the last-level
-cache are rotated among copies, so every call reads from memory. GPU: CUDA events, with the
-L2 cache flushed before every call (stablekernels._timing).
+touches them alike. CPU: the timed calls of all providers of a case take their inputs in turn
+from one rotation of copies spanning four times the last-level cache, within a memory budget
+(so every call reads from memory where the budget allows; rows say when it did not). GPU:
+CUDA events, with the L2 cache flushed before every call (stablekernels._timing).
+
+Memory: everything a case allocates (inputs, rotation, graphs, outputs) is dropped before
+the next case, so the process's resident memory stays within the rotation budget plus one
+case's working set, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,6 +56,7 @@ class Row:
     speedup_vs_compile: float = math.nan
     first_call_s: float = math.nan
     peak_mem_mib: float = math.nan
+    cold_cache: bool | None = None  # CPU: the input rotation spanned 4x the last-level cache
     correct: bool | None = None
     note: str = ""
 
@@ -103,33 +110,6 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
-def steady_cpu_allocator() -> str:
-    """Fix glibc malloc's policy for large blocks for the rest of the process, and say what
-    was done (recorded with the results).
-
-    glibc serves a block above its mmap threshold with fresh pages from the kernel, and
-    every first touch of those pages is a page fault that costs more than the copy itself
-    (here: 5 GB/s into fresh pages against 30 GB/s into warm ones). The threshold moves on
-    its own, from 128 KiB up to 32 MiB, with the sizes freed before, so whether a 16 MiB
-    output comes warm from the heap or cold from the kernel depended on what ran earlier,
-    and a provider's speed on the luck of its turn. Pinned at 32 MiB, with the heap never
-    trimmed, blocks up to 32 MiB are reused warm (the steady state of a training loop) and
-    larger ones always come fresh, for every provider alike."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return "default (no glibc mallopt)"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if mallopt(m_mmap_threshold, 32 * 2**20) != 1 or mallopt(m_trim_threshold, 2**30) != 1:
-        return "default (mallopt refused)"
-    return "glibc, mmap threshold pinned at 32 MiB, heap not trimmed"
-
-
 HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 
@@ -162,43 +142,76 @@ def huge_pages_policy() -> str:
 def roof_calls(device: torch.device):
     """(copy, read, nbytes): a device copy and a read-only reduction over a buffer far
     larger than any cache, timed beside the providers of each case."""
-    elements = 2**28 if device.type == "cuda" else 2**25  # 1 GiB / 128 MiB of fp32
-    src = torch.randn(elements, device=device)
-    dst = torch.empty_like(src)
-    return (lambda: dst.copy_(src)), (lambda: src.sum()), src.numel() * src.element_size()
+    copy, copy_bytes = _timing.copy_roof(device)  # 1 GiB / 128 MiB of fp32
+    src = torch.randn(copy_bytes // 2 // 4, device=device)
+    return copy, (lambda: src.sum()), copy_bytes // 2
 
 
-def copies_for_cold_cache(case: Case, device: torch.device) -> int:
-    """How many input copies to rotate through so each call misses the caches: enough to
-    cycle through four times the last-level cache (twice was not enough on a VM whose
-    reported L3 is smaller than what it can hit)."""
+ROTATION_BUDGET_BYTES = 2**30  # default memory budget of one case's input rotation (CPU)
+MAX_ROTATION_COPIES = 64
+
+
+def wanted_copies(case: Case, device: torch.device) -> int:
+    """How many input copies the timed calls should rotate through so each call misses the
+    caches: enough to cycle through four times the last-level cache (twice was not enough
+    on a VM whose reported L3 is smaller than what it can hit). One on a GPU (its L2 is
+    flushed before each call instead)."""
     if device.type != "cpu":
         return 1
     need = 4 * last_level_cache_bytes()
-    return max(1, min(64, math.ceil(need / max(1, case.bytes_moved()))))
+    return max(1, min(MAX_ROTATION_COPIES, math.ceil(need / max(1, case.bytes_moved()))))
 
 
-def timed_callable(case: Case, forward, x: torch.Tensor, dy: torch.Tensor, copies: int):
-    """The function to time: forward on x, or the backward alone (autograd.grad of a kept
-    graph, as a training step runs it), rotating among ``copies`` inputs."""
+def copies_for_cold_cache(
+    case: Case,
+    device: torch.device,
+    graph_bytes: float = 0.0,
+    budget: int = ROTATION_BUDGET_BYTES,
+) -> int:
+    """The copies of the rotation: :func:`wanted_copies`, cut to what fits ``budget`` bytes.
+    One copy holds the input (and the output gradient, backward) plus ``graph_bytes``, what
+    the kept forward graphs of all providers hold per copy (backward). A machine whose
+    last-level cache is reported as hundreds of MiB would otherwise hold gigabytes of
+    copies per case (480 MiB of L3: 64 copies of every input)."""
+    wanted = wanted_copies(case, device)
+    size = case.numel * torch.finfo(case.dtype).bits // 8
+    per_copy = size * (2 if case.direction == "backward" else 1) + graph_bytes
+    return max(1, min(wanted, int(budget // max(1.0, per_copy))))
+
+
+class Rotation:
+    """Copies of a case's input (and output gradient) that the timed calls of every provider
+    take in turn: one position shared by all of them, so consecutive calls, whichever
+    provider makes them, read different copies, and a copy comes round again only after
+    ``len(xs)`` calls. Sharing the copies across providers keeps the memory of the rotation
+    that of one provider."""
+
+    def __init__(self, x: torch.Tensor, dy: torch.Tensor | None, copies: int) -> None:
+        self.xs = [x] + [x.clone() for _ in range(copies - 1)]
+        self.dys = None if dy is None else [dy] + [dy.clone() for _ in range(copies - 1)]
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def advance(self) -> int:
+        self.position = (self.position + 1) % len(self.xs)
+        return self.position
+
+
+def timed_callable(case: Case, forward, rotation: Rotation):
+    """The function to time: forward on the rotation's next input, or the backward alone
+    (autograd.grad of a kept graph, as a training step runs it; one graph per copy, on
+    leaves that share the copies' storage)."""
     if case.direction == "forward":
-        inputs = [x] + [x.clone() for _ in range(copies - 1)]
-        state = {"i": 0}
-
-        def call():
-            state["i"] = (state["i"] + 1) % copies
-            return forward(inputs[state["i"]])
-
-        return call
+        return lambda: forward(rotation.xs[rotation.advance()])
     graphs = []
-    for i in range(copies):
-        leaf = (x if i == 0 else x.clone()).detach().requires_grad_()
-        graphs.append((forward(leaf), leaf, dy if i == 0 else dy.clone()))
-    state = {"i": 0}
+    for x, dy in zip(rotation.xs, rotation.dys, strict=True):
+        leaf = x.detach().requires_grad_()
+        graphs.append((forward(leaf), leaf, dy))
 
     def call():
-        state["i"] = (state["i"] + 1) % copies
-        out, leaf, grad = graphs[state["i"]]
+        out, leaf, grad = graphs[rotation.advance()]
         return torch.autograd.grad(out, leaf, grad, retain_graph=True)[0]
 
     return call
@@ -278,8 +291,8 @@ def prepare_case(
     ref,
     target: torch.Tensor | None = None,
 ):
-    """(row, call): the provider's row with its first-call time, correctness and peak
-    memory filled in, and the callable to time (None when the provider failed)."""
+    """(row, forward): the provider's row with its first-call time, correctness and peak
+    memory filled in, and its forward (None when the provider failed)."""
     row = Row(
         case.op,
         case.direction,
@@ -299,7 +312,7 @@ def prepare_case(
         row.correct, row.note = check(case, out, ref)
         del out
         row.peak_mem_mib = peak_memory_bytes(lambda: run_once(case, forward, x, dy), device) / 2**20
-        return row, timed_callable(case, forward, x, dy, copies_for_cold_cache(case, device))
+        return row, forward
     except Exception as exc:  # a provider failing on a case is a result, not a crash
         _record_failure(row, exc)
         return row, None
@@ -312,6 +325,15 @@ def _record_failure(row: Row, exc: BaseException) -> None:
         traceback.print_exception(exc)
 
 
+def resident_bytes() -> float:
+    """This process's resident memory now (Linux /proc/self/statm), NaN elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
 def run(
     cases: list[Case],
     providers: list[Provider],
@@ -320,56 +342,96 @@ def run(
     repeats: int,
     warmup: int,
     max_seconds: float = 2.0,
+    rotation_budget: int = ROTATION_BUDGET_BYTES,
     progress: _timing.Progress | None = None,
+    on_case_done: Callable[[list[Row]], None] | None = None,
 ) -> tuple[list[Row], RoofLog]:
     """Measure every case with every provider that serves it; returns the rows and the
     roofs. Per case, the providers and the two roofs are timed in interleaved rounds
     (_timing.measure_interleaved), so the speed-ups and roof fractions compare calls made
-    at the same moments even when the machine's bandwidth drifts."""
+    at the same moments even when the machine's bandwidth drifts. ``on_case_done`` receives
+    each case's rows as soon as they are measured (the CLI appends them to results.csv)."""
     log = RoofLog([])
     rows: list[Row] = []
     for case in cases:
-        x = make_input(case, device)
-        dy = make_grad(case, device) if case.direction == "backward" else None
-        target = make_target(case, device)
-        ref = reference(case, x, dy, target)
-        prepared = []
-        for provider in providers:
-            if not provider.serves(case.op, case.shape, case.dim, device.type):
-                continue
-            if progress is not None:
-                progress.step(f"{case.label} {provider.name}")
-            prepared.append(prepare_case(case, provider, device, x, dy, ref, target))
-        copy, read, roof_bytes = roof_calls(device)
-        timed = [(row, call) for row, call in prepared if call is not None]
-        timings = _timing.measure_interleaved(
-            [copy, read] + [call for _, call in timed],
-            device,
-            warmup=warmup,
-            repeats=repeats,
-            max_seconds=max_seconds,
+        case_rows = _run_case(
+            case, providers, device, log, repeats, warmup, max_seconds, rotation_budget, progress
         )
-        roofs = Roofs(copy=2 * roof_bytes / timings[0].median, read=roof_bytes / timings[1].median)
-        log.measured.append(roofs)
-        for (row, _), timing in zip(timed, timings[2:], strict=True):
-            if isinstance(timing, BaseException):
-                _record_failure(row, timing)
-                continue
-            row.median_us, row.p20_us, row.p80_us = (
-                timing.median * 1e6,
-                timing.p20 * 1e6,
-                timing.p80 * 1e6,
-            )
-            row.gbs = case.bytes_moved() / timing.median / 1e9
-        case_rows = [row for row, _ in prepared]
-        roof = roofs.read if case.read_only else roofs.copy
-        set_speedups(case_rows)
-        for r in case_rows:
-            r.roof_gbs = roof / 1e9
-            r.roof_fraction = r.gbs * 1e9 / roof
         rows.extend(case_rows)
-        del x, dy, ref, target, prepared, timed, copy, read
+        if on_case_done is not None:
+            on_case_done(case_rows)
     return rows, log
+
+
+def _run_case(
+    case: Case,
+    providers: list[Provider],
+    device: torch.device,
+    log: RoofLog,
+    repeats: int,
+    warmup: int,
+    max_seconds: float,
+    rotation_budget: int,
+    progress: _timing.Progress | None,
+) -> list[Row]:
+    """One case's rows. Every tensor it makes (inputs, rotation, graphs, roof buffers) is
+    local to this call and gone when it returns."""
+    x = make_input(case, device)
+    dy = make_grad(case, device) if case.direction == "backward" else None
+    target = make_target(case, device)
+    ref = reference(case, x, dy, target)
+    prepared = []
+    for provider in providers:
+        if not provider.serves(case.op, case.shape, case.dim, device.type):
+            continue
+        if progress is not None:
+            progress.step(f"{case.label} {provider.name}")
+        prepared.append(prepare_case(case, provider, device, x, dy, ref, target))
+    del ref
+    working = [(row, forward) for row, forward in prepared if forward is not None]
+    # Per copy, the backward keeps each provider's forward graph; its peak (forward and
+    # backward of one call) bounds what the graph holds.
+    graph_bytes = (
+        sum(row.peak_mem_mib * 2**20 for row, _ in working if not math.isnan(row.peak_mem_mib))
+        if case.direction == "backward"
+        else 0.0
+    )
+    rotation = Rotation(x, dy, copies_for_cold_cache(case, device, graph_bytes, rotation_budget))
+    cold = device.type != "cpu" or len(rotation) >= wanted_copies(case, device)
+    timed = []
+    for row, forward in working:
+        try:
+            timed.append((row, timed_callable(case, forward, rotation)))
+        except Exception as exc:  # building the kept graphs can fail too
+            _record_failure(row, exc)
+    copy, read, roof_bytes = roof_calls(device)
+    timings = _timing.measure_interleaved(
+        [copy, read] + [call for _, call in timed],
+        device,
+        warmup=warmup,
+        repeats=repeats,
+        max_seconds=max_seconds,
+    )
+    roofs = Roofs(copy=2 * roof_bytes / timings[0].median, read=roof_bytes / timings[1].median)
+    log.measured.append(roofs)
+    for (row, _), timing in zip(timed, timings[2:], strict=True):
+        row.cold_cache = cold
+        if isinstance(timing, BaseException):
+            _record_failure(row, timing)
+            continue
+        row.median_us, row.p20_us, row.p80_us = (
+            timing.median * 1e6,
+            timing.p20 * 1e6,
+            timing.p80 * 1e6,
+        )
+        row.gbs = case.bytes_moved() / timing.median / 1e9
+    case_rows = [row for row, _ in prepared]
+    roof = roofs.read if case.read_only else roofs.copy
+    set_speedups(case_rows)
+    for r in case_rows:
+        r.roof_gbs = roof / 1e9
+        r.roof_fraction = r.gbs * 1e9 / roof
+    return case_rows
 
 
 def set_speedups(case_rows: list[Row]) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from .cases import check, make_grad, make_input, make_target, reference
 from .conftest import bench_device
-from .runner import copies_for_cold_cache, forward_of, run_once, timed_callable
+from .runner import Rotation, copies_for_cold_cache, forward_of, run_once, timed_callable
 
 
 def test_op(benchmark, case, provider, request):
@@ -32,7 +32,7 @@ def test_op(benchmark, case, provider, request):
     first_call_s = time.perf_counter() - start
     correct, note = check(case, out, reference(case, x, dy, target))
 
-    call = timed_callable(case, forward, x, dy, copies_for_cold_cache(case, device))
+    call = timed_callable(case, forward, Rotation(x, dy, copies_for_cold_cache(case, device)))
     if device.type == "cuda":
 
         def timed():

@@ -1,4 +1,5 @@
-"""Wall-clock timing of a callable on CPU or GPU, and a one-line progress display.
+"""Wall-clock timing of a callable on CPU or GPU, a memory-bandwidth probe (:func:`copy_roof`)
+and a one-line progress display.
 
 Used by the demo and by the benchmark suite. CPU: the callable runs ``warmup`` times
 untimed, then is timed call by call (several callables: in interleaved rounds, so a drift
@@ -132,18 +133,27 @@ def measure_interleaved(
 
 
 class Progress:
-    """``[ 3/12] label`` rewritten in place on stderr while work goes on; erased by
-    :meth:`close`. On a stream that is not a terminal it prints one line per step."""
+    """``[ 3/12] 0:04 elapsed, ~0:12 left  label`` rewritten in place on stderr while work
+    goes on; erased by :meth:`close`. On a stream that is not a terminal it prints one line
+    per step. The estimate assumes the steps left take as long as the steps so far;
+    ``status``, if given, is called at each step for more to show (the benchmark runner
+    shows its resident memory)."""
 
-    def __init__(self, total: int, stream=None) -> None:
+    def __init__(self, total: int, stream=None, status: Callable[[], str] | None = None) -> None:
         self.total, self.done = total, 0
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
+        self.status = status
+        self.started = time.perf_counter()
         self._width = 0
 
     def step(self, label: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.done * (self.total - self.done) if self.done else None
         self.done += 1
-        line = f"[{self.done:>{len(str(self.total))}}/{self.total}] {label}"
+        timing = f"{_clock(elapsed)} elapsed" + (f", ~{_clock(left)} left" if left else "")
+        extra = f", {self.status()}" if self.status is not None else ""
+        line = f"[{self.done:>{len(str(self.total))}}/{self.total}] {timing}{extra}  {label}"
         if self.tty:
             self.stream.write("\r" + line.ljust(self._width))
             self._width = max(self._width, len(line))
@@ -155,3 +165,47 @@ class Progress:
         if self.tty and self._width:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def copy_roof(device: torch.device | str = "cpu") -> tuple[Callable[[], object], int]:
+    """``(call, bytes_moved)``: a copy of a buffer far larger than any cache (2**25 float32,
+    128 MiB, on CPU; 2**28, 1 GiB, on a GPU) and the bytes one call moves (a read and a
+    write of the buffer). Timed in the same rounds as other callables, its bandwidth is the
+    memory roof of that moment, and a wide spread of its times says the machine is busy."""
+    device = torch.device(device)
+    elements = 2**28 if device.type == "cuda" else 2**25
+    src = torch.ones(elements, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
+
+
+def steady_cpu_allocator() -> str:
+    """Pin glibc malloc's policy for large blocks for the rest of the process, and say what
+    was done (recorded with the results). Used by the demo's timing table and the benchmark
+    runner, for every provider alike.
+
+    glibc serves a block above its mmap threshold with fresh pages from the kernel, and
+    every first touch of those pages is a page fault that costs more than the copy itself
+    (5 GB/s into fresh pages against 30 GB/s into warm ones, on a 2-core VM). The threshold
+    moves on its own, from 128 KiB up to 32 MiB, with the sizes freed before, so whether a
+    16 MiB output comes warm from the heap or cold from the kernel depended on what ran
+    earlier, and a provider's speed on the luck of its turn (in the demo's interleaved
+    rounds: p80/p20 of 2-3 for a 4 MiB softmax on an idle machine). Pinned at 32 MiB, with
+    the heap never trimmed, blocks up to 32 MiB are reused warm (the steady state of a
+    training loop) and larger ones always come fresh."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return "malloc's default policy (no glibc mallopt)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt(m_mmap_threshold, 32 * 2**20) != 1 or mallopt(m_trim_threshold, 2**30) != 1:
+        return "malloc's default policy (mallopt refused)"
+    return "glibc malloc's mmap threshold pinned at 32 MiB and its heap not trimmed"

@@ -17,31 +17,32 @@ import sys
 import pytest
 import torch
 
+from .conftest import SUBPROCESS_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("matplotlib")
 
 
-def test_runner_smoke(tmp_path):
-    out = tmp_path / "bench"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--smoke",
-            "--device",
-            "cpu",
-            "--repeats",
-            "3",
-            "--out",
-            str(out),
-        ],
+def _benchmarks(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
+
+
+def test_runner_smoke(tmp_path):
+    """Every provider but torch.compile (whose compiles would be most of the run) on the
+    smoke set; torch.compile on one case: test_runner_smoke_compiles."""
+    from benchmarks.providers import all_providers
+
+    out = tmp_path / "bench"
+    providers = [p.name for p in all_providers("cpu") if p.name != "torch.compile"]
+    args = ["--smoke", "--device", "cpu", "--repeats", "3", "--providers", *providers]
+    run = _benchmarks(*args, "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ("results.csv", "results.json", "table.txt", "command.txt"):
         assert (out / name).is_file(), name
@@ -50,7 +51,7 @@ def test_runner_smoke(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     providers = {r["provider"] for r in rows}
-    assert {"torch", "torch.compile", "naive", "sk-torch"} <= providers
+    assert {"torch", "naive", "sk-torch"} <= providers
     assert {r["op"] for r in rows} == {"softmax", "log_softmax", "logsumexp", "cross_entropy"}
     for r in rows:
         assert not r["note"].startswith("error"), r
@@ -72,10 +73,74 @@ def test_runner_smoke(tmp_path):
     meta = data["meta"]
     assert meta["allocator"], meta  # the allocator policy is recorded with the results
     assert "THP_MEM_ALLOC_ENABLE=1 for every provider" in meta["allocator"], meta
-    assert shlex.split(meta["command"]) == [
-        "python", "-m", "benchmarks", "--smoke", "--device", "cpu", "--repeats", "3",
-        "--out", str(out),
-    ]  # fmt: skip
+    assert shlex.split(meta["command"]) == ["python", "-m", "benchmarks", *args, "--out", str(out)]
+    # Rows reach results.csv as each case finishes, and the run says how far it is.
+    assert "14 cases" in run.stderr and "left" in run.stderr, run.stderr[-2000:]
+    assert "peak resident memory" in meta
+
+
+def test_runner_smoke_compiles(tmp_path):
+    """torch.compile as a provider: compiled once, timed, checked, beside torch eager."""
+    out = tmp_path / "bench"
+    run = _benchmarks(
+        "--smoke", "--device", "cpu", "--repeats", "3", "--ops", "softmax", "--directions",
+        "forward", "--providers", "torch", "torch.compile", "--no-plots", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["provider"] for r in rows) == ["torch"] * 2 + ["torch.compile"] * 2, rows
+    for r in rows:
+        assert r["correct"] == "True" and float(r["median_us"]) > 0, r
+        if r["provider"] == "torch.compile":
+            assert float(r["speedup_vs_compile"]) == 1.0, r
+
+
+# In a child process (the runner pins glibc's allocator for good): the runner on 18 cases
+# of 4 MiB inputs, three providers, a 64 MiB rotation budget, the last-level cache claimed
+# to be 512 MiB (so the rotation wants 64 copies, as on a machine that reports a large L3).
+# Prints the peak resident memory before and after the run, and the resident memory after
+# each case, in MiB.
+_MEMORY_PROBE = """
+import json, resource, torch
+from benchmarks import cases, providers, runner
+from stablekernels import _timing
+
+_timing.steady_cpu_allocator()
+runner.last_level_cache_bytes = lambda: 512 * 2**20
+chosen = [p for p in providers.all_providers("cpu") if p.name in ("torch", "naive", "sk-torch")]
+todo = [cases.Case(op, d, (512, 2048), -1, torch.float32)
+        for op in ("softmax", "log_softmax", "logsumexp") for d in cases.DIRECTIONS] * 3
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+runner.run(todo[:1], chosen, torch.device("cpu"), repeats=1, warmup=0, max_seconds=0.01)
+before, after_case = peak(), []
+runner.run(todo, chosen, torch.device("cpu"), repeats=2, warmup=0, max_seconds=0.01,
+           rotation_budget=64 * 2**20,
+           on_case_done=lambda rows: after_case.append(runner.resident_bytes() / 2**20))
+print(json.dumps({"before": before, "after": peak(), "cases": after_case}))
+"""
+
+
+def test_runner_memory_is_bounded_per_case():
+    """The runner's resident memory is bounded by one case (its rotation budget, the roof
+    buffers, the providers' outputs), not by the number of rows: measured with the
+    process's own peak RSS. Before the rotation was shared and budgeted, the same run
+    held 64 copies per provider: 3 x 64 x 4 MiB = 768 MiB for each forward case."""
+    run = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.splitlines()[-1])
+    # The rotation (64 MiB) + two 128 MiB roof buffers + a case's inputs, reference and
+    # outputs (a few 4-8 MiB tensors per provider): well under 448 MiB.
+    assert seen["after"] - seen["before"] < 448, seen
+    # Flat: the last six cases (the same as the first six) add nothing beyond noise.
+    cases_ = seen["cases"]
+    assert len(cases_) == 18 and max(cases_[12:]) - max(cases_[:6]) < 32, seen
 
 
 def test_pytest_benchmark_suite_collects():
@@ -97,7 +162,7 @@ def test_pytest_benchmark_suite_collects():
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "test_op[softmax-forward-64x256-fp32-torch]" in run.stdout
@@ -133,7 +198,7 @@ def test_backward_reference_is_judged_from_the_stored_output(op):
 # the heap (False)? Counted with glibc's mallinfo2 (mapped blocks: hblks).
 _ALLOCATOR_PROBE = """
 import ctypes, ctypes.util, sys
-from benchmarks.runner import steady_cpu_allocator
+from stablekernels._timing import steady_cpu_allocator
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 class MallInfo2(ctypes.Structure):
@@ -228,7 +293,7 @@ def test_linear_cross_entropy_benchmark_smoke(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.linear_cross_entropy", "--shapes", "64x16x300",
          "--dtypes", "fp32", "--repeats", "1", "--providers", *providers, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "results.csv") as f:
@@ -249,7 +314,7 @@ def test_masked_softmax_benchmark_smoke(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.masked_softmax", "--shapes", "2x2x16",
          "--dtypes", "fp32", "--repeats", "2", "--providers", *providers, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "results.csv") as f:
