@@ -1,18 +1,23 @@
 """``python -m stablekernels``: the stability demo.
 
 Prints, side by side, the textbook formula, torch and stablekernels on the classic failure
-cases of the seed tutorials, then the backends this machine has, then a short timing table
-on the local device. Exits 0.
+cases of softmax, logsumexp and log_softmax (overflow, underflow, rounding near 0, float16
+range), then what float32 does at the ends of its range, then the backends this machine has,
+then a short timing table on the local device: the median and p20-p80 of each provider, and
+the copy bandwidth of the machine timed beside them, with a warning when the spread of the
+times says the machine is busy. Exits 0.
 
 Each table is computed by a function that returns data (:func:`failure_cases`,
-:func:`float32_limits`, :func:`backend_rows`, :func:`timing_rows`); the ``print_*``
-functions only format it.
+:func:`float32_limits`, :func:`backend_rows`, :func:`timing_table`, :func:`busy_signs`);
+the ``print_*`` functions only format it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -121,8 +126,8 @@ def print_failure_cases() -> None:
 
 @dataclass(frozen=True)
 class Float32Limits:
-    """What float32 does at the ends of its range (the seed's examples), computed in
-    float32 by torch."""
+    """What float32 does at the ends of its range (1e-50 and 1e39 rounded to float32, the
+    smallest and largest float32, exp(+-1000)), computed in float32 by torch."""
 
     small_stored: float  # 1e-50 rounded to float32
     small_ratio: float  # 1 * 1e-50 / 1e-50 in float32
@@ -156,8 +161,8 @@ def float32_limits() -> Float32Limits:
 def print_float32_limits() -> None:
     lim = float32_limits()
     print(
-        f"\nWhy: float32 holds magnitudes from {lim.smallest:.2g} to {lim.largest:.2g} only "
-        "(the seed's examples)"
+        f"\nWhy: float32 holds magnitudes from {lim.smallest:.2g} to {lim.largest:.2g} only. "
+        "Below: 1e-50 and 1e39 rounded to float32, the ends of its range, and exp(+-1000)"
     )
     rows = [
         ["1e-50 is stored as", _fmt(lim.small_stored), "so x * y / y =", _fmt(lim.small_ratio)],
@@ -192,10 +197,69 @@ def print_backends() -> None:
 
 @dataclass(frozen=True)
 class TimingRow:
+    """One timed callable on one shape: seconds per call (median, 20th and 80th
+    percentiles, over ``samples`` calls) and the bytes one call moves."""
+
     shape: tuple[int, int]
     provider: str
     median_s: float
-    gbs: float  # one read and one write of the tensor per call
+    p20_s: float
+    p80_s: float
+    samples: int
+    bytes_moved: int
+
+    @property
+    def gbs(self) -> float:
+        """GB/s at the median time."""
+        return self.bytes_moved / self.median_s / 1e9
+
+    @property
+    def spread(self) -> float:
+        """p80 / p20 of the time: 1 on a steady machine, wide when it is busy."""
+        return self.p80_s / self.p20_s if self.p20_s > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class TimingTable:
+    """The providers of each shape (``rows``), the copy roof timed in the same interleaved
+    rounds as they (``roofs``, one per shape, provider ``"copy"``), and how many CPUs other
+    work kept busy on average meanwhile (``other_cpus``: time of the other processes and
+    time stolen by a hypervisor, from /proc/stat; None where there is none) of the
+    machine's ``cpus``."""
+
+    rows: list[TimingRow]
+    roofs: list[TimingRow]
+    other_cpus: float | None
+    cpus: int
+
+
+# Shapes whose call moves fewer bytes than this are timed back to back, without the copy.
+WARM_BELOW_BYTES = 2**20
+# The rounds of one shape stop after ``repeats`` calls of each, or after this many seconds
+# per callable (with at least 3 calls).
+MAX_SECONDS = 1.0
+# Signs of a busy machine: p80/p20 of a call's time above BUSY_SPREAD (an idle machine stays
+# well below), or other work keeping more than BUSY_OTHER_CPUS CPUs busy. The second catches
+# what the first misses: a thread of a parallel op that waits a whole scheduler time slice
+# for its CPU on every call is slow on every call, with a narrow spread.
+BUSY_SPREAD = 1.5
+BUSY_OTHER_CPUS = 0.5
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(seconds the machine's CPUs have been busy, time stolen by a hypervisor included;
+    seconds this process has run) so far. None without /proc/stat (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        per_second = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    if fields[0] != "cpu" or len(ticks) < 8:
+        return None
+    own = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / per_second, own.user + own.system
 
 
 def timing_providers(device: torch.device) -> list[tuple[str, object]]:
@@ -210,32 +274,151 @@ def timing_providers(device: torch.device) -> list[tuple[str, object]]:
     return providers
 
 
-def timing_rows(device: torch.device, shapes, repeats: int) -> list[TimingRow]:
-    """One row per (shape, provider): softmax forward, fp32, median and GB/s."""
+def _row(shape, label: str, t: _timing.Timing, bytes_moved: int) -> TimingRow:
+    return TimingRow(tuple(shape), label, t.median, t.p20, t.p80, t.samples, bytes_moved)
+
+
+def timing_table(device: torch.device, shapes, repeats: int) -> TimingTable:
+    """Softmax forward, fp32, per shape: every provider and the copy roof
+    (:func:`stablekernels._timing.copy_roof`) timed in interleaved rounds, one call of each
+    in turn, so a drift of the machine's speed touches them alike. Each provider has its own
+    copy of the input, which the large copy between its calls evicts from the caches. Shapes
+    under :data:`WARM_BELOW_BYTES` are timed without the copy: their time is the per-call
+    cost of back-to-back calls, as in a loop, which a cache-emptying copy would inflate
+    several times over (torch.softmax 8 x 8: 4 us warm, 15 us after the copy)."""
     providers = timing_providers(device)
-    progress = _timing.Progress(len(shapes) * len(providers))
-    rows = []
+    copy, copy_bytes = _timing.copy_roof(device)
+    progress = _timing.Progress(len(shapes))
+    rows, roofs = [], []
+    cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
     for shape in shapes:
         x = torch.randn(shape, device=device)
-        for label, fn in providers:
-            progress.step(f"softmax {label} {shape[0]}x{shape[1]}")
-            t = _timing.measure(lambda fn=fn, x=x: fn(x), device, repeats=repeats, max_seconds=1.0)
-            gbs = 2 * x.numel() * x.element_size() / t.median / 1e9
-            rows.append(TimingRow(tuple(shape), label, t.median, gbs))
+        nbytes = 2 * x.numel() * x.element_size()  # one read and one write of the tensor
+        with_copy = nbytes >= WARM_BELOW_BYTES
+        progress.step(
+            f"softmax {shape[0]}x{shape[1]}: {len(providers)} providers"
+            + (" and a copy" if with_copy else "")
+        )
+        inputs = [x.clone() for _ in providers]
+        calls = [lambda fn=fn, x=x: fn(x) for (_, fn), x in zip(providers, inputs, strict=True)]
+        timings = _timing.measure_interleaved(
+            [*calls, copy] if with_copy else calls,
+            device,
+            repeats=repeats,
+            max_seconds=MAX_SECONDS,
+        )
+        for t in timings:
+            if isinstance(t, BaseException):
+                raise t
+        rows += [
+            _row(shape, label, t, nbytes)
+            for (label, _), t in zip(providers, timings[: len(providers)], strict=True)
+        ]
+        if with_copy:
+            roofs.append(_row(shape, "copy", timings[-1], copy_bytes))
     progress.close()
-    return rows
+    cpu_after, wall = _cpu_seconds(), time.perf_counter() - wall_before
+    other_cpus = None
+    if cpu_before is not None and cpu_after is not None:
+        busy, own = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
+        other_cpus = max(0.0, busy - own) / wall
+    return TimingTable(rows, roofs, other_cpus, os.cpu_count() or 1)
 
 
-def print_timing(device: torch.device, repeats: int) -> None:
-    print(f"\nsoftmax forward, float32, on {device} (median of >= {repeats} calls)")
+@dataclass(frozen=True)
+class BusySigns:
+    """Signs that the machine was busy while a :class:`TimingTable` was timed: the rows,
+    copy roofs first, whose p80/p20 is above BUSY_SPREAD, and the CPUs other work kept busy
+    if above BUSY_OTHER_CPUS (else None). Falsy when there are none."""
+
+    wide: list[TimingRow]
+    other_cpus: float | None
+
+    def __bool__(self) -> bool:
+        return bool(self.wide) or self.other_cpus is not None
+
+
+def busy_signs(
+    table: TimingTable, spread: float = BUSY_SPREAD, other_cpus: float = BUSY_OTHER_CPUS
+) -> BusySigns:
+    """The signs of a busy machine in ``table``, by the limits given (see BUSY_SPREAD)."""
+    wide = [r for r in [*table.roofs, *table.rows] if r.spread > spread]
+    others = table.other_cpus
+    return BusySigns(wide, others if others is not None and others > other_cpus else None)
+
+
+def _shape(shape: tuple[int, int]) -> str:
+    return f"{shape[0]} x {shape[1]}"
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f}"
+
+
+def print_timing(device: torch.device, repeats: int, allocator: str | None = None) -> None:
+    """The timing table; ``allocator`` says how CPU memory was set up for it (if it was)."""
     # The first shape is tiny on purpose: its time is the per-call overhead.
     shapes = [(8, 8), (1024, 1024), (64, 32768)]
+    table = timing_table(device, shapes, repeats)
+    counts = sorted({r.samples for r in [*table.rows, *table.roofs]})
+    calls = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    copy_mib = table.roofs[0].bytes_moved // 2 // 2**20 if table.roofs else 0
+    print(
+        f"\nsoftmax forward, float32, on {device} (median and p20-p80 of {calls} calls each; "
+        f"the providers of a shape and a copy of {copy_mib} MiB timed in interleaved rounds)"
+    )
     rows = [
-        [f"{r.shape[0]} x {r.shape[1]}", r.provider, f"{r.median_s * 1e6:,.1f}", f"{r.gbs:,.2f}"]
-        for r in timing_rows(device, shapes, repeats)
+        [
+            _shape(r.shape),
+            r.provider,
+            _us(r.median_s),
+            f"{_us(r.p20_s)}-{_us(r.p80_s)}",
+            f"{r.gbs:,.2f}",
+        ]
+        for r in table.rows
     ]
-    print(_table(["shape", "provider", "time (us)", "GB/s"], rows))
-    print("GB/s counts one read and one write of the tensor.")
+    print(_table(["shape", "provider", "median us", "p20-p80 us", "GB/s"], rows))
+    print(
+        "GB/s counts one read and one write of the tensor. Each provider reads its own copy "
+        "of the input, which the copy between its calls evicts from the caches; the "
+        f"{_shape(shapes[0])} row, timed back to back without the copy, is the per-call "
+        "overhead." + (f" Memory: {allocator}, as in the benchmark suite." if allocator else "")
+    )
+    print(
+        f"\nCopy roof: a copy of {copy_mib} MiB on {device}, timed in the rounds of each shape "
+        "from 1 MiB on"
+    )
+    rows = [
+        [
+            _shape(r.shape),
+            f"{r.gbs:,.2f}",
+            f"{r.bytes_moved / r.p80_s / 1e9:,.2f}-{r.bytes_moved / r.p20_s / 1e9:,.2f}",
+            f"{r.spread:.2f}",
+        ]
+        for r in table.roofs
+    ]
+    print(_table(["rounds of", "copy GB/s", "p20-p80 GB/s", "p80/p20 time"], rows))
+    if table.other_cpus is not None:
+        print(
+            f"Other work kept {table.other_cpus:.2f} of the {table.cpus} CPUs busy on average "
+            "while this was timed (other processes and hypervisor steal, from /proc/stat)."
+        )
+    rule = (
+        f"rule: p80/p20 of the time of the copy or of a provider above {BUSY_SPREAD}, or "
+        f"other work keeping more than {BUSY_OTHER_CPUS} CPUs busy"
+    )
+    signs = busy_signs(table)
+    if signs:
+        named = [f"other work on {signs.other_cpus:.2f} CPUs"] if signs.other_cpus else []
+        named += [f"{r.provider} at {_shape(r.shape)} {r.spread:.2f}x" for r in signs.wide]
+        if len(named) > 6:
+            named[5:] = [f"{len(named) - 5} more"]
+        print(
+            f"WARNING: this machine looks busy ({rule}): {', '.join(named)}. The times above "
+            "may be noise; rerun on an idle machine before comparing them."
+        )
+    else:
+        print(f"The machine looks idle ({rule}).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     print_float32_limits()
     print_backends()
     if not args.no_timing:
-        print_timing(torch.device(args.device), args.repeats)
+        device = torch.device(args.device)
+        # Outputs warm from the heap on every call, so their page faults spread no times.
+        allocator = _timing.steady_cpu_allocator() if device.type == "cpu" else None
+        print_timing(device, args.repeats, allocator)
     return 0
 
 

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.machinery
 import importlib.util
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -139,13 +141,63 @@ YES = Support()
 # Facts about this machine, gathered once.
 
 
+def extension_file(package_dir: str) -> str | None:
+    """The compiled ``_C`` extension in the package folder ``package_dir``, if it has one."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(package_dir, "_C" + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def missing_extension_reason(package_dir: str, path_entries: list[str]) -> str:
+    """Why ``stablekernels._C`` is missing from the package imported from the folder
+    ``package_dir``, and the fix, given the import path ``path_entries`` (``sys.path``).
+
+    From a repository root, ``python -m stablekernels`` imports the source folder, which has
+    no extension after a plain ``pip install .`` (the extension went to site-packages): then
+    the copy with the extension further down the path is named. A source tree (``setup.py``
+    beside the package) with no built copy anywhere is built in place (editable install)."""
+    package_dir = os.path.realpath(package_dir)
+    root = os.path.dirname(package_dir)
+    source_tree = os.path.isfile(os.path.join(root, "setup.py"))
+    this, fix = (
+        (
+            "a source tree",
+            "install in editable mode (`pip install --no-build-isolation -e .`) "
+            "so the source tree has it",
+        )
+        if source_tree
+        else ("a copy", "take that folder off sys.path so the installed copy is imported")
+    )
+    for entry in path_entries:
+        if not isinstance(entry, str) or os.path.realpath(entry or os.curdir) == root:
+            continue
+        spec = importlib.machinery.PathFinder.find_spec("stablekernels", [entry])
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if os.path.realpath(location) != package_dir and extension_file(location):
+                return (
+                    f"stablekernels was imported from {package_dir}, {this} without the built "
+                    f"extension; an installed copy with the extension is at {location}, also on "
+                    f"sys.path. Run from another folder, or {fix}"
+                )
+    if source_tree:
+        return (
+            f"stablekernels._C is not built: stablekernels was imported from the source tree "
+            f"{root} and no built copy is on sys.path; build it in place with "
+            f'`pip install --no-build-isolation -e ".[test]"` from {root}'
+        )
+    return (
+        "stablekernels._C is not built (install with `pip install --no-build-isolation .`; "
+        "STABLEKERNELS_NO_EXTENSION=1 skips it)"
+    )
+
+
 def _probe_extension() -> Support:
     """Whether ``stablekernels._C`` imports and registers the kernels of this contract."""
     if importlib.util.find_spec("stablekernels._C") is None:
-        return Support(
-            "stablekernels._C is not built (install with `pip install --no-build-isolation .`; "
-            "STABLEKERNELS_NO_EXTENSION=1 skips it)"
-        )
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return Support(missing_extension_reason(package_dir, sys.path))
     try:
         from .. import _C  # noqa: F401  (registers the _fused_* ops)
     except ImportError as exc:  # built against another torch, missing symbols, ...
