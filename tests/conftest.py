@@ -25,6 +25,10 @@ from stablekernels import backends  # noqa: E402
 settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# Subprocesses and worker processes of the tests do seconds to minutes of work alone. This limit
+# only ends a hang: generous for a machine loaded many times over (no test asserts a time).
+SUBPROCESS_TIMEOUT_S = 1800
+
 CPU_BACKENDS = [b for b in sk.available_backends() if backends.BACKENDS[b].supports("cpu")]
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import stablekernels as sk
 from stablekernels import backends
 
-from .conftest import CPU_BACKENDS
+from .conftest import CPU_BACKENDS, SUBPROCESS_TIMEOUT_S
 
 EXTENSION_BUILT = bool(backends.EXTENSION)
 
@@ -65,7 +65,10 @@ def test_support_is_truthy_or_falsy_with_the_reason():
 def test_each_module_imports_first_in_a_fresh_interpreter(module):
     # An import circle shows as an ImportError when one of its modules is imported first.
     result = subprocess.run(
-        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stderr
 

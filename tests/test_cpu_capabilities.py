@@ -14,6 +14,8 @@ import torch
 
 import stablekernels as sk
 
+from .conftest import SUBPROCESS_TIMEOUT_S
+
 pytestmark = pytest.mark.skipif(
     "cpp" not in sk.available_backends(), reason="the compiled extension is not built"
 )
@@ -53,7 +55,11 @@ print("ok")
 def test_each_capability_build_matches_the_torch_backend(capability):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     run = subprocess.run(
-        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     used, verdict = run.stdout.split()

@@ -14,6 +14,8 @@ import sysconfig
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
+from .conftest import SUBPROCESS_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_HOME = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
 NVCC = shutil.which("nvcc") or (
@@ -52,7 +54,7 @@ def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
         "-Xcompiler",
         "-Wall",
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-6000:]
     assert "warning" not in run.stderr.lower(), run.stderr[-6000:]
 
@@ -80,7 +82,7 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
         f"-I{sysconfig.get_paths()['include']}",
         *include,
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-6000:]
 
 

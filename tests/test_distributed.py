@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 
 import stablekernels as sk
 
+from .conftest import SUBPROCESS_TIMEOUT_S
+
 ROWS = 6
 
 
@@ -133,7 +135,7 @@ def test_vocab_parallel_matches_single_process(world):
     for p in processes:
         p.start()
     for p in processes:
-        p.join(timeout=120)
+        p.join(timeout=SUBPROCESS_TIMEOUT_S)
     errors = []
     while not failures.empty():
         errors.append(failures.get())

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from .conftest import SUBPROCESS_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,7 +32,7 @@ def test_every_triton_variant_compiles_for_sm80_and_sm90_without_spills():
         [sys.executable, os.path.join(ROOT, "tools", "gpu_resources.py"), "--check"],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     assert "variants compiled for sm_80, sm_90" in run.stdout, run.stdout
