@@ -11,11 +11,13 @@ Environment:
                                  or off; default: on when torch has CUDA and nvcc is found
   TORCH_CUDA_ARCH_LIST           CUDA architectures (default "8.0;9.0+PTX")
   MAX_JOBS=N                     parallel compile jobs (torch.utils.cpp_extension)
+  STABLEKERNELS_DEBUG_INFO=1     keep debug information in stablekernels._C (default: none,
+                                 whatever -g Python's own build flags carry)
 
 The extension is built against the torch already installed, so build without isolation:
 ``pip install --no-build-isolation .``. The package then requires that torch release
-(``torch==2.13.*`` when built against 2.13.0), so pip refuses to pair the built extension
-with another torch.
+(``torch==2.13.*`` when built against 2.13.0): beside another torch, pip replaces that torch
+with one of this release rather than pair the extension with it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ COMMON_SOURCES = [
     "csrc/bindings/cpu_ops.cpp",
 ]
 CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for runs on OpenMP in torch's CPU builds
+
+
+def debug_info_flags() -> list[str]:
+    """-g0 after the -g that Python's build flags (sysconfig CFLAGS) put on every compile: no
+    debug information in the library unless STABLEKERNELS_DEBUG_INFO=1 (56.5 MB with it)."""
+    return ["-g"] if os.environ.get("STABLEKERNELS_DEBUG_INFO") == "1" else ["-g0"]
 CUDA_SOURCES = [
     "csrc/cuda/softmax.cu",
     "csrc/cuda/cross_entropy.cu",
@@ -186,7 +194,7 @@ def extension_build() -> dict:
 
     cuda = build_cuda()
     capability_flags, capabilities_built = cpu_capabilities()
-    compile_args = {"cxx": list(CXX_FLAGS)}
+    compile_args = {"cxx": CXX_FLAGS + debug_info_flags()}
     if cuda:
         compile_args["nvcc"] = list(NVCC_FLAGS)
     extension = (CUDAExtension if cuda else CppExtension)(
@@ -208,6 +216,9 @@ def extension_build() -> dict:
 
 
 PURE_PYTHON_REQUIREMENT = "torch>=2.5"
+# torch does not list numpy, yet warns at every `import torch` when it is missing ("Failed to
+# initialize NumPy", torch 2.13 CPU): listed here so that a plain install imports quietly.
+RUNTIME_REQUIREMENTS = ["numpy"]
 
 
 def torch_requirement(extension_built: bool) -> str:
@@ -224,4 +235,4 @@ def torch_requirement(extension_built: bool) -> str:
 
 if __name__ == "__main__":  # run by pip and setuptools; importable by the tests
     build = extension_build()
-    setup(install_requires=[torch_requirement(bool(build))], **build)
+    setup(install_requires=[torch_requirement(bool(build)), *RUNTIME_REQUIREMENTS], **build)

@@ -11,6 +11,8 @@ import textwrap
 
 import torch
 
+from .conftest import SUBPROCESS_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,7 +24,7 @@ def _python(code: str, *args: str, env: dict[str, str]) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -44,6 +46,7 @@ def test_wheel_metadata_pins_the_torch_it_was_built_against(tmp_path):
     major, minor = torch.__version__.split(".")[:2]
     requires = meta.get_all("Requires-Dist")
     assert f"torch=={major}.{minor}.*" in requires
+    assert "numpy" in requires  # without it, `import torch` warns on a plain install
     assert meta["License"] == "BSD-3-Clause"
     assert "LICENSE" in meta.get_all("License-File")
 
