@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+import stablekernels as sk
+
 from .conftest import SUBPROCESS_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,3 +328,27 @@ def test_masked_softmax_benchmark_smoke(tmp_path):
         assert bool(r["error"]) == broken, r
         assert broken or float(r["time_ms"]) > 0
     assert "rounds" in (out / "command.txt").read_text()
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    """The per-call benchmark on a tiny shape: counts and times for every provider named,
+    the files written, the extension's kernel counted once per softmax call."""
+    out = tmp_path / "overhead"
+    providers = ["torch", "sk-torch"] + (["sk-cpp"] if "cpp" in sk.available_backends() else [])
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overhead", "--shapes", "4x16", "--ops", "softmax",
+         "cross_entropy", "--rounds", "1", "--seconds", "0.01", "--providers", *providers,
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * len(providers)
+    for r in rows:
+        assert not r["error"] and float(r["us_per_call"]) > 0, r
+        assert int(r["launches"]) >= 1 and int(r["aten_ops"]) >= int(r["launches"]), r
+        if r["provider"] == "sk-cpp" and r["op"] == "softmax" and r["direction"] == "forward":
+            assert (r["sk_kernels"], r["launches"]) == ("1", "1"), r
+    assert "threads: 1" in (out / "command.txt").read_text()
+    assert "us/call" in (out / "table.txt").read_text()
