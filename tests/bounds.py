@@ -270,3 +270,10 @@ def assert_within(actual, ref, bound, name: str = "", perturbation: float = 1e-3
     assert ratio <= 1, f"{name}: error {ratio:.3g} x its derived bound"
     assert perturbed > 1, f"{name}: the bound misses a {scale - 1:.1e} relative error"
     return ratio
+
+
+def assert_gradients_within(grads, ref_grads, bound_grads, dtype=None) -> None:
+    """dx, dW, db each within its bound (:func:`assert_within`), and of ``dtype`` if given."""
+    for name, a, r, bound in zip(("dx", "dW", "db"), grads, ref_grads, bound_grads, strict=True):
+        assert dtype is None or a.dtype == dtype, (name, a.dtype, dtype)
+        assert_within(a, r, bound, name)

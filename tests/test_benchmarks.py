@@ -26,9 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("matplotlib")
 
 
-def _benchmarks(*args: str) -> subprocess.CompletedProcess:
+def _benchmarks(*args: str, module: str = "benchmarks") -> subprocess.CompletedProcess:
+    """``python -m <module> *args`` from the repository root (the runner by default)."""
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -292,10 +293,9 @@ def test_linear_cross_entropy_benchmark_smoke(tmp_path):
     (each in its own process), the losses agree, the files are written."""
     out = tmp_path / "lce"
     providers = ["naive", "torch.lce", "sk-torch"]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.linear_cross_entropy", "--shapes", "64x16x300",
-         "--dtypes", "fp32", "--repeats", "1", "--providers", *providers, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+    run = _benchmarks(
+        "--shapes", "64x16x300", "--dtypes", "fp32", "--repeats", "1", "--providers", *providers,
+        "--out", str(out), module="benchmarks.linear_cross_entropy",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "results.csv") as f:
@@ -313,10 +313,9 @@ def test_masked_softmax_benchmark_smoke(tmp_path):
     masks and directions, the files are written."""
     out = tmp_path / "masked"
     providers = ["torch", "torch._masked_softmax", "sk-torch"]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.masked_softmax", "--shapes", "2x2x16",
-         "--dtypes", "fp32", "--repeats", "2", "--providers", *providers, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+    run = _benchmarks(
+        "--shapes", "2x2x16", "--dtypes", "fp32", "--repeats", "2", "--providers", *providers,
+        "--out", str(out), module="benchmarks.masked_softmax",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "results.csv") as f:
@@ -335,11 +334,9 @@ def test_overhead_benchmark_smoke(tmp_path):
     the files written, the extension's kernel counted once per softmax call."""
     out = tmp_path / "overhead"
     providers = ["torch", "sk-torch"] + (["sk-cpp"] if "cpp" in sk.available_backends() else [])
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.overhead", "--shapes", "4x16", "--ops", "softmax",
-         "cross_entropy", "--rounds", "1", "--seconds", "0.01", "--providers", *providers,
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+    run = _benchmarks(
+        "--shapes", "4x16", "--ops", "softmax", "cross_entropy", "--rounds", "1", "--seconds",
+        "0.01", "--providers", *providers, "--out", str(out), module="benchmarks.overhead",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "results.csv") as f:
