@@ -66,6 +66,51 @@ def test_each_capability_build_matches_the_torch_backend(capability):
     assert used == capability.upper() and verdict == "ok"
 
 
+# One thread, each capability: a long float64 row is one task of many blocks (300000
+# columns: 4687 blocks of 16 AVX2 vectors), the case where a plain running total of the
+# blocks' sums loses to torch's cascade sums. The backward's error stays within the test
+# suite's bound against torch (tests/test_autograd.py), whatever the block count.
+LONG_ROWS = r"""
+import torch, stablekernels as sk
+from tests import reference
+torch.set_num_threads(1)
+print(torch.ops.stablekernels._fused_cpu_capability())
+torch.manual_seed(0)
+def err(a, ref):
+    return ((a - ref).abs().max() / ref.abs().max()).item()
+def grad(fn, x, dy):
+    x = x.clone().requires_grad_()
+    fn(x).backward(dy)
+    return x.grad
+for n in (300000, 1000000):
+    x = torch.randn(1, n, dtype=torch.float64) * 3
+    dy = torch.randn(1, n, dtype=torch.float64)
+    for name in ("softmax", "log_softmax"):
+        ours = grad(lambda t: getattr(sk, name)(t, 1, backend="cpp"), x, dy)
+        theirs = grad(lambda t: getattr(torch, name)(t, 1), x, dy)
+        ref = reference.backward(name, x, dy, 1)
+        e_ours, e_theirs = err(ours, ref), err(theirs, ref)
+        assert e_ours <= 2 * e_theirs + 4 * 2.0**-52, (name, n, e_ours, e_theirs)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", RUNNABLE)
+def test_long_float64_rows_on_one_thread_as_accurate_as_torch(capability):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    run = subprocess.run(
+        [sys.executable, "-c", LONG_ROWS],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    used, verdict = run.stdout.split()
+    assert used == capability.upper() and verdict == "ok"
+
+
 # Outputs larger than the last-level cache are written with streaming (non-temporal) stores;
 # STABLEKERNELS_STREAMING_MIN_BYTES=0 streams every output. The values must not change: rows
 # of odd lengths put row starts at every alignment, and bf16/fp16 outputs stream pairs of
