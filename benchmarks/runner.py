@@ -147,7 +147,7 @@ def roof_calls(device: torch.device):
     return copy, (lambda: src.sum()), copy_bytes // 2
 
 
-ROTATION_BUDGET_BYTES = 2**30  # default memory budget of one case's input rotation (CPU)
+ROTATION_BUDGET_BYTES = 2**29  # default memory budget of one case's input rotation (CPU)
 MAX_ROTATION_COPIES = 64
 
 
