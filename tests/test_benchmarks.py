@@ -26,6 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("matplotlib")
 
 
+def _csv_rows(run: subprocess.CompletedProcess, out) -> list[dict]:
+    """The rows of ``out``/results.csv written by a benchmark run that must have succeeded."""
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def _benchmarks(*args: str, module: str = "benchmarks") -> subprocess.CompletedProcess:
     """``python -m <module> *args`` from the repository root (the runner by default)."""
     return subprocess.run(
@@ -51,8 +58,7 @@ def test_runner_smoke(tmp_path):
         assert (out / name).is_file(), name
     assert len(list((out / "plots").glob("*.png"))) == 8  # 4 ops x 2 directions x fp32
 
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run, out)
     providers = {r["provider"] for r in rows}
     assert {"torch", "naive", "sk-torch"} <= providers
     assert {r["op"] for r in rows} == {"softmax", "log_softmax", "logsumexp", "cross_entropy"}
@@ -89,9 +95,7 @@ def test_runner_smoke_compiles(tmp_path):
         "--smoke", "--device", "cpu", "--repeats", "3", "--ops", "softmax", "--directions",
         "forward", "--providers", "torch", "torch.compile", "--no-plots", "--out", str(out),
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run, out)
     assert sorted(r["provider"] for r in rows) == ["torch"] * 2 + ["torch.compile"] * 2, rows
     for r in rows:
         assert r["correct"] == "True" and float(r["median_us"]) > 0, r
@@ -297,9 +301,7 @@ def test_linear_cross_entropy_benchmark_smoke(tmp_path):
         "--shapes", "64x16x300", "--dtypes", "fp32", "--repeats", "1", "--providers", *providers,
         "--out", str(out), module="benchmarks.linear_cross_entropy",
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run, out)
     assert [r["provider"] for r in rows] == providers
     assert all(not r["error"] and float(r["time_s"]) > 0 for r in rows), rows
     losses = [float(r["loss"]) for r in rows]
@@ -317,9 +319,7 @@ def test_masked_softmax_benchmark_smoke(tmp_path):
         "--shapes", "2x2x16", "--dtypes", "fp32", "--repeats", "2", "--providers", *providers,
         "--out", str(out), module="benchmarks.masked_softmax",
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run, out)
     assert len(rows) == 2 * 2 * len(providers)
     for r in rows:
         # torch._masked_softmax has no backward for these masks (torch's own error).
@@ -338,9 +338,7 @@ def test_overhead_benchmark_smoke(tmp_path):
         "--shapes", "4x16", "--ops", "softmax", "cross_entropy", "--rounds", "1", "--seconds",
         "0.01", "--providers", *providers, "--out", str(out), module="benchmarks.overhead",
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run, out)
     assert len(rows) == 2 * 2 * len(providers)
     for r in rows:
         assert not r["error"] and float(r["us_per_call"]) > 0, r

@@ -51,12 +51,13 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("capability", RUNNABLE)
-def test_each_capability_build_matches_the_torch_backend(capability):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+def _run_on_capability(script: str, capability: str) -> None:
+    """Runs ``script`` in a fresh process (from the repository root) on the extension's
+    ``capability`` build; the script prints the capability it ran on, then "ok"."""
     run = subprocess.run(
-        [sys.executable, "-c", CHECK],
-        env=env,
+        [sys.executable, "-c", script],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=dict(os.environ, ATEN_CPU_CAPABILITY=capability),
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT_S,
@@ -64,6 +65,11 @@ def test_each_capability_build_matches_the_torch_backend(capability):
     assert run.returncode == 0, run.stderr[-4000:]
     used, verdict = run.stdout.split()
     assert used == capability.upper() and verdict == "ok"
+
+
+@pytest.mark.parametrize("capability", RUNNABLE)
+def test_each_capability_build_matches_the_torch_backend(capability):
+    _run_on_capability(CHECK, capability)
 
 
 # One thread, each capability: a long float64 row is one task of many blocks (300000
@@ -97,18 +103,7 @@ print("ok")
 
 @pytest.mark.parametrize("capability", RUNNABLE)
 def test_long_float64_rows_on_one_thread_as_accurate_as_torch(capability):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    run = subprocess.run(
-        [sys.executable, "-c", LONG_ROWS],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    used, verdict = run.stdout.split()
-    assert used == capability.upper() and verdict == "ok"
+    _run_on_capability(LONG_ROWS, capability)
 
 
 # Outputs larger than the last-level cache are written with streaming (non-temporal) stores;
