@@ -49,7 +49,8 @@ OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy+op
        "masked_softmax")  # fmt: skip
 SMOOTHING, Z_LOSS, SCALE = 0.1, 1e-4, 0.125
 
-# Leaves that run no kernel over data: views and metadata, allocations, host read-backs.
+# Leaves that run no kernel over data: views and metadata, allocations, host read-backs, and
+# conversions that convert nothing (a leaf `to` or `contiguous` has no copy below it).
 NOT_LAUNCHES = frozenset(
     "aten::" + name
     for name in (
@@ -57,7 +58,7 @@ NOT_LAUNCHES = frozenset(
         "select slice narrow alias detach detach_ lift_fresh reshape _reshape_alias flatten "
         "unflatten movedim view_as split unbind diagonal empty empty_like empty_strided "
         "resize_ new_empty new_empty_strided _local_scalar_dense item is_nonzero "
-        "set_ result_type can_cast"
+        "set_ result_type can_cast to contiguous"
     ).split()
 )
 SYNCS = frozenset({"aten::_local_scalar_dense"})

@@ -35,12 +35,11 @@ from ._numerics import accumulation_dtype, probabilities
 from ._ops import (
     ROUTERS,
     _lib,
-    counted_targets,
-    cross_entropy_backward_terms,
     cross_entropy_row_tangent,
     linear_accumulation_dtype,
     ops,
 )
+from .backends import torch_ce
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -64,18 +63,28 @@ def _softmax_setup(ctx, inputs, output):
 
 def _softmax_vjp(ctx, g):
     (y,) = ctx.saved_tensors
-    return ops.softmax_backward(g, y, ctx.dim, ctx.input_dtype, ctx.backend), None, None, None
+    return (
+        call_op("softmax_backward", g, y, ctx.dim, ctx.input_dtype, ctx.backend),
+        None,
+        None,
+        None,
+    )
 
 
 def _softmax_jvp(ctx, t, *_):
     # The Jacobian diag(y) - y y^T is symmetric: the jvp is the backward kernel's map.
     (y,) = ctx.saved_tensors
-    return ops.softmax_backward(t, y, ctx.dim, y.dtype, ctx.backend)
+    return call_op("softmax_backward", t, y, ctx.dim, y.dtype, ctx.backend)
 
 
 def _log_softmax_vjp(ctx, g):
     (y,) = ctx.saved_tensors
-    return ops.log_softmax_backward(g, y, ctx.dim, ctx.input_dtype, ctx.backend), None, None, None
+    return (
+        call_op("log_softmax_backward", g, y, ctx.dim, ctx.input_dtype, ctx.backend),
+        None,
+        None,
+        None,
+    )
 
 
 def _log_softmax_jvp(ctx, t, *_):
@@ -117,7 +126,7 @@ def _logsumexp_vjp(ctx, g, g_lse):
         g = g_lse.to(x.dtype)
     elif g_lse is not None:
         g = g + g_lse
-    dx = ops.logsumexp_backward(g, x, lse, ctx.dim, ctx.keepdim, ctx.backend)
+    dx = call_op("logsumexp_backward", g, x, lse, ctx.dim, ctx.keepdim, ctx.backend)
     return dx, None, None, None
 
 
@@ -148,7 +157,7 @@ def _softmax_backward_vjp(ctx, gg):
     # dx = y*g - y*sum(g*y): along g the map is softmax_backward itself (symmetric); the
     # transpose of the map along y is gg*(g - sum(g*y)) - g*sum(gg*y).
     g, y = ctx.saved_tensors
-    d_g = ops.softmax_backward(gg, y, ctx.dim, g.dtype, ctx.backend)
+    d_g = call_op("softmax_backward", gg, y, ctx.dim, g.dtype, ctx.backend)
     gga, ya, ga = _acc(gg), _acc(y), _acc(g)
     d_y = gga * (ga - _row_sum(ga * ya, ctx.dim)) - ga * _row_sum(gga * ya, ctx.dim)
     return d_g, d_y.to(y.dtype), None, None, None
@@ -158,7 +167,7 @@ def _softmax_backward_jvp(ctx, t_g, t_y, *_):
     g, y = ctx.saved_tensors
     out = 0
     if t_g is not None:
-        out = ops.softmax_backward(t_g, y, ctx.dim, ctx.input_dtype, ctx.backend)
+        out = call_op("softmax_backward", t_g, y, ctx.dim, ctx.input_dtype, ctx.backend)
     if t_y is not None:
         out = out + _softmax_backward_y_term(_acc(g), _acc(y), _acc(t_y), ctx.dim)
     return out.to(ctx.input_dtype)
@@ -177,7 +186,7 @@ def _log_softmax_backward_jvp(ctx, t_g, t_y, *_):
     g, y = ctx.saved_tensors
     out = 0
     if t_g is not None:
-        out = ops.log_softmax_backward(t_g, y, ctx.dim, ctx.input_dtype, ctx.backend)
+        out = call_op("log_softmax_backward", t_g, y, ctx.dim, ctx.input_dtype, ctx.backend)
     if t_y is not None:
         p = torch.exp(_acc(y))
         out = out - p * _acc(t_y) * _row_sum(_acc(g), ctx.dim)
@@ -224,8 +233,9 @@ def _logsumexp_backward_jvp(ctx, t_g, t_x, t_lse, *_):
 
 # ----------------------------------------------------------------------------------------
 # cross_entropy: inputs (logits, target, weight, ignore_index, label_smoothing, z_loss,
-# backend), outputs (loss per row, lse per row). The options after (logits, target, weight)
-# are passed on to the backward op in the same order, so a new option needs nothing here.
+# reduction, backend), outputs (loss per row or reduced, lse per row, counts). The options
+# after (logits, target, weight) are passed on to the backward op in the same order, so a
+# new option needs nothing here. counts (what "mean" divides by) is not differentiable.
 
 
 def _refuse_weight_derivative(asked: bool) -> None:
@@ -238,98 +248,135 @@ def _refuse_weight_derivative(asked: bool) -> None:
 
 def _cross_entropy_setup(ctx, inputs, output):
     logits, target, weight = inputs[:3]
-    ctx.save_for_backward(logits, target, weight, output[1])
-    ctx.save_for_forward(logits, target, weight, output[1])
+    ctx.save_for_backward(logits, target, weight, output[1], output[2])
+    ctx.save_for_forward(logits, target, weight, output[1], output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
     ctx.options = tuple(inputs[3:])
 
 
-def _cross_entropy_vjp(ctx, grad_loss, grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
+def _cross_entropy_vjp(ctx, grad_loss, grad_lse, _grad_counts):
+    saved = ctx.saved_tensors  # (logits, target, weight, lse, counts): the backward's order
+    logits, lse = saved[0], saved[3]
     _refuse_weight_derivative(ctx.needs_input_grad[3])  # (call, logits, target, weight, ...)
     if grad_loss is None:
-        grad_loss = lse.new_zeros(lse.shape, dtype=accumulation_dtype(logits.dtype))
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
-    dx = ops.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, lse, *ctx.options)
+        reduction = ctx.options[3]
+        shape = lse.shape if reduction == "none" else ()
+        grad_loss = lse.new_zeros(shape, dtype=accumulation_dtype(logits.dtype))
+    dx = call_op("cross_entropy_backward", grad_loss, grad_lse, *saved, *ctx.options)
     return (dx, None, None) + (None,) * len(ctx.options)
 
 
+def _reduce_tangent(rows_ce, rows_z, counted, counts, reduction):
+    """The tangent of the loss output from the rows' ce and z tangents (stablekernels/
+    backends/torch_ce.py: the same reduction as the loss)."""
+    if reduction == "none":
+        return rows_ce + rows_z
+    if reduction == "sum":
+        return (rows_ce + rows_z).sum()
+    ce = rows_ce.sum() / counts[0].to(rows_ce.dtype)
+    return ce + rows_z.sum() / counts[1].to(rows_z.dtype)
+
+
 def _cross_entropy_jvp(ctx, t_logits, *_):
-    logits, target, weight, lse = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, _backend = ctx.options
+    logits, target, weight, lse, counts = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, reduction, _backend = ctx.options
     acc = accumulation_dtype(logits.dtype)
     if t_logits is None:
         t_logits = torch.zeros_like(logits)
-    return cross_entropy_row_tangent(
+    ce, z, d, counted = cross_entropy_row_tangent(
         logits, _acc(t_logits), target, weight, lse, ignore_index, label_smoothing, z_loss, acc
     )
+    loss = _reduce_tangent(ce, z, counted, counts, reduction)
+    return loss, d, None
 
 
-# cross_entropy_backward: inputs (grad_loss, grad_lse, logits, target, weight, lse,
-# ignore_index, label_smoothing, z_loss, backend). With p = exp(x - lse) per row,
-#   dx_c = p_c coef - smooth w_c - [c == t] one_hot,   coef = g A + grad_lse,
-#   A = (1 - e) w_t + e W / C + 2 z lse  (g = grad_loss on counted rows, else 0);
-# dx is linear in (grad_loss, grad_lse): its derivative along them is the op itself.
+# cross_entropy_backward: inputs (grad_loss, grad_lse, logits, target, weight, lse, counts,
+# ignore_index, label_smoothing, z_loss, reduction, backend). With p = exp(x - lse) per row,
+#   dx_c = p_c coef - smooth w_c - [c == t] one_hot,
+#   coef = g_ce ((1 - e) w_t + e W / C) + g_z 2 z lse + grad_lse
+# (g_ce, g_z: the loss's gradient on a row's ce and z terms, 0 on rows that do not count;
+# csrc/include/stablekernels/cross_entropy_rows.h); dx is linear in (grad_loss, grad_lse):
+# its derivative along them is the op itself.
 
 
 def _cross_entropy_backward_setup(ctx, inputs, output):
-    grad_loss, grad_lse, logits, target, weight, lse = inputs[:6]
-    ctx.save_for_backward(grad_loss, grad_lse, logits, target, weight, lse)
-    ctx.save_for_forward(grad_loss, grad_lse, logits, target, weight, lse)
-    ctx.options = tuple(inputs[6:])
+    grad_loss, grad_lse, logits, target, weight, lse, counts = inputs[:7]
+    ctx.grad_lse_given = grad_lse is not None
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    ctx.save_for_backward(grad_loss, grad_lse, logits, target, weight, lse, counts)
+    ctx.save_for_forward(grad_loss, grad_lse, logits, target, weight, lse, counts)
+    ctx.options = tuple(inputs[7:])
 
 
 def _cross_entropy_backward_rows(ctx):
-    """(p, coef, 2 z g) of the saved inputs, in the accumulation dtype; p is (R, C), the
+    """(p, coef, 2 z g_z) of the saved inputs, in the accumulation dtype; p is (R, C), the
     others (R, 1)."""
-    grad_loss, grad_lse, logits, target, weight, lse = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, _backend = ctx.options
+    grad_loss, grad_lse, logits, target, weight, lse, counts = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, reduction, _backend = ctx.options
     acc = accumulation_dtype(logits.dtype)
-    safe, counted = counted_targets(target, ignore_index)
-    w = None if weight is None else weight.to(acc)
-    coef = cross_entropy_backward_terms(
-        grad_loss, grad_lse, lse, safe, counted, w, logits.shape[1], label_smoothing, z_loss, acc
+    g_ce, g_z, counted = torch_ce.row_gradients(grad_loss, target, counts, ignore_index, reduction)
+    w_t = (
+        1.0 if weight is None else weight.double().index_select(0, torch.where(counted, target, 0))
+    )
+    coef = torch_ce.backward_terms(
+        g_ce, g_z, grad_lse, lse, w_t, counts[2], logits.shape[1], label_smoothing, z_loss, acc
     )[:, 2]
+    z_term = ((2 * z_loss) * g_z).expand(lse.shape)
     p = probabilities(logits, lse[:, None])
-    z_term = (2 * z_loss) * torch.where(counted, _acc(grad_loss), 0.0)
-    return p, coef[:, None], z_term[:, None]
+    return p, coef[:, None], z_term.to(acc)[:, None]
 
 
 def _cross_entropy_backward_vjp(ctx, gg):
-    grad_loss, grad_lse, logits, target, weight, lse = ctx.saved_tensors
+    grad_loss, grad_lse, logits, target, weight, lse, counts = ctx.saved_tensors
     _refuse_weight_derivative(ctx.needs_input_grad[5])  # (call, grad_loss, ..., weight, ...)
     p, coef, z_term = _cross_entropy_backward_rows(ctx)
     gp = _acc(gg) * p
     q = gp.sum(1)
-    # dx's derivative along (grad_loss, grad_lse) paired with gg: the op's map, transposed.
-    ones = torch.ones_like(grad_loss)
-    unit = ops.cross_entropy_backward(
-        ones, torch.zeros_like(grad_lse), logits, target, weight, lse, *ctx.options
+    # dx's derivative along grad_loss paired with gg: the op's map, transposed.
+    unit = call_op(
+        "cross_entropy_backward",
+        torch.ones_like(grad_loss),
+        None,
+        logits,
+        target,
+        weight,
+        lse,
+        counts,
+        *ctx.options,
     )
     d_grad_loss = (_acc(gg) * _acc(unit)).sum(1)
+    if grad_loss.dim() == 0:
+        d_grad_loss = d_grad_loss.sum()
     d_logits = gp * coef
     d_lse = q * (z_term - coef)[:, 0]
     return (
         d_grad_loss.to(grad_loss.dtype),
-        q.to(grad_lse.dtype),
+        q.to(grad_lse.dtype) if ctx.grad_lse_given else None,
         d_logits.to(logits.dtype),
         None,
         None,
         d_lse.to(lse.dtype),
+        None,
     ) + (None,) * len(ctx.options)
 
 
-def _cross_entropy_backward_jvp(ctx, t_grad_loss, t_grad_lse, t_logits, _t, _t_weight, t_lse, *_):
-    grad_loss, grad_lse, logits, target, weight, lse = ctx.saved_tensors
+def _cross_entropy_backward_jvp(
+    ctx, t_grad_loss, t_grad_lse, t_logits, _t, _t_weight, t_lse, _t_counts, *_
+):
+    grad_loss, grad_lse, logits, target, weight, lse, counts = ctx.saved_tensors
     out = 0
     if t_grad_loss is not None or t_grad_lse is not None:
-        out = ops.cross_entropy_backward(
+        out = call_op(
+            "cross_entropy_backward",
             torch.zeros_like(grad_loss) if t_grad_loss is None else t_grad_loss,
-            torch.zeros_like(grad_lse) if t_grad_lse is None else t_grad_lse,
+            t_grad_lse,
             logits,
             target,
             weight,
             lse,
+            counts,
             *ctx.options,
         )
     if t_logits is not None or t_lse is not None:
@@ -415,8 +462,17 @@ def _linear_cross_entropy_vjp(ctx, grad_loss, grad_lse, grad_entropy, grad_logpr
     for i, like in enumerate((lse.to(acc), lse, entropy, lse.to(acc))):
         if grads[i] is None:
             grads[i] = torch.zeros_like(like)
-    dx, dw, db = ops.linear_cross_entropy_backward(
-        *grads, input, linear_weight, linear_bias, target, weight, lse, entropy, *ctx.options
+    dx, dw, db = call_op(
+        "linear_cross_entropy_backward",
+        *grads,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        lse,
+        entropy,
+        *ctx.options,
     )
     return (dx, dw, None if linear_bias is None else db) + none
 
@@ -469,8 +525,8 @@ def _masked_softmax_vjp(ctx, g, g_lse):
     # (call, x, mask, ...)
     mask_asked = ctx.needs_input_grad[2]
     if g_lse is None and not mask_asked:
-        dx = ops.masked_softmax_backward(
-            g, y, lse, ctx.scale, ctx.log, ctx.input_dtype, ctx.backend
+        dx = call_op(
+            "masked_softmax_backward", g, y, lse, ctx.scale, ctx.log, ctx.input_dtype, ctx.backend
         )
         return dx, None, *none
     # dt: the gradient along t = scale * x + mask; the lse's is p = softmax(t).
@@ -478,7 +534,7 @@ def _masked_softmax_vjp(ctx, g, g_lse):
     if g is None:
         dt = torch.zeros_like(y, dtype=acc)
     else:
-        dt = ops.masked_softmax_backward(g, y, lse, 1.0, ctx.log, acc, ctx.backend)
+        dt = call_op("masked_softmax_backward", g, y, lse, 1.0, ctx.log, acc, ctx.backend)
     if g_lse is not None:
         p = torch.exp(_acc(y)) if ctx.log else _acc(y)
         g_rows = g_lse.to(acc).unsqueeze(-1) if y.dim() else g_lse.to(acc)
@@ -524,8 +580,8 @@ def _masked_probabilities(ctx, x, mask):
     """softmax of t in the accumulation dtype (0 where dropped and on rows with nothing
     kept), by the forward op: the mask read again, the row's statistics recomputed."""
     acc = accumulation_dtype(x.dtype)
-    return ops.masked_softmax(
-        x, mask, ctx.scale, ctx.causal_offset, acc, False, False, ctx.backend
+    return call_op(
+        "masked_softmax", x, mask, ctx.scale, ctx.causal_offset, acc, False, False, ctx.backend
     )[0]
 
 
@@ -561,6 +617,10 @@ class _Call:
         self.grad_enabled = torch.is_grad_enabled()
         self.fwd_grad_enabled = torch._C._is_fwd_grad_enabled()
 
+
+# The Function's forward of a call that call_op sends straight to the router.
+DIRECT = _Call.__new__(_Call)
+DIRECT.keyset = None
 
 _RULES = {
     "softmax": (_softmax_setup, _softmax_vjp, _softmax_jvp),
@@ -627,7 +687,11 @@ def _function(name: str, setup_context, backward, jvp) -> type[torch.autograd.Fu
     record its own graph, as it does for torch's ops)."""
     op = getattr(ops, name).default
 
+    route = ROUTERS[name]
+
     def forward(call, *args):
+        if call is DIRECT:  # applied by call_op: nothing below autograd but the router
+            return route(*args)
         with (
             torch._C._AutoDispatchBelowAutograd(),
             torch.autograd.grad_mode.set_grad_enabled(call.grad_enabled),
@@ -707,3 +771,51 @@ def _register(name: str) -> None:
 
 for _name in _RULES:
     _register(_name)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def direct(args) -> bool:
+    """Whether a call may skip the dispatcher: eager, plain CPU or CUDA tensors, and nothing
+    that would see or change the op on its way (torch.compile or export tracing, a torch.func
+    transform or autograd's batched gradients, forward-mode AD, autocast, a dispatch or
+    torch-function mode, a tensor subclass). Then the op's Autograd kernel would do exactly
+    what call_op does."""
+    if (
+        _is_compiling()
+        or _functorch_active()
+        or forward_ad._current_level >= 0
+        or _autocast_enabled()
+        or _dispatch_modes()
+        or _function_modes()
+    ):
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and (
+            type(a) not in _PLAIN_TENSORS
+            or not (a.is_cpu or a.is_cuda)
+            or _is_legacy_batched(a)  # autograd's batched gradients (is_grads_batched)
+        ):
+            return False
+    return True
+
+
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_autocast_enabled = torch._C._is_any_autocast_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+
+
+def call_op(name: str, *args):
+    """``torch.ops.stablekernels.<name>(*args)``, through its Function or straight to its
+    router when :func:`direct` allows: the same computation without the dispatcher's round
+    trip into the Python Autograd kernel (about 5 us a call on a CPU). The public functions
+    and the backward rules call their ops through here."""
+    if not direct(args):
+        return getattr(ops, name).default(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return FUNCTIONS[name].apply(DIRECT, *args)
+    return ROUTERS[name](*args)

@@ -95,19 +95,23 @@ def _flat_rows(t: torch.Tensor | None, in_dim, size: int) -> torch.Tensor | None
 
 
 def _cross_entropy_rule(info, in_dims, logits, target, weight, *options):
-    if in_dims[2] is not None:
+    reduction = options[3]
+    if in_dims[2] is not None or reduction != "none":
         args = (logits, target, weight, *options)
         return _per_sample(ops.cross_entropy.default, info, in_dims, args)
     size = info.batch_size
-    loss, lse = ops.cross_entropy(
+    loss, lse, counts = ops.cross_entropy(
         _flat_rows(logits, in_dims[0], size), _flat_rows(target, in_dims[1], size), weight, *options
     )
-    return (loss.unflatten(0, (size, -1)), lse.unflatten(0, (size, -1))), (0, 0)
+    # counts is of the flattened call: it is not what one sample's forward gives, and only a
+    # "mean" backward reads it (which runs per sample).
+    counts = counts.expand(size, 3)
+    return (loss.unflatten(0, (size, -1)), lse.unflatten(0, (size, -1)), counts), (0, 0, 0)
 
 
 def _cross_entropy_backward_rule(info, in_dims, *args):
-    grad_loss, grad_lse, logits, target, weight, lse, *options = args
-    if in_dims[4] is not None:
+    grad_loss, grad_lse, logits, target, weight, lse, counts, *options = args
+    if in_dims[4] is not None or options[3] != "none":
         return _per_sample(ops.cross_entropy_backward.default, info, in_dims, args)
     size = info.batch_size
     flat = [
@@ -115,7 +119,8 @@ def _cross_entropy_backward_rule(info, in_dims, *args):
         for t, d in zip((grad_loss, grad_lse, logits, target), in_dims[:4], strict=True)
     ]
     lse = _flat_rows(lse, in_dims[5], size)
-    dx = ops.cross_entropy_backward(*flat, weight, lse, *options)
+    counts = _front(counts, in_dims[6], size)[0] if in_dims[6] is not None else counts
+    dx = ops.cross_entropy_backward(*flat, weight, lse, counts, *options)
     return dx.unflatten(0, (size, -1)), 0
 
 

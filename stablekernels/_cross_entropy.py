@@ -13,16 +13,29 @@ import math
 
 import torch
 
-from ._api import _check_tensor, log_softmax, logsumexp, resolve_backend
+from . import _ops
+from ._api import (
+    _PREPARED,
+    _check_tensor,
+    _overriding_backend,
+    _prepared,
+    callable_kernel,
+    log_softmax,
+    logsumexp,
+    resolve_backend,
+)
 from ._autocast import loss_dtype
+from ._autograd import call_op, direct
 from ._numerics import accumulation_dtype
-from ._ops import counted_targets, ops
+from ._ops import counted_targets
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def _as_rows(t: torch.Tensor, batch_shape, classes: int) -> torch.Tensor:
     """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C) (also for C == 0)."""
+    if t.dim() == 2:
+        return t
     rows = math.prod(batch_shape)
     if t.dim() == 1:
         return t.reshape(1, classes)
@@ -152,6 +165,16 @@ def cross_entropy(
     as in torch); the backward computes dx = (softmax - smoothed one-hot) * weight * grad in
     one pass from the saved lse, allocating nothing of the logits' size but dx.
     """
+    fast = _fast_class_rows(
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, backend
+    )
+    if fast is not None:
+        kernel, out_dtype = fast
+        loss, lse, _counts = kernel(
+            input, target, weight, ignore_index, float(label_smoothing), float(z_loss), reduction
+        )
+        loss = loss if loss.dtype == out_dtype else loss.to(out_dtype)
+        return (loss, lse.float()) if return_lse else loss
     input = _check_tensor("cross_entropy", input)
     if not input.is_floating_point():
         raise RuntimeError(f"cross_entropy(): expected a floating input, got {input.dtype}")
@@ -178,13 +201,19 @@ def cross_entropy(
         loss = _reduce(rows, reduction, denominator, batch_shape)
     else:
         flat = _class_targets(input, target, batch_shape, classes)
-        z_in_op, z_apart = split_z_loss(z_loss, weight, reduction, classes)
-        rows, lse = ops.cross_entropy(
-            logits, flat, weight, ignore_index, label_smoothing, z_in_op, name
+        loss, lse, _counts = call_op(
+            "cross_entropy",
+            logits,
+            flat,
+            weight,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            reduction,
+            name,
         )
-        loss = reduce_class_rows(
-            rows, lse, flat, weight, classes, ignore_index, reduction, z_apart, batch_shape
-        )
+        if reduction == "none":
+            loss = loss.reshape(batch_shape)
 
     out_dtype = loss_dtype(input)
     if target.shape == input.shape:  # as torch: the loss of probabilities promotes with them
@@ -193,6 +222,54 @@ def cross_entropy(
     if return_lse:
         return loss, lse.float().reshape(batch_shape)
     return loss
+
+
+def _fast_class_rows(
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, backend
+):
+    """(the backend's fused kernel, the loss dtype) for a plain call (stablekernels._api: the
+    eager path without autograd) on (R, C) logits, R, C > 0, with (R,) int64 targets and class
+    weights, if any, of the accumulation dtype; else None (the general path serves it). The
+    checks that depend on the types alone are made once per combination; the shapes, here."""
+    if not isinstance(input, torch.Tensor) or (input.requires_grad and torch.is_grad_enabled()):
+        return None
+    if not (isinstance(target, torch.Tensor) and direct((input, target, weight))):
+        return None
+    if input.dim() != 2 or target.dim() != 1 or target.shape[0] != input.shape[0]:
+        return None
+    if not input.numel() or (weight is not None and weight.shape != input.shape[1:]):
+        return None
+    key = (
+        "cross_entropy", input.dtype, input.device, target.dtype, target.device,
+        None if weight is None else (weight.dtype, weight.device), ignore_index, reduction,
+        label_smoothing, z_loss, backend, _overriding_backend(),
+    )  # fmt: skip
+    answer = _PREPARED.get(key, _PREPARED)
+    if answer is _PREPARED:
+        answer = _prepared(
+            key, _prepare_class_rows, input, target, weight, ignore_index, reduction,
+            label_smoothing, z_loss, backend,
+        )  # fmt: skip
+    return answer
+
+
+def _prepare_class_rows(
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, backend
+):
+    if not input.is_floating_point() or target.dtype != torch.int64:
+        return None
+    if type(ignore_index) is not int or type(label_smoothing) not in (int, float):
+        return None
+    if type(z_loss) not in (int, float):
+        return None
+    _check_options(input, weight, reduction, float(label_smoothing), input.shape[1])
+    _ops._check_cross_entropy("cross_entropy", input, target, weight)
+    acc = accumulation_dtype(input.dtype)
+    if weight is not None and weight.dtype != acc:
+        return None
+    name = resolve_backend(backend, input.device)
+    kernel = _ops._kernels("cross_entropy", name, input).cross_entropy_loss
+    return None if kernel is None else (callable_kernel(kernel), input.dtype)
 
 
 def split_z_loss(z_loss: float, weight, reduction: str, classes: int) -> tuple[float, float]:

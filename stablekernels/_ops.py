@@ -12,10 +12,12 @@ backends; the backend is an argument, chosen by :mod:`stablekernels._api`::
     logsumexp_backward(Tensor grad, Tensor x, Tensor result, int dim, bool keepdim,
                        str backend) -> Tensor
     cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index,
-                  float label_smoothing, float z_loss, str backend) -> (Tensor loss, Tensor lse)
-    cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, Tensor logits, Tensor target,
-                           Tensor? weight, Tensor lse, int ignore_index,
-                           float label_smoothing, float z_loss, str backend) -> Tensor
+                  float label_smoothing, float z_loss, str reduction, str backend)
+                  -> (Tensor loss, Tensor lse, Tensor counts)
+    cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target,
+                           Tensor? weight, Tensor lse, Tensor counts, int ignore_index,
+                           float label_smoothing, float z_loss, str reduction,
+                           str backend) -> Tensor
 
     masked_softmax(Tensor x, Tensor? mask, float scale, int? causal_offset,
                    ScalarType? dtype, bool log, bool nan_rows, str backend)
@@ -38,8 +40,8 @@ so that the kernels are the same few passes over the data on every backend:
 
 * the cross-entropy loss of each row from the kernel's pieces (nll, smooth, lse) and the
   options (ignore_index, class weights, label smoothing, z-loss);
-* the cross-entropy backward's per-row terms (hi, lo, coef, smooth, one_hot);
-* the logsumexp backward's per-row gradient and the hi/lo split of its lse.
+* (nothing else: the cross-entropy's loss, reduction and backward coefficients and the
+  logsumexp backward's hi/lo split of its lse are the kernels' own.)
 
 A new per-row option of cross-entropy therefore changes this module and the public
 function only (docs/design.md). Outputs are always new contiguous tensors, as
@@ -53,7 +55,8 @@ from __future__ import annotations
 import torch
 
 from . import _linear_tiles, backends
-from ._numerics import accumulation_dtype, probabilities, split_lse
+from ._numerics import accumulation_dtype, probabilities
+from .backends import torch_ce
 
 NAMESPACE = "stablekernels"
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -70,11 +73,12 @@ SCHEMAS = {
     "logsumexp_backward": "logsumexp_backward(Tensor grad, Tensor x, Tensor result, int dim, "
     "bool keepdim, str backend) -> Tensor",
     "cross_entropy": "cross_entropy(Tensor logits, Tensor target, Tensor? weight, "
-    "int ignore_index, float label_smoothing, float z_loss, str backend) "
-    "-> (Tensor loss, Tensor lse)",
-    "cross_entropy_backward": "cross_entropy_backward(Tensor grad_loss, Tensor grad_lse, "
-    "Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index, "
-    "float label_smoothing, float z_loss, str backend) -> Tensor",
+    "int ignore_index, float label_smoothing, float z_loss, str reduction, str backend) "
+    "-> (Tensor loss, Tensor lse, Tensor counts)",
+    "cross_entropy_backward": "cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, "
+    "Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor counts, "
+    "int ignore_index, float label_smoothing, float z_loss, str reduction, str backend) "
+    "-> Tensor",
     "linear_cross_entropy": "linear_cross_entropy(Tensor input, Tensor linear_weight, "
     "Tensor? linear_bias, Tensor target, Tensor? weight, int ignore_index, "
     "float label_smoothing, float z_loss, float? softcap, float temperature, "
@@ -139,7 +143,8 @@ _SERVED: dict[tuple[str, str], backends.Kernels] = {}
 
 
 def _kernels(op: str, backend: str, *tensors: torch.Tensor) -> backends.Kernels:
-    check_same_device(op, *tensors)
+    if len(tensors) > 1:
+        check_same_device(op, *tensors)
     key = (backend, tensors[0].device.type)
     kernels = _SERVED.get(key)
     if kernels is None:
@@ -275,12 +280,18 @@ def _logsumexp_backward_route(grad, x, result, dim, keepdim, backend):
     kernels = _kernels("logsumexp_backward", backend, x, grad, result)
     if x.numel() == 0:
         return x.new_empty(x.shape)
-    acc = accumulation_dtype(x.dtype)
-    g = _per_row(grad, acc)
-    hi, lo = split_lse(_per_row(result, torch.float64), acc)
+    # One value per row, in row order: views (an expanded gradient, of sum(), keeps stride
+    # 0), converted only when a caller hands over another dtype.
+    g = grad.reshape(-1)
+    if g.dtype != x.dtype:
+        g = g.to(x.dtype)
+    lse = result.reshape(-1)
+    if lse.dtype != torch.float64:
+        lse = lse.double()
+    lse = lse.contiguous()
     if x.dim() == 0:
-        return kernels.logsumexp_backward(g, x.reshape(1), hi, lo, 0).reshape(())
-    return kernels.logsumexp_backward(g, x, hi, lo, dim)
+        return kernels.logsumexp_backward(g, x.reshape(1), lse, 0).reshape(())
+    return kernels.logsumexp_backward(g, x, lse, dim)
 
 
 def _logsumexp_backward_fake(grad, x, result, dim, keepdim, backend):
@@ -317,22 +328,15 @@ def _check_cross_entropy(op, logits, target, weight):
 
 
 def _class_rows(classes: int, dtype: torch.dtype, target, weight, ignore_index):
-    """What every cross-entropy kernel is given: targets (an ignored row's is 0), which rows
-    count, and the class weights in the accumulation dtype.
-
-    A counted target out of [0, C) is an error, reported without waiting for the device:
-    IndexError in torch's words where the targets are on the host (CPU tensors); elsewhere a
-    device-side assert (``torch._assert_async``, as torch's nll_loss on CUDA), so the router
-    never synchronises and works under CUDA graph capture. The GPU kernels assert it too."""
-    safe, counted = counted_targets(target, ignore_index)
-    bad = counted & ((target < 0) | (target >= classes))
-    if target.device.type == "cpu":
-        if bad.any():
-            raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
-    else:
-        torch._assert_async(~bad.any(), "cross_entropy: a target is out of bounds")
-    w = None if weight is None else weight.to(accumulation_dtype(dtype)).contiguous()
-    return safe, counted, w
+    """What the linear cross-entropy's tiles are given: targets (an ignored row's is 0),
+    which rows count (each counted target checked: torch_ce.check_targets), and the class
+    weights in the accumulation dtype."""
+    counted = torch_ce.check_targets(target, ignore_index, classes)
+    return (
+        torch.where(counted, target, 0),
+        counted,
+        _class_weights(weight, accumulation_dtype(dtype)),
+    )
 
 
 def counted_targets(target, ignore_index):
@@ -342,129 +346,159 @@ def counted_targets(target, ignore_index):
     return torch.where(counted, target, 0), counted
 
 
-def _target_weights(safe, w):
-    """w_t per row in fp64 (1 without class weights)."""
-    return 1.0 if w is None else w.double().index_select(0, safe)
-
-
-def cross_entropy_row_loss(nll, smooth, lse, safe, counted, w, classes, label_smoothing, z_loss):
-    """Each row's loss (fp64) from the kernel's pieces (nll, smooth, lse: fp64 rows) and the
-    options: ``(1 - e) w_t nll + (e / C) smooth + z lse^2``; NaN on a row with a NaN, a +inf
-    or only -inf (where lse is not finite, as torch), 0 on rows not ``counted``."""
-    loss = (1 - label_smoothing) * _target_weights(safe, w) * nll
-    if label_smoothing:
-        loss = loss + (label_smoothing / classes) * smooth
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    loss = torch.where(lse.isfinite(), loss, float("nan"))
-    return torch.where(counted, loss, 0.0)
-
-
 def cross_entropy_row_tangent(
     logits, tangent, target, weight, lse, ignore_index, label_smoothing, z_loss, acc
 ):
-    """The forward-mode derivative of (loss, lse) per row along ``tangent`` (the logits'
-    tangent, in ``acc``), from the saved lse: with p = exp(x - lse) and d = sum_c p_c t_c,
+    """The forward-mode derivative of each row's loss terms and lse along ``tangent`` (the
+    logits' tangent, in ``acc``), from the saved lse: with p = exp(x - lse) and
+    d = sum_c p_c t_c,
 
-        d lse  = d
-        d loss = (1 - e) w_t (d - t_t) + (e / C) (W d - sum_c w_c t_c) + 2 z lse d
+        d lse = d,   d ce = (1 - e) w_t (d - t_t) + (e / C) (W d - sum_c w_c t_c),
+        d (z lse^2) = 2 z lse d
 
-    (the derivative of cross_entropy_row_loss, term by term); NaN where lse is not finite,
-    0 on rows not counted. Returns (loss tangent in ``acc``, lse tangent in float64)."""
+    (cross_entropy_rows.h, term by term); NaN where lse is not finite, 0 on rows that do
+    not count. Returns (ce tangent, z tangent, in ``acc``; lse tangent in float64;
+    counted)."""
     rows, classes = logits.shape
     safe, counted = counted_targets(target, ignore_index)
     if rows == 0 or classes == 0:
         zero = tangent.new_zeros(rows)
-        return zero, zero.double()
+        return zero, zero, zero.double(), counted
     w = None if weight is None else weight.to(acc)
     d = (probabilities(logits, lse[:, None]) * tangent).sum(1)
     e = label_smoothing
     w_t = 1.0 if w is None else w.index_select(0, safe)
-    dot = (1 - e) * w_t * (d - tangent.gather(1, safe[:, None])[:, 0])
+    ce = (1 - e) * w_t * (d - tangent.gather(1, safe[:, None])[:, 0])
     if e:
         total_w = float(classes) if w is None else w.sum()
         weighted = tangent.sum(1) if w is None else (tangent * w).sum(1)
-        dot = dot + (e / classes) * (total_w * d - weighted)
-    if z_loss:
-        dot = dot + (2 * z_loss) * lse.to(acc) * d
-    dot = torch.where(lse.isfinite(), dot, float("nan"))
-    return torch.where(counted, dot, 0.0), d.double()
+        ce = ce + (e / classes) * (total_w * d - weighted)
+    z = (2 * z_loss) * lse.to(acc) * d if z_loss else torch.zeros_like(d)
+    finite = lse.isfinite()
+    ce = torch.where(finite, ce, float("nan"))
+    z = torch.where(finite, z, float("nan"))
+    return torch.where(counted, ce, 0.0), torch.where(counted, z, 0.0), d.double(), counted
 
 
-def _cross_entropy_route(logits, target, weight, ignore_index, label_smoothing, z_loss, backend):
-    _check_cross_entropy("cross_entropy", logits, target, weight)
-    kernels = _kernels("cross_entropy", backend, logits)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(op: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}(): {reduction} is not a valid value for reduction")
+
+
+def _class_weights(weight, acc):
+    """The class weights as every cross-entropy kernel takes them: in ``acc``, contiguous."""
+    return None if weight is None else weight.to(acc).contiguous()
+
+
+def _degenerate_cross_entropy(logits, target, ignore_index, label_smoothing, reduction):
+    """(loss, lse, counts) of R = 0 rows or C = 0 classes, as torch: with no class a row
+    could count for, every row must be ignored (a counted one is out of bounds); an ignored
+    row's smoothing term is (e / 0) * 0 = NaN, the rest 0; "mean" divides by 0."""
     rows, classes = logits.shape
     acc = accumulation_dtype(logits.dtype)
-    if rows == 0:
-        return logits.new_empty(0, dtype=acc), logits.new_empty(0, dtype=torch.float64)
-    safe, counted, w = _class_rows(logits.shape[1], logits.dtype, target, weight, ignore_index)
-    if classes == 0:
-        # No class a row could count for (a counted row is reported above): every row is
-        # ignored. As torch, its smoothing term is (e / 0) * 0 = NaN, the rest 0.
-        lse = logits.new_full((rows,), float("-inf"), dtype=torch.float64)
-        loss = torch.full_like(lse, float("nan") if label_smoothing else 0.0)
-        return loss.to(acc), lse
-    nll, smooth, lse = kernels.cross_entropy(logits, safe, w, label_smoothing > 0)
-    loss = cross_entropy_row_loss(
-        nll, smooth, lse, safe, counted, w, classes, label_smoothing, z_loss
+    torch_ce.check_targets(target, ignore_index, classes)
+    lse = logits.new_full((rows,), float("-inf"), dtype=torch.float64)
+    per_row = torch.full(
+        (rows,), float("nan") if label_smoothing else 0.0, dtype=acc, device=logits.device
     )
-    return loss.to(acc), lse
+    counts = logits.new_zeros(3, dtype=torch.float64)
+    if reduction == "none":
+        return per_row, lse, counts
+    total = per_row.sum()
+    return (total / 0.0 if reduction == "mean" else total), lse, counts
 
 
-def _cross_entropy_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, backend):
+def _cross_entropy_route(
+    logits, target, weight, ignore_index, label_smoothing, z_loss, reduction, backend
+):
     _check_cross_entropy("cross_entropy", logits, target, weight)
+    check_reduction("cross_entropy", reduction)
+    kernels = _kernels("cross_entropy", backend, logits)
+    if logits.numel() == 0:
+        return _degenerate_cross_entropy(logits, target, ignore_index, label_smoothing, reduction)
+    w = _class_weights(weight, accumulation_dtype(logits.dtype))
+    options = (ignore_index, label_smoothing, z_loss, reduction)
+    if kernels.cross_entropy_loss is None:
+        return torch_ce.loss_from_pieces(kernels.cross_entropy, logits, target, w, *options)
+    return kernels.cross_entropy_loss(logits, target, w, *options)
+
+
+def _cross_entropy_fake(
+    logits, target, weight, ignore_index, label_smoothing, z_loss, reduction, backend
+):
+    _check_cross_entropy("cross_entropy", logits, target, weight)
+    check_reduction("cross_entropy", reduction)
+    return _cross_entropy_outputs(logits, reduction)
+
+
+def _cross_entropy_outputs(logits, reduction):
+    """(loss, lse, counts) as the kernels return them, empty: the fakes' answer."""
     rows = logits.shape[0]
     return (
-        logits.new_empty(rows, dtype=accumulation_dtype(logits.dtype)),
+        logits.new_empty(
+            rows if reduction == "none" else (), dtype=accumulation_dtype(logits.dtype)
+        ),
         logits.new_empty(rows, dtype=torch.float64),
+        logits.new_empty(3, dtype=torch.float64),
     )
 
 
-def cross_entropy_backward_terms(
-    grad_loss, grad_lse, lse, safe, counted, w, classes, label_smoothing, z_loss, acc
-):
-    """The per-row terms (R, 5) = (hi, lo, coef, smooth, one_hot) in ``acc`` of
-
-        dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot
-
-    with g = grad_loss (0 on ignored rows), W = sum_c w_c:
-    coef = g ((1 - e) w_t + e W / C + 2 z lse) + grad_lse, smooth = (e / C) g,
-    one_hot = (1 - e) g w_t. Computed in fp64."""
-    e = label_smoothing
-    g = torch.where(counted, grad_loss.double(), 0.0)
-    w_t = _target_weights(safe, w)
-    total_w = float(classes) if w is None else w.double().sum()
-    lse = lse.double()
-    coef = g * ((1 - e) * w_t + e * total_w / classes) + grad_lse.double()
-    if z_loss:
-        coef = coef + g * (2 * z_loss) * lse
-    hi, lo = split_lse(lse, acc)
-    smooth = (e / classes) * g
-    one_hot = (1 - e) * g * w_t
-    return torch.stack([hi, lo, coef.to(acc), smooth.to(acc), one_hot.to(acc)], dim=1)
+def _check_cross_entropy_gradients(grad_loss, grad_lse, lse, counts, rows, reduction):
+    op = "cross_entropy_backward"
+    want = (rows,) if reduction == "none" else ()
+    if grad_loss.shape != want:
+        raise RuntimeError(f"{op}(): grad_loss has shape {tuple(grad_loss.shape)}, expected {want}")
+    for name, t, shape in (
+        ("grad_lse", grad_lse, (rows,)),
+        ("lse", lse, (rows,)),
+        ("counts", counts, (3,)),
+    ):
+        if t is not None and t.shape != shape:
+            raise RuntimeError(f"{op}(): {name} has shape {tuple(t.shape)}, expected {shape}")
 
 
 def _cross_entropy_backward_route(
-    grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, backend
+    grad_loss,
+    grad_lse,
+    logits,
+    target,
+    weight,
+    lse,
+    counts,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    reduction,
+    backend,
 ):
     _check_cross_entropy("cross_entropy_backward", logits, target, weight)
-    kernels = _kernels("cross_entropy_backward", backend, logits, grad_loss, grad_lse, lse)
+    check_reduction("cross_entropy_backward", reduction)
+    _check_cross_entropy_gradients(grad_loss, grad_lse, lse, counts, logits.shape[0], reduction)
+    kernels = _kernels("cross_entropy_backward", backend, logits, grad_loss, lse, counts)
     if logits.numel() == 0:
         return torch.zeros_like(logits)
-    rows, classes = logits.shape
     acc = accumulation_dtype(logits.dtype)
-    safe, counted, w = _class_rows(logits.shape[1], logits.dtype, target, weight, ignore_index)
-    terms = cross_entropy_backward_terms(
-        grad_loss, grad_lse, lse, safe, counted, w, classes, label_smoothing, z_loss, acc
-    )
-    return kernels.cross_entropy_backward(logits, safe, w, terms)
+    # The dtypes the kernels read (autograd hands over these; a direct call may not).
+    if grad_loss.dtype != acc:
+        grad_loss = grad_loss.to(acc)
+    if grad_lse is not None and grad_lse.dtype != torch.float64:
+        grad_lse = grad_lse.double()
+    lse, counts = lse.double().contiguous(), counts.double().contiguous()
+    w = _class_weights(weight, acc)
+    args = (grad_loss, grad_lse, logits, target, w, lse, counts)
+    options = (ignore_index, label_smoothing, z_loss, reduction)
+    if kernels.cross_entropy_loss_backward is None:
+        return torch_ce.gradient_from_terms(kernels.cross_entropy_backward, *args, *options)
+    return kernels.cross_entropy_loss_backward(*args, *options)
 
 
-def _cross_entropy_backward_fake(
-    grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, backend
-):
+def _cross_entropy_backward_fake(grad_loss, grad_lse, logits, target, weight, lse, counts, *rest):
     _check_cross_entropy("cross_entropy_backward", logits, target, weight)
+    check_reduction("cross_entropy_backward", rest[3])
+    _check_cross_entropy_gradients(grad_loss, grad_lse, lse, counts, logits.shape[0], rest[3])
     return torch.empty_like(logits)
 
 
@@ -572,7 +606,7 @@ def _linear_cross_entropy_route(
         ones, zeros = input.new_ones(rows, dtype=acc), input.new_zeros(rows, dtype=acc)
 
         def unit_terms(lse_rows, r):
-            return cross_entropy_backward_terms(
+            return torch_ce.per_row_backward_terms(
                 ones[r], zeros[r], lse_rows, safe[r], counted[r], w, vocab,
                 label_smoothing, z_loss, acc,
             )  # fmt: skip
@@ -587,9 +621,8 @@ def _linear_cross_entropy_route(
             kernels, input, logits, safe, counted, w, label_smoothing > 0, with_entropy
         )
         gradient = _unit_gradient_shapes(input, linear_weight, linear_bias, False, acc)
-    loss = cross_entropy_row_loss(
-        nll, smooth, lse, safe, counted, w, vocab, label_smoothing, z_loss
-    )
+    w_t = 1.0 if w is None else w.double().index_select(0, safe)
+    loss = torch_ce.row_loss(nll, smooth, lse, counted, w_t, vocab, label_smoothing, z_loss)
     logprob = torch.where(counted, -nll, 0.0)
     return loss.to(acc), lse, entropy.to(acc), logprob.to(acc), *gradient
 
@@ -646,7 +679,7 @@ def _linear_cross_entropy_backward_route(
     with_entropy,
     backend,
 ):
-    """The per-row terms of cross_entropy_backward_terms, with the target's log-prob
+    """The per-row terms of torch_ce.per_row_backward_terms, with the target's log-prob
     (d/dz_j = [j == t] - p_j) and the entropy's p_j part (dH/dz_j = -p_j (z_j - lse + H))
     folded into coef and one_hot; the tiles add the entropy's -g_H p_j (z_j - lse)."""
     op = "linear_cross_entropy_backward"
@@ -665,7 +698,7 @@ def _linear_cross_entropy_backward_route(
         )
     acc = linear_accumulation_dtype(input, linear_weight, linear_bias)
     safe, counted, w = _class_rows(vocab, acc, target, weight, ignore_index)
-    terms = cross_entropy_backward_terms(
+    terms = torch_ce.per_row_backward_terms(
         grad_loss, grad_lse, lse, safe, counted, w, vocab, label_smoothing, z_loss, acc
     )
     g_logprob = torch.where(counted, grad_logprob.to(acc), 0.0)
@@ -800,9 +833,10 @@ def _masked_softmax_backward_route(grad, output, lse, scale, log, input_dtype, b
         dx.mul_(scale)  # one pass over the kernel's own output
     if log:  # log_softmax's backward gives dx = g where y = -inf (exp(y) = 0): dropped
         dx.masked_fill_(output == float("-inf"), 0.0)
+    # Rows with nothing kept (NaN under masked_rows="nan"): always filled, since asking
+    # whether there are any would be a host synchronisation on a GPU.
     dead = lse == float("-inf")
-    if dead.any():  # rows with nothing kept: NaN under masked_rows="nan"
-        dx.masked_fill_(dead.unsqueeze(-1) if output.dim() else dead, 0.0)
+    dx.masked_fill_(dead.unsqueeze(-1) if output.dim() else dead, 0.0)
     return dx
 
 
@@ -877,12 +911,18 @@ _FUSED_FAKES = {
         output.shape, dtype=input_dtype
     ),
     "_fused_logsumexp": _fused_reduced,
-    "_fused_logsumexp_backward": lambda grad, x, hi, lo, dim: x.new_empty(x.shape),
+    "_fused_logsumexp_backward": lambda grad, x, lse, dim: x.new_empty(x.shape),
     "_fused_cross_entropy": _fused_rows,
     "_fused_cross_entropy_backward": lambda logits, target, weight, terms: logits.new_empty(
         logits.shape
     ),
     "_fused_cross_entropy_backward_inplace": lambda logits, target, weight, terms: None,
+    "_fused_cross_entropy_loss": lambda logits, *options: _cross_entropy_outputs(
+        logits, options[-1]
+    ),
+    "_fused_cross_entropy_loss_backward": lambda grad_loss, grad_lse, logits, *_: torch.empty_like(
+        logits
+    ),
     "_fused_masked_softmax": lambda x, mask, scale, causal_offset, dtype, mode: (
         x.new_empty((0,) if mode == 2 else x.shape, dtype=dtype),
         x.new_empty(x.numel() // x.shape[-1], dtype=torch.float64),

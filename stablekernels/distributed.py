@@ -22,7 +22,8 @@ import torch.distributed as dist
 from . import backends
 from ._api import _check_tensor, resolve_backend
 from ._numerics import accumulation_dtype, merge_lse
-from ._ops import cross_entropy_backward_terms, cross_entropy_row_loss, ops, wrap_dim
+from ._ops import ops, wrap_dim
+from .backends import torch_ce
 
 
 def _world(group):
@@ -123,8 +124,8 @@ class _CrossEntropy(torch.autograd.Function):
         bad = counted & ~found
         if bad.any():
             raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
-        loss = cross_entropy_row_loss(
-            total - x_target, smooth, total, t_local, counted, None, classes, label_smoothing, 0.0
+        loss = torch_ce.row_loss(
+            total - x_target, smooth, total, counted, 1.0, classes, label_smoothing, 0.0
         )
         ctx.save_for_backward(rows, total, t_local, owned, counted)
         ctx.options = (label_smoothing, classes, backend)
@@ -141,7 +142,7 @@ class _CrossEntropy(torch.autograd.Function):
             grad_lse = torch.zeros_like(total)
         # The single-process backward's per-row terms; the one-hot term only where this
         # rank owns the target. The local kernel of the backend then maps them over x.
-        terms = cross_entropy_backward_terms(
+        terms = torch_ce.per_row_backward_terms(
             grad_loss,
             grad_lse,
             total,

@@ -81,20 +81,50 @@ def _fused_calls():
     weight = torch.rand(5)
     rows = torch.randn(3)
     terms = torch.randn(3, 5)
+    counts = torch.tensor([2.0, 2.0, 5.0], dtype=torch.float64)
     ops = torch.ops.stablekernels
     return [
         (ops._fused_softmax.default, (x, 1, torch.float32, False)),
         (ops._fused_softmax.default, (x, 0, torch.float64, True)),
         (ops._fused_softmax_backward.default, (torch.randn(3, 5), y, 1, torch.float32, False)),
         (ops._fused_logsumexp.default, (x, 1, True)),
-        (ops._fused_logsumexp_backward.default, (rows, x, rows, torch.zeros(3), 1)),
+        (ops._fused_logsumexp_backward.default, (rows, x, rows.double(), 1)),
+        (
+            ops._fused_logsumexp_backward.default,
+            (torch.ones(()).expand(5), x, torch.randn(5, dtype=torch.float64), 0),
+        ),
         (ops._fused_cross_entropy.default, (x, target, weight, True)),
         (ops._fused_cross_entropy_backward.default, (x, target, weight, terms)),
+        *[
+            (ops._fused_cross_entropy_loss.default, (x, target, w, 4, 0.1, 0.01, reduction))
+            for reduction in ("none", "mean", "sum")
+            for w in (None, weight)
+        ],
+        (
+            ops._fused_cross_entropy_loss_backward.default,
+            (torch.randn(3), None, x, target, weight, rows.double(), counts, 4, 0.1, 0.01, "none"),
+        ),
+        (
+            ops._fused_cross_entropy_loss_backward.default,
+            (
+                torch.randn(()),
+                rows.double(),
+                x,
+                target,
+                None,
+                rows.double(),
+                counts,
+                4,
+                0.0,
+                0.0,
+                "mean",
+            ),
+        ),
     ]
 
 
 @pytest.mark.skipif(not EXTENSION_BUILT, reason="the compiled extension is not built")
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(16))
 def test_fused_ops_have_fake_kernels_that_match_the_real_ones(case):
     op, args = _fused_calls()[case]
     results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -446,26 +446,19 @@ def test_opcheck_cross_entropy_ops(backend):
     x = torch.randn(5, 11, requires_grad=True)
     target = torch.tensor([0, 3, -100, 10, 2])
     weight = torch.rand(11)
-    loss, lse = ops.cross_entropy(x, target, weight, -100, 0.1, 0.01, backend)
-    for op, args in [
-        (ops.cross_entropy.default, (x, target, None, -100, 0.0, 0.0, backend)),
-        (ops.cross_entropy.default, (x, target, weight, -100, 0.1, 0.01, backend)),
-        (
-            ops.cross_entropy_backward.default,
-            (
-                torch.randn(5),
-                torch.randn(5, dtype=torch.float64),
-                x.detach(),
-                target,
-                weight,
-                lse.detach(),
-                -100,
-                0.1,
-                0.01,
-                backend,
-            ),
-        ),
-    ]:
+    cases = []
+    for reduction in ("none", "mean", "sum"):
+        _, lse, counts = ops.cross_entropy(x, target, weight, -100, 0.1, 0.01, reduction, backend)
+        grad = torch.randn(5) if reduction == "none" else torch.randn(())
+        cases += [
+            (ops.cross_entropy.default, (x, target, None, -100, 0.0, 0.0, reduction, backend)),
+            (ops.cross_entropy.default, (x, target, weight, -100, 0.1, 0.01, reduction, backend)),
+        ]
+        for grad_lse in (torch.randn(5, dtype=torch.float64), None):
+            args = (grad, grad_lse, x.detach(), target, weight, lse.detach(), counts)
+            options = (-100, 0.1, 0.01, reduction, backend)
+            cases.append((ops.cross_entropy_backward.default, args + options))
+    for op, args in cases:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, (op, results)
 
@@ -539,3 +532,80 @@ def test_cpp_kernels_called_directly_refuse_a_target_outside_the_row():
         with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
             terms = torch.zeros(3, 5)
             torch.ops.stablekernels._fused_cross_entropy_backward(x, target, None, terms)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_the_cpp_epilogue_is_the_torch_reference_epilogue(dtype, reduction):
+    """The loss algebra is written once per language: the C++ kernels' epilogue
+    (cross_entropy_rows.h) against the torch one (torch_ce.loss_from_pieces /
+    gradient_from_terms) around the same C++ row pieces, on every option at once and on odd
+    rows (ignored, all -inf, a +inf, a NaN): the same lse, the same values to a few roundings
+    of fp64 (the C++ reduction adds in row order, torch's sum pairwise) and the same
+    gradients to a few roundings."""
+    from stablekernels.backends import torch_ce
+
+    ops = torch.ops.stablekernels
+    torch.manual_seed(0)
+    x = (torch.randn(37, 300) * 4).to(dtype)
+    x[3] = float("-inf")
+    x[5, 7] = float("inf")
+    x[6, 1] = float("nan")
+    target = torch.randint(0, 300, (37,))
+    target[::4] = -1  # ignored
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.rand(300, dtype=acc)
+    options = (-1, 0.1, 1e-3, reduction)
+    loss, lse, counts = ops._fused_cross_entropy_loss(x, target, weight, *options)
+    ref_loss, ref_lse, ref_counts = torch_ce.loss_from_pieces(
+        ops._fused_cross_entropy.default, x, target, weight, *options
+    )
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(counts, ref_counts, rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        loss, ref_loss, rtol=1e-6 if acc == torch.float32 else 1e-13, atol=0, equal_nan=True
+    )
+    keep = lse.isfinite()  # the gradient of finite rows (NaN rows give NaN either way)
+    grad = torch.randn(37, dtype=acc) if reduction == "none" else torch.randn((), dtype=acc)
+    grad_lse = torch.randn(37, dtype=torch.float64)
+    for g_lse in (None, grad_lse):
+        dx = ops._fused_cross_entropy_loss_backward(
+            grad, g_lse, x, target, weight, lse, counts, *options
+        )
+        ref = torch_ce.gradient_from_terms(
+            ops._fused_cross_entropy_backward.default,
+            grad,
+            g_lse,
+            x,
+            target,
+            weight,
+            lse,
+            counts,
+            *options,
+        )
+        # Each side rounds the same fp64 terms; a contraction into a fused multiply-add in
+        # one of them moves a term by an ulp of fp64.
+        tol = (1e-13, 1e-15) if acc == torch.float64 else (1e-6, 1e-7)
+        torch.testing.assert_close(dx[keep], ref[keep], rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the extension is not built")
+def test_the_reduced_loss_is_the_same_for_every_thread_count():
+    """The C++ reduction adds the rows in row order in fp64, whatever the threads: bitwise."""
+    x = torch.randn(3000, 500)
+    target = torch.randint(0, 500, (3000,))
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(
+                [
+                    sk.cross_entropy(x, target, reduction=r, label_smoothing=0.1, backend="cpp")
+                    for r in ("mean", "sum")
+                ]
+            )
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -1,7 +1,7 @@
 """Launches per call: each direction of an op is one extension kernel call, with no tensor
 op around it that runs over data (counted with torch.profiler by benchmarks/overhead.py, as
-its benchmark reports them). The ops still short of it (cross-entropy, logsumexp's and the
-masked softmax's backward) are not listed here yet."""
+its benchmark reports them). The ops still short of it (logsumexp's and the masked
+softmax's backward) are not listed here yet."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ ONE_KERNEL = [
     ("masked_softmax", "forward", 1),
     ("softmax", "forward+backward", 2),
     ("log_softmax", "forward+backward", 2),
+    ("cross_entropy", "forward", 1),
+    ("cross_entropy", "forward+backward", 2),
+    ("cross_entropy+options", "forward", 1),
+    ("cross_entropy+options", "forward+backward", 2),
 ]
 
 
@@ -34,6 +38,53 @@ def test_each_direction_is_one_kernel_call(op, direction, kernels):
     row = overhead.Row(op, direction, "64x1000", "sk-cpp")
     overhead.count_ops(call, row)
     assert (row.sk_kernels, row.launches, row.syncs) == (kernels, kernels, 0), row.leaf_ops
+
+
+CROSS_ENTROPY_OPTIONS = {
+    "weight": {"weight": torch.rand(1000)},
+    "ignore_index": {"ignore_index": 7},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "everything": {"weight": torch.rand(1000), "label_smoothing": 0.1, "z_loss": 1e-3},
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", list(CROSS_ENTROPY_OPTIONS))
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cross_entropy_is_one_kernel_call_each_way_with_every_option(
+    reduction, options, return_lse
+):
+    """Every option and reduction of class-target cross-entropy: the forward is one kernel
+    call (the reduction inside it), the backward one more, with no tensor op over data around
+    them (fp32 logits: the loss needs no conversion; return_lse converts the fp64 lse to the
+    fp32 it returns, one op, only when asked)."""
+    import stablekernels as sk
+
+    x = torch.randn(64, 1000)
+    t = torch.randint(0, 1000, (64,))
+    t[::5] = 7  # some rows ignored when ignore_index is 7
+    kwargs = {**CROSS_ENTROPY_OPTIONS[options], "reduction": reduction, "return_lse": return_lse}
+    leaf = x.clone().requires_grad_()
+    grad = torch.ones(64) if reduction == "none" else torch.ones(())
+
+    def forward_backward():
+        out = sk.cross_entropy(leaf, t, backend="cpp", **kwargs)
+        (out[0] if return_lse else out).backward(grad)
+        leaf.grad = None
+
+    def forward():
+        with torch.no_grad():
+            sk.cross_entropy(x, t, backend="cpp", **kwargs)
+
+    extra = 1 if return_lse else 0  # the lse's conversion to fp32
+    for call, kernels in ((forward, 1), (forward_backward, 2)):
+        call()
+        row = overhead.Row("cross_entropy", "-", "64x1000", "sk-cpp")
+        overhead.count_ops(call, row)
+        assert (row.sk_kernels, row.launches, row.syncs) == (kernels, kernels + extra, 0), (
+            row.leaf_ops
+        )
 
 
 def test_the_count_sees_torch_launches():

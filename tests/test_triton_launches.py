@@ -75,8 +75,12 @@ def test_a_row_of_2_to_the_30_elements_launches_within_limits(log):
         y = ops._triton_softmax(x, 0, torch.float16, log)
         ops._triton_softmax_backward(y, y, 0, torch.float16, log)
         ops._triton_logsumexp(x, 0, False)
-        row = torch.empty(1, dtype=torch.float32, device="cuda")
-        ops._triton_logsumexp_backward(row, x, row, row, 0)
+        ops._triton_logsumexp_backward(
+            torch.empty(1, dtype=torch.float16, device="cuda"),
+            x,
+            torch.empty(1, dtype=torch.float64, device="cuda"),
+            0,
+        )
 
     launches = _launch(run)
     _grids_fit(launches)
@@ -128,3 +132,68 @@ def test_the_split_path_merges_each_rows_parts_once():
         assert launch.grid == (rows * parts,), name
         per_row_state = [s for s in launch.shapes if s == (rows,)]
         assert per_row_state and (rows * parts,) not in launch.shapes, (name, launch.shapes)
+
+
+# aten ops the fused cross-entropy's launchers may run: allocation (torch.empty) and what the
+# fake-tensor machinery adds around it; any other op would be work on the data outside the
+# kernels.
+_ALLOCATION_OPS = {"aten::empty", "aten::empty_strided", "aten::detach", "aten::lift_fresh"}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_the_fused_cross_entropy_is_two_launches_forward_and_one_backward(reduction, weighted):
+    """cross_entropy_loss: the row kernel (with its epilogue) alone for "none", then one
+    single-program reduction for "mean"/"sum"; cross_entropy_loss_backward: one launch. No
+    other aten op than allocations (so no work on the data, and no host synchronisation),
+    and every launch on the tensors' device (cuda:1 while cuda:0 is current)."""
+    rows, classes = 5, 3000  # more than one tile: still one program per row forward
+    device = "cuda:1"
+    with FakeTensorMode(), recorded_launches() as launches:
+        logits = torch.empty(rows, classes, dtype=torch.float16, device=device)
+        target = torch.empty(rows, dtype=torch.int64, device=device)
+        weight = torch.empty(classes, dtype=torch.float32, device=device) if weighted else None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss, lse, counts = ops._triton_cross_entropy_loss(
+                logits, target, weight, -100, 0.1, 1e-3, reduction
+            )
+        forward = list(launches)
+        grad_loss = torch.empty(loss.shape, dtype=loss.dtype, device=device)
+        grad_lse = torch.empty(rows, dtype=torch.float64, device=device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof_b:
+            dx = ops._triton_cross_entropy_loss_backward(
+                grad_loss, grad_lse, logits, target, weight, lse, counts, -100, 0.1, 1e-3, reduction
+            )
+        backward = launches[len(forward) :]
+    assert loss.shape == ((rows,) if reduction == "none" else ())
+    assert loss.dtype == torch.float32 and lse.shape == (rows,) and counts.shape == (3,)
+    assert dx.shape == logits.shape and dx.dtype == logits.dtype
+    names = [launch.name for launch in forward]
+    if reduction == "none":
+        assert names == ["_cross_entropy_fwd_kernel"], names
+    else:
+        assert names == ["_cross_entropy_fwd_kernel", "_cross_entropy_reduce_kernel"], names
+        assert forward[1].grid == (1,)
+    assert forward[0].grid == (rows,)
+    assert [launch.name for launch in backward] == ["_cross_entropy_bwd_kernel"]
+    _grids_fit(launches)
+    assert {launch.device for launch in launches} == {torch.device(device)}
+    for p in (prof, prof_b):
+        aten = {e.name for e in p.events() if e.name.startswith("aten::")}
+        assert aten <= _ALLOCATION_OPS, aten - _ALLOCATION_OPS
+
+
+def test_the_fused_cross_entropy_with_2_to_the_28_classes_launches_within_limits():
+    def run():
+        logits = torch.empty(2, 2**28, dtype=torch.bfloat16, device="cuda")
+        target = torch.zeros(2, dtype=torch.int64, device="cuda")
+        weight = torch.empty(2**28, dtype=torch.float32, device="cuda")
+        for reduction in ("none", "mean"):
+            loss, lse, counts = ops._triton_cross_entropy_loss(
+                logits, target, weight, -100, 0.1, 1e-3, reduction
+            )
+            ops._triton_cross_entropy_loss_backward(
+                loss, None, logits, target, weight, lse, counts, -100, 0.1, 1e-3, reduction
+            )
+
+    _grids_fit(_launch(run))

@@ -59,6 +59,7 @@ LOADS_FIRST = (
     "row_parts_kernel",
     "softmax_finish_kernel",
     "cross_entropy_forward_kernel",
+    "cross_entropy_loss_forward_kernel",  # the same walk, the loss as its epilogue
     "masked_softmax_rows_kernel",  # x and the mask
     "masked_softmax_long_kernel",  # per tile, both walks
 )

@@ -155,8 +155,10 @@ def launch_matrix(device: str = "cuda:0") -> list[Launch]:
                 x = torch.empty(ROWS, n, dtype=dtype, device=device)
                 acc = accumulation_dtype(dtype)
                 ops._triton_logsumexp(x, 1, False)
-                row = torch.empty(ROWS, dtype=acc, device=device)
-                ops._triton_logsumexp_backward(row, x, row, row, 1)
+                lse = torch.empty(ROWS, dtype=torch.float64, device=device)
+                ops._triton_logsumexp_backward(
+                    torch.empty(ROWS, dtype=dtype, device=device), x, lse, 1
+                )
         for classes in CLASS_COUNTS:
             for dtype in DTYPES:
                 acc = accumulation_dtype(dtype)
@@ -167,6 +169,19 @@ def launch_matrix(device: str = "cuda:0") -> list[Launch]:
                         ops._triton_cross_entropy(logits, target, weight, smoothing)
                     terms = torch.empty(ROWS, 5, dtype=acc, device=device)
                     ops._triton_cross_entropy_backward(logits, target, weight, terms)
+                    lse = torch.empty(ROWS, dtype=torch.float64, device=device)
+                    for reduction in ("none", "mean", "sum"):
+                        for smoothing, z_loss in ((0.0, 0.0), (0.1, 1e-3)):
+                            options = (-100, smoothing, z_loss, reduction)
+                            _, _, counts = ops._triton_cross_entropy_loss(
+                                logits, target, weight, *options
+                            )
+                            grad = torch.empty(
+                                ROWS if reduction == "none" else (), dtype=acc, device=device
+                            )
+                            ops._triton_cross_entropy_loss_backward(
+                                grad, lse, logits, target, weight, lse, counts, *options
+                            )
         rows, hidden, vocab = LINEAR_SHAPE
         target = torch.empty(rows, dtype=torch.int64, device=device)
         for x_dtype, w_dtype in LINEAR_DTYPES:

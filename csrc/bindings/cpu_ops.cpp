@@ -44,12 +44,12 @@ at::Tensor fused_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 }
 
 at::Tensor fused_logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                        const at::Tensor& hi, const at::Tensor& lo, int64_t dim) {
-  const RowView view = logsumexp_backward_args(grad, x, hi, lo, dim);
+                                        const at::Tensor& lse, int64_t dim) {
+  const RowView view = logsumexp_backward_args(grad, x, lse, dim);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  cpu_kernels().logsumexp_backward(grad.const_data_ptr(), hi.const_data_ptr(), lo.const_data_ptr(),
-                                   view.x.const_data_ptr(), view.x.scalar_type(),
-                                   dx.mutable_data_ptr(), view.layout);
+  cpu_kernels().logsumexp_backward(grad.const_data_ptr(), grad.stride(0),
+                                   lse.const_data_ptr<double>(), view.x.const_data_ptr(),
+                                   view.x.scalar_type(), dx.mutable_data_ptr(), view.layout);
   return dx;
 }
 
@@ -112,6 +112,39 @@ void fused_cross_entropy_backward_inplace_cpu(const at::Tensor& logits, const at
                                        in.classes, logits.mutable_data_ptr());
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cross_entropy_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, c10::string_view reduction) {
+  const CrossEntropyCall call = cross_entropy_loss_args(logits, target, weight, ignore_index,
+                                                        label_smoothing, z_loss, reduction);
+  const ClassRows& in = call.in;
+  CrossEntropyOutputs out = cross_entropy_loss_outputs(call, logits);
+  cpu_kernels().cross_entropy_loss(in.logits.const_data_ptr(), in.logits.scalar_type(),
+                                   in.x_stride, in.target.const_data_ptr<int64_t>(),
+                                   in.weight_data(), in.rows, call.options,
+                                   out.loss.mutable_data_ptr(), out.lse.mutable_data_ptr<double>(),
+                                   out.counts.mutable_data_ptr<double>());
+  return {out.loss, out.lse, out.counts};
+}
+
+at::Tensor fused_cross_entropy_loss_backward_cpu(
+    const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse,
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& counts, int64_t ignore_index, double label_smoothing,
+    double z_loss, c10::string_view reduction) {
+  const CrossEntropyCall call =
+      cross_entropy_loss_backward_args(grad_loss, grad_lse, logits, target, weight, lse, counts,
+                                       ignore_index, label_smoothing, z_loss, reduction);
+  const ClassRows& in = call.in;
+  at::Tensor dx = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  cpu_kernels().cross_entropy_loss_backward(
+      call.grad, call.grad_stride, call.grad_lse, call.grad_lse_stride, in.logits.const_data_ptr(),
+      in.logits.scalar_type(), in.x_stride, in.target.const_data_ptr<int64_t>(), in.weight_data(),
+      lse.const_data_ptr<double>(), counts.const_data_ptr<double>(), in.rows, call.options,
+      dx.mutable_data_ptr());
+  return dx;
+}
+
 std::string cpu_capability() { return cpu_kernels().capability; }
 
 }  // namespace
@@ -125,6 +158,8 @@ TORCH_LIBRARY_IMPL(stablekernels, CPU, m) {
   m.impl("_fused_cross_entropy_backward", &fused_cross_entropy_backward_cpu);
   m.impl("_fused_masked_softmax", &fused_masked_softmax_cpu);
   m.impl("_fused_cross_entropy_backward_inplace", &fused_cross_entropy_backward_inplace_cpu);
+  m.impl("_fused_cross_entropy_loss", &fused_cross_entropy_loss_cpu);
+  m.impl("_fused_cross_entropy_loss_backward", &fused_cross_entropy_loss_backward_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(stablekernels, m) {

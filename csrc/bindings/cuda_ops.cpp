@@ -94,12 +94,12 @@ at::Tensor fused_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor&
 }
 
 at::Tensor fused_logsumexp_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                         const at::Tensor& hi, const at::Tensor& lo, int64_t dim) {
-  const RowView view = logsumexp_backward_args(grad, x, hi, lo, dim);
+                                         const at::Tensor& lse, int64_t dim) {
+  const RowView view = logsumexp_backward_args(grad, x, lse, dim);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  check_launch(cuda::logsumexp_backward(grad.const_data_ptr(), hi.const_data_ptr(),
-                                        lo.const_data_ptr(), view.x.const_data_ptr(),
+  check_launch(cuda::logsumexp_backward(grad.const_data_ptr(), grad.stride(0),
+                                        lse.const_data_ptr<double>(), view.x.const_data_ptr(),
                                         dtype_of(x.scalar_type()), dx.mutable_data_ptr(),
                                         view.layout, c10::cuda::getCurrentCUDAStream()),
                "_fused_logsumexp_backward");
@@ -135,6 +135,54 @@ at::Tensor fused_cross_entropy_backward_cuda(const at::Tensor& logits, const at:
                    in.target.const_data_ptr<int64_t>(), in.weight_data(), terms.const_data_ptr(),
                    in.rows, in.classes, dx.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "_fused_cross_entropy_backward");
+  return dx;
+}
+
+// The loss in one call (cross_entropy_loss_forward): lse and counts float64; loss in the
+// accumulation dtype, (rows,) for "none", 0-dim otherwise, and for those a float64 scratch of
+// the rows' totals. For "none" counts[0] and counts[1] are left unwritten, and counts[2]
+// without label smoothing (kernels.h: the backward reads none of them then).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cross_entropy_loss_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, c10::string_view reduction) {
+  const CrossEntropyCall call = cross_entropy_loss_args(logits, target, weight, ignore_index,
+                                                        label_smoothing, z_loss, reduction);
+  const ClassRows& in = call.in;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  CrossEntropyOutputs out = cross_entropy_loss_outputs(call, logits);
+  at::Tensor &loss = out.loss, &lse = out.lse, &counts = out.counts;
+  const int64_t scratch_size = cuda::cross_entropy_loss_scratch(in.rows, call.options.reduction);
+  at::Tensor scratch = at::empty({scratch_size}, logits.options().dtype(at::kDouble));
+  check_launch(cuda::cross_entropy_loss_forward(
+                   in.logits.const_data_ptr(), dtype_of(logits.scalar_type()), in.x_stride,
+                   in.target.const_data_ptr<int64_t>(), in.weight_data(), in.rows, call.options,
+                   loss.mutable_data_ptr(), lse.mutable_data_ptr<double>(),
+                   counts.mutable_data_ptr<double>(),
+                   scratch_size > 0 ? scratch.mutable_data_ptr<double>() : nullptr,
+                   c10::cuda::getCurrentCUDAStream()),
+               "_fused_cross_entropy_loss");
+  return {loss, lse, counts};
+}
+
+// dx of the loss (cross_entropy_loss_backward): contiguous, of the logits' dtype and shape.
+at::Tensor fused_cross_entropy_loss_backward_cuda(
+    const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse,
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& counts, int64_t ignore_index, double label_smoothing,
+    double z_loss, c10::string_view reduction) {
+  const CrossEntropyCall call =
+      cross_entropy_loss_backward_args(grad_loss, grad_lse, logits, target, weight, lse, counts,
+                                       ignore_index, label_smoothing, z_loss, reduction);
+  const ClassRows& in = call.in;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor dx = at::empty(logits.sizes(), logits.options());
+  check_launch(cuda::cross_entropy_loss_backward(
+                   call.grad, call.grad_stride, call.grad_lse, call.grad_lse_stride,
+                   in.logits.const_data_ptr(),
+                   dtype_of(logits.scalar_type()), in.x_stride, in.target.const_data_ptr<int64_t>(),
+                   in.weight_data(), lse.const_data_ptr<double>(), counts.const_data_ptr<double>(),
+                   in.rows, call.options, dx.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "_fused_cross_entropy_loss_backward");
   return dx;
 }
 
@@ -174,6 +222,8 @@ TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
   m.impl("_fused_logsumexp_backward", &fused_logsumexp_backward_cuda);
   m.impl("_fused_cross_entropy", &fused_cross_entropy_cuda);
   m.impl("_fused_cross_entropy_backward", &fused_cross_entropy_backward_cuda);
+  m.impl("_fused_cross_entropy_loss", &fused_cross_entropy_loss_cuda);
+  m.impl("_fused_cross_entropy_loss_backward", &fused_cross_entropy_loss_backward_cuda);
   m.impl("_fused_masked_softmax", &fused_masked_softmax_cuda);
 }
 

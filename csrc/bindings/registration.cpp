@@ -15,11 +15,10 @@ TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
   m.def(
       "_fused_softmax_backward(Tensor grad, Tensor output, int dim, ScalarType input_dtype, "
       "bool log) -> Tensor");
-  // dx = grad[r] * exp((x - hi[r]) - lo[r]); grad, hi, lo: one value per row (row
-  // o * inner + i), accumulation dtype; hi + lo is the float64 lse.
-  m.def(
-      "_fused_logsumexp_backward(Tensor grad, Tensor x, Tensor hi, Tensor lo, int dim) "
-      "-> Tensor");
+  // dx = grad[r] * exp(x - lse[r]) (taken as (x - hi) - lo, hi + lo = lse: split_lse); grad:
+  // one value per row (row o * inner + i) of x's dtype, flat at any stride; lse: float64,
+  // contiguous.
+  m.def("_fused_logsumexp_backward(Tensor grad, Tensor x, Tensor lse, int dim) -> Tensor");
   // Per row of (rows, classes) logits with int64 targets, float64: (nll, smooth, lse) with
   // nll = (m - x_t) + log1p(s'), smooth = sum_c w_c (m - x_c) + W log1p(s') if `smoothing`
   // (else 0), lse = logsumexp.
@@ -31,6 +30,21 @@ TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
   m.def(
       "_fused_cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, "
       "Tensor terms) -> Tensor");
+  // Cross-entropy's loss in one call: the pieces of each row and their epilogue, the
+  // reduction included (stablekernels/cross_entropy_rows.h). Any int64 targets (a counted one
+  // outside [0, classes) raises); weight None or (classes,) in the accumulation dtype.
+  // -> (loss: (rows,) for "none", 0-dim otherwise, in the accumulation dtype; lse (rows,)
+  // float64; counts (3,) float64 = (sum of counted w_t, counted rows, W)).
+  m.def(
+      "_fused_cross_entropy_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float z_loss, str reduction) -> (Tensor, Tensor, Tensor)");
+  // dx of _fused_cross_entropy_loss from the loss's gradient (accumulation dtype, (rows,) at
+  // any stride for "none", 0-dim otherwise), the lse output's gradient (None or (rows,)
+  // float64) and the forward's lse and counts; contiguous, of the logits' dtype.
+  m.def(
+      "_fused_cross_entropy_loss_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, "
+      "Tensor target, Tensor? weight, Tensor lse, Tensor counts, int ignore_index, "
+      "float label_smoothing, float z_loss, str reduction) -> Tensor");
   // Masked softmax along the last dim of x (contiguous, >= 1-D, non-empty), rows r:
   //   t_j = scale * x_j (in the accumulation dtype) + mask_j (an additive mask), or -inf where
   //   a bool mask is False or (causal_offset given) j > i + causal_offset, i = r % x.size(-2)

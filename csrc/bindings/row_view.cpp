@@ -113,16 +113,18 @@ RowView logsumexp_args(const at::Tensor& x, int64_t dim) {
   return row_view(x, dim);
 }
 
-RowView logsumexp_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& hi,
-                                const at::Tensor& lo, int64_t dim) {
+RowView logsumexp_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lse,
+                                int64_t dim) {
   const char* op = "_fused_logsumexp_backward";
   expect_rows(op, "x", x, dim);
   const RowView view = row_view(x, dim);
-  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
   const int64_t rows = view.layout.rows();
-  expect_alongside(op, "grad", grad, {rows}, acc, x);
-  expect_alongside(op, "hi", hi, {rows}, acc, x);
-  expect_alongside(op, "lo", lo, {rows}, acc, x);
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.dim() == 1 && grad.size(0) == rows &&
+                  grad.device() == x.device(),
+              op, ": expects grad as ", x.scalar_type(), " of shape (", rows, ") on ", x.device(),
+              " (any stride), got ", grad.scalar_type(), " of shape ", grad.sizes(), " on ",
+              grad.device(), kGuaranteed);
+  expect_alongside(op, "lse", lse, {rows}, at::kDouble, x);
   return view;
 }
 
@@ -143,6 +145,67 @@ ClassRows cross_entropy_backward_args(const at::Tensor& logits, const at::Tensor
   expect_alongside(op, "terms", terms, {in.rows, 5}, at::toOpMathType(logits.scalar_type()),
                    logits);
   return in;
+}
+
+Reduction reduction_from_name(std::string_view name) {
+  if (name == "none") return Reduction::kNone;
+  if (name == "mean") return Reduction::kMean;
+  TORCH_CHECK(name == "sum", "cross_entropy: reduction must be 'none', 'mean' or 'sum', got '",
+              std::string(name), "'", kGuaranteed);
+  return Reduction::kSum;
+}
+
+CrossEntropyCall cross_entropy_loss_args(const at::Tensor& logits, const at::Tensor& target,
+                                         const c10::optional<at::Tensor>& weight,
+                                         int64_t ignore_index, double label_smoothing,
+                                         double z_loss, std::string_view reduction) {
+  ClassRows in = class_rows("_fused_cross_entropy_loss", logits, target, weight);
+  const CrossEntropyOptions options{in.classes, ignore_index, label_smoothing, z_loss,
+                                    reduction_from_name(reduction)};
+  return {std::move(in), options};
+}
+
+CrossEntropyCall cross_entropy_loss_backward_args(
+    const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse,
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& counts, int64_t ignore_index, double label_smoothing,
+    double z_loss, std::string_view reduction) {
+  const char* op = "_fused_cross_entropy_loss_backward";
+  CrossEntropyCall call = cross_entropy_loss_args(logits, target, weight, ignore_index,
+                                                  label_smoothing, z_loss, reduction);
+  const int64_t rows = call.in.rows;
+  const bool per_row = call.options.reduction == Reduction::kNone;
+  TORCH_CHECK(grad_loss.scalar_type() == at::toOpMathType(logits.scalar_type()) &&
+                  grad_loss.device() == logits.device() &&
+                  (per_row ? grad_loss.dim() == 1 && grad_loss.size(0) == rows
+                           : grad_loss.dim() == 0),
+              op, ": expects grad_loss of the accumulation dtype, ",
+              per_row ? "(rows,)" : "0-dim", ", got ", grad_loss.scalar_type(), " of shape ",
+              grad_loss.sizes(), kGuaranteed);
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->scalar_type() == at::kDouble && grad_lse->dim() == 1 &&
+                    grad_lse->size(0) == rows && grad_lse->device() == logits.device(),
+                op, ": expects grad_lse as float64 of shape (", rows, "), got ",
+                grad_lse->scalar_type(), " of shape ", grad_lse->sizes(), kGuaranteed);
+  }
+  expect_alongside(op, "lse", lse, {rows}, at::kDouble, logits);
+  expect_alongside(op, "counts", counts, {3}, at::kDouble, logits);
+  call.grad = grad_loss.const_data_ptr();
+  call.grad_stride = per_row ? grad_loss.stride(0) : 0;
+  if (grad_lse.has_value()) {
+    call.grad_lse = grad_lse->const_data_ptr<double>();
+    call.grad_lse_stride = grad_lse->stride(0);
+  }
+  return call;
+}
+
+CrossEntropyOutputs cross_entropy_loss_outputs(const CrossEntropyCall& call,
+                                               const at::Tensor& logits) {
+  const auto acc = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+  const auto doubles = logits.options().dtype(at::kDouble);
+  const bool per_row = call.options.reduction == Reduction::kNone;
+  return {per_row ? at::empty({call.in.rows}, acc) : at::empty({}, acc),
+          at::empty({call.in.rows}, doubles), at::empty({3}, doubles)};
 }
 
 MaskedRows masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& mask,

@@ -14,8 +14,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/layout.h>
 #include <stablekernels/row_mask.h>
+
+#include <string_view>
 
 namespace stablekernels {
 
@@ -36,10 +39,10 @@ RowView softmax_backward_args(const at::Tensor& grad, const at::Tensor& output, 
 // _fused_logsumexp: x as rows along dim.
 RowView logsumexp_args(const at::Tensor& x, int64_t dim);
 
-// _fused_logsumexp_backward: x as rows along dim; grad, hi and lo one value per row each, in
-// the accumulation dtype of x, contiguous.
-RowView logsumexp_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& hi,
-                                const at::Tensor& lo, int64_t dim);
+// _fused_logsumexp_backward: x as rows along dim; grad one value per row (flat, x's dtype,
+// any stride: 0 for one value for every row), lse the rows' fp64 logsumexp, contiguous.
+RowView logsumexp_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lse,
+                                int64_t dim);
 
 // A per-row result of the kernels (rows() elements) in the reduced (or keepdim) shape.
 at::Tensor rows_to_result(const at::Tensor& rows, const RowView& view, bool keepdim);
@@ -64,6 +67,45 @@ ClassRows cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
 ClassRows cross_entropy_backward_args(const at::Tensor& logits, const at::Tensor& target,
                                       const c10::optional<at::Tensor>& weight,
                                       const at::Tensor& terms);
+
+// _fused_cross_entropy_loss: the rows and the options shared by every row
+// (stablekernels/cross_entropy_rows.h). Targets may be any int64 (a counted target outside
+// [0, classes) is the kernels' error to raise); weight, if any, in the accumulation dtype.
+struct CrossEntropyCall {
+  ClassRows in;
+  CrossEntropyOptions options;
+  // The backward's gradients as the kernels read them (cross_entropy_loss_backward_args):
+  // grad_loss at grad_stride (0: one value for every row), grad_lse (null if None).
+  const void* grad = nullptr;
+  int64_t grad_stride = 0;
+  const double* grad_lse = nullptr;
+  int64_t grad_lse_stride = 0;
+};
+
+// The forward's outputs, empty: loss ((rows,) for "none", 0-dim otherwise) in the
+// accumulation dtype of the logits, lse (rows,) and counts (3,) in float64.
+struct CrossEntropyOutputs {
+  at::Tensor loss, lse, counts;
+};
+CrossEntropyOutputs cross_entropy_loss_outputs(const CrossEntropyCall& call,
+                                               const at::Tensor& logits);
+
+// torch's reduction names: "none", "mean", "sum".
+Reduction reduction_from_name(std::string_view name);
+
+CrossEntropyCall cross_entropy_loss_args(const at::Tensor& logits, const at::Tensor& target,
+                                         const c10::optional<at::Tensor>& weight,
+                                         int64_t ignore_index, double label_smoothing,
+                                         double z_loss, std::string_view reduction);
+
+// _fused_cross_entropy_loss_backward: also grad_loss (accumulation dtype; (rows,) at any
+// stride for "none", one element otherwise), grad_lse (None, or (rows,) float64 at any
+// stride), lse ((rows,) float64, contiguous) and counts ((3,) float64, contiguous).
+CrossEntropyCall cross_entropy_loss_backward_args(
+    const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse,
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& counts, int64_t ignore_index, double label_smoothing,
+    double z_loss, std::string_view reduction);
 
 // _fused_masked_softmax: x contiguous (rows along the last dim), the mask (if any) of x's
 // shape read by its strides, never copied (stablekernels/row_mask.h: its row dims coalesced

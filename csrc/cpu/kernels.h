@@ -6,12 +6,14 @@
 #pragma once
 
 #include <c10/core/ScalarType.h>
+#include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/layout.h>
 #include <stablekernels/row_mask.h>
 
 namespace stablekernels::cpu {
 
 using stablekernels::Layout;
+using stablekernels::CrossEntropyOptions;
 using stablekernels::RowMask;
 
 struct KernelTable {
@@ -32,12 +34,13 @@ struct KernelTable {
   void (*softmax_backward)(const void* grad, const void* y, c10::ScalarType y_type, void* dx,
                            c10::ScalarType dx_type, Layout layout, bool log);
 
-  // dx = grad[r] * exp((x - hi[r]) - lo[r]), a pure map. grad, hi and lo hold one value per
-  // row in the accumulation dtype of x (acc_of in stablekernels/online_softmax.h), hi + lo
-  // being the fp64 lse split by the caller: x - hi is exact near the lse, so the gradient
-  // keeps its precision at any offset. dx is contiguous, of x's dtype.
-  void (*logsumexp_backward)(const void* grad, const void* hi, const void* lo, const void* x,
-                             c10::ScalarType x_type, void* dx, Layout layout);
+  // dx = grad[r] * exp(x - lse[r]), a pure map, taken as (x - hi) - lo with hi + lo the fp64
+  // lse split into the accumulation dtype (split_lse in stablekernels/online_softmax.h): x - hi
+  // is exact near the lse, so the gradient keeps its precision at any offset. grad holds one
+  // value per row of x's dtype at grad + r * grad_stride (0: one value for every row); lse is
+  // contiguous fp64. dx is contiguous, of x's dtype.
+  void (*logsumexp_backward)(const void* grad, int64_t grad_stride, const double* lse,
+                             const void* x, c10::ScalarType x_type, void* dx, Layout layout);
 
   // Per-row statistics of cross-entropy for `rows` contiguous rows of `classes` logits (row r
   // at x + r * x_stride) and int64 targets in [0, classes), all fp64, with m = max, s' as in
@@ -71,6 +74,25 @@ struct KernelTable {
                                  c10::ScalarType y_type, int64_t rows, int64_t n,
                                  const RowMask& mask, double scale, bool causal, int64_t query_len,
                                  int64_t causal_offset, int mode, double* lse);
+
+  // Cross-entropy's loss in one call (stablekernels/cross_entropy_rows.h): counted targets
+  // checked in row order (IndexError), each row's pieces and its epilogue; loss (rows values
+  // for "none", one otherwise) in the accumulation dtype of x, lse per row in fp64, counts =
+  // (sum of counted w_t, counted rows, W). Reductions add the rows in row order in fp64.
+  void (*cross_entropy_loss)(const void* x, c10::ScalarType x_type, int64_t x_stride,
+                             const int64_t* target, const void* weight, int64_t rows,
+                             const CrossEntropyOptions& options, void* loss, double* lse,
+                             double* counts);
+
+  // Its dx (contiguous, x's dtype) from the loss's gradient (accumulation dtype; grad_stride 0
+  // for one value for every row), grad_lse (fp64, may be null), and the forward's lse and
+  // counts: each row's terms (row_gradient, row_terms), then cross_entropy_backward's map.
+  void (*cross_entropy_loss_backward)(const void* grad, int64_t grad_stride,
+                                      const double* grad_lse, int64_t grad_lse_stride,
+                                      const void* x, c10::ScalarType x_type, int64_t x_stride,
+                                      const int64_t* target, const void* weight,
+                                      const double* lse, const double* counts, int64_t rows,
+                                      const CrossEntropyOptions& options, void* dx);
 };
 
 namespace capability_default {

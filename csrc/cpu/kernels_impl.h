@@ -27,6 +27,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/online_softmax.h>
 
 #include <algorithm>
@@ -1074,13 +1075,15 @@ void softmax_backward_typed(const T* grad, const T* y, U* dx, Layout L, bool log
 }
 
 // dx = grad[r] * exp((x - hi[r]) - lo[r]): a pure map, split evenly over threads.
+// dx = g[r] * exp((x - hi[r]) - lo[r]) with hi + lo = lse[r] (split_lse), g[r] the row's
+// gradient (read as x's dtype at grad + r * grad_stride: 0 for one value for every row).
 template <typename T>
-void logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi, const acc_of<T>* lo,
-                              const T* x, T* dx, Layout L) {
+void logsumexp_backward_typed(const T* grad, int64_t grad_stride, const double* lse, const T* x,
+                              T* dx, Layout L) {
   using acc_t = acc_of<T>;
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
-  constexpr int64_t kVec = V::size();
+  auto row_grad = [=](int64_t r) { return static_cast<acc_t>(grad[r * grad_stride]); };
   if (L.inner == 1) {
     const int64_t pieces = std::max<int64_t>(1, ceil_div(L.n, kSplitMin));
     const int64_t piece = ceil_div(L.n, pieces);
@@ -1089,7 +1092,8 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi, const 
     at::parallel_for(0, L.outer * pieces, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r = t / pieces, b = (t % pieces) * piece, e = std::min(L.n, b + piece);
-        const V g(grad[r]), vhi(hi[r]), vlo(lo[r]);
+        const LseSplit<acc_t> split = split_lse<acc_t>(lse[r]);
+        const V g(row_grad(r)), vhi(split.hi), vlo(split.lo);
         const T* xr = x + r * L.x_stride + b;
         store_each<acc_t>(
             dx + r * L.n + b, e - b,
@@ -1105,7 +1109,18 @@ void logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi, const 
     const int64_t row0 = o * L.inner + i0;
     const T* xb = x + o * L.x_stride + i0;
     T* db = dx + o * L.block() + i0;
-    const acc_t *g = grad + row0, *h = hi + row0, *l = lo + row0;
+    // The block's per-row values side by side, as the vector loads below read them.
+    thread_local std::vector<acc_t> rows_g, rows_hi, rows_lo;
+    rows_g.resize(width);
+    rows_hi.resize(width);
+    rows_lo.resize(width);
+    for (int64_t i = 0; i < width; ++i) {
+      const LseSplit<acc_t> split = split_lse<acc_t>(lse[row0 + i]);
+      rows_g[i] = row_grad(row0 + i);
+      rows_hi[i] = split.hi;
+      rows_lo[i] = split.lo;
+    }
+    const acc_t *g = rows_g.data(), *h = rows_hi.data(), *l = rows_lo.data();
     for (int64_t j = 0; j < L.n; ++j) {
       const T* xj = xb + j * L.inner;
       store_each<acc_t>(db + j * L.inner, width, [=](int64_t i, int64_t c) {
@@ -1155,10 +1170,12 @@ inline void check_target(int64_t t, int64_t classes) {
   TORCH_CHECK_INDEX(t >= 0 && t < classes, "Target ", t, " is out of bounds.");
 }
 
-template <typename T>
-void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* target,
-                                 const acc_of<T>* weight, int64_t rows, int64_t classes,
-                                 bool smoothing, double* nll, double* smooth, double* lse) {
+// The pieces of rows [0, rows), each handed to emit(r, nll, smooth, lse) (fp64; smooth 0
+// without `smoothing`), rows in parallel. class_of(r) is the class whose logit row r reads,
+// in [0, classes) (the callers check it).
+template <typename T, typename ClassOf, typename Emit>
+void cross_entropy_rows(const T* x, int64_t x_stride, ClassOf class_of, const acc_of<T>* weight,
+                        int64_t rows, int64_t classes, bool smoothing, Emit emit) {
   using acc_t = acc_of<T>;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / classes);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -1181,46 +1198,114 @@ void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* ta
           chunk_w.push_back(wsum);
         }
       }
-      lse[r] = finish_lse(st);
       const double log_rest = std::log1p(st.s);
-      const int64_t t = target[r];
-      check_target(t, classes);
-      nll[r] = (st.m - static_cast<double>(static_cast<acc_t>(xr[t]))) + log_rest;
+      const double nll = (st.m - static_cast<double>(static_cast<acc_t>(xr[class_of(r)]))) + log_rest;
       double gaps = 0, total_w = 0;
       for (size_t k = 0; k < chunk_m.size(); ++k) {
         gaps += chunk_a[k] +
                 (chunk_w[k] > 0 && st.m != chunk_m[k] ? (st.m - chunk_m[k]) * chunk_w[k] : 0.0);
         total_w += chunk_w[k];
       }
-      smooth[r] = smoothing ? gaps + total_w * log_rest : 0.0;
+      emit(r, nll, smoothing ? gaps + total_w * log_rest : 0.0, finish_lse(st));
     }
   });
 }
 
-// dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot, from the per-row
-// terms (hi, lo, coef, smooth, one_hot): a pure map. The target's entry is written once more
-// with its one-hot term.
 template <typename T>
-void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* target,
-                                  const acc_of<T>* weight, const acc_of<T>* terms, int64_t rows,
-                                  int64_t classes, T* dx) {
+void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* target,
+                                 const acc_of<T>* weight, int64_t rows, int64_t classes,
+                                 bool smoothing, double* nll, double* smooth, double* lse) {
+  for (int64_t r = 0; r < rows; ++r) check_target(target[r], classes);
+  cross_entropy_rows(
+      x, x_stride, [=](int64_t r) { return target[r]; }, weight, rows, classes, smoothing,
+      [=](int64_t r, double n, double sm, double l) {
+        nll[r] = n;
+        smooth[r] = sm;
+        lse[r] = l;
+      });
+}
+
+// What the loss's forward and backward need of the targets, in one pass in row order: every
+// counted target checked (the first bad one in row order raises, as torch), and counts =
+// (sum of counted w_t, counted rows, W) (stablekernels/cross_entropy_rows.h).
+template <typename acc_t>
+void check_and_count_targets(const int64_t* target, const acc_t* weight, int64_t rows,
+                             const CrossEntropyOptions& o, double* counts) {
+  double weights = 0, counted = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = target[r];
+    TORCH_CHECK_INDEX(target_in_range(t, o), "Target ", t, " is out of bounds.");
+    if (row_counts(t, o)) {
+      weights += weight == nullptr ? 1.0 : static_cast<double>(weight[t]);
+      counted += 1;
+    }
+  }
+  double total = static_cast<double>(o.classes);
+  if (weight != nullptr) {
+    total = 0;
+    for (int64_t c = 0; c < o.classes; ++c) total += static_cast<double>(weight[c]);
+  }
+  counts[0] = weights;
+  counts[1] = counted;
+  counts[2] = total;
+}
+
+// The loss (per row, or reduced in row order in fp64: the same for every thread count), lse
+// and counts: the pieces of each row and the epilogue of stablekernels/cross_entropy_rows.h.
+template <typename T>
+void cross_entropy_loss_typed(const T* x, int64_t x_stride, const int64_t* target,
+                              const acc_of<T>* weight, int64_t rows, const CrossEntropyOptions& o,
+                              acc_of<T>* loss, double* lse, double* counts) {
+  using acc_t = acc_of<T>;
+  check_and_count_targets(target, weight, rows, o, counts);
+  const bool smoothing = o.label_smoothing != 0;
+  auto class_of = [=](int64_t r) { return readable_target(target[r], o); };
+  auto w_t = [=](int64_t t) { return weight == nullptr ? 1.0 : static_cast<double>(weight[t]); };
+  if (o.reduction == Reduction::kNone) {
+    cross_entropy_rows(x, x_stride, class_of, weight, rows, o.classes, smoothing,
+                       [=](int64_t r, double nll, double smooth, double l) {
+                         const int64_t t = target[r];
+                         lse[r] = l;
+                         loss[r] = static_cast<acc_t>(
+                             row_loss(nll, smooth, l, w_t(readable_target(t, o)), row_counts(t, o), o));
+                       });
+    return;
+  }
+  std::vector<double> nlls(rows), smooths(rows);
+  cross_entropy_rows(x, x_stride, class_of, weight, rows, o.classes, smoothing,
+                     [&](int64_t r, double nll, double smooth, double l) {
+                       nlls[r] = nll;
+                       smooths[r] = smooth;
+                       lse[r] = l;
+                     });
+  LossTotals totals;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = target[r];
+    totals.add(nlls[r], smooths[r], lse[r], w_t(readable_target(t, o)), row_counts(t, o), o);
+  }
+  loss[0] = static_cast<acc_t>(totals.result(o));
+}
+
+// dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot, a pure map over
+// the logits from each row's terms and class: row_of(r) -> (RowTerms<acc_t>, t). The target's
+// entry is written once more with its one-hot term.
+template <typename T, typename RowOf>
+void cross_entropy_map(const T* x, int64_t x_stride, const acc_of<T>* weight, int64_t rows,
+                       int64_t classes, T* dx, RowOf row_of) {
   using acc_t = acc_of<T>;
   using io = IO<T, acc_t>;
   using V = Vectorized<acc_t>;
-  constexpr int64_t kVec = V::size();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / classes);
   const Store mode = store_for(rows * classes * int64_t(sizeof(T)));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_stride;
       T* dr = dx + r * classes;
-      const acc_t* k = terms + r * 5;
-      const acc_t hi = k[0], lo = k[1], coef = k[2], smooth = k[3], one_hot = k[4];
+      const auto [k, t] = row_of(r);
+      const acc_t hi = k.hi, lo = k.lo, coef = k.coef, smooth = k.smooth, one_hot = k.one_hot;
       const V vhi(hi), vlo(lo), vcoef(coef), vsmooth(smooth);
       // The target's logit is read before the row is written: dx may be x itself (the
       // in-place op), every other element being read just before it is written.
-      const int64_t t = target[r];
-      check_target(t, classes);
       const acc_t x_t = static_cast<acc_t>(xr[t]);
       auto probability = [=](int64_t j, int64_t count) {
         return exp_nan_safe((io::load(xr + j, count) - vhi) - vlo);
@@ -1245,6 +1330,43 @@ void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* t
       const acc_t w_t = weight == nullptr ? acc_t(1) : weight[t];
       dr[t] = static_cast<T>(p * coef - smooth * w_t - one_hot);
     }
+  });
+}
+
+// The map from per-row terms (rows, 5) = (hi, lo, coef, smooth, one_hot) the caller computed.
+template <typename T>
+void cross_entropy_backward_typed(const T* x, int64_t x_stride, const int64_t* target,
+                                  const acc_of<T>* weight, const acc_of<T>* terms, int64_t rows,
+                                  int64_t classes, T* dx) {
+  using acc_t = acc_of<T>;
+  for (int64_t r = 0; r < rows; ++r) check_target(target[r], classes);
+  cross_entropy_map(x, x_stride, weight, rows, classes, dx, [=](int64_t r) {
+    const acc_t* k = terms + r * 5;
+    return std::make_pair(RowTerms<acc_t>{k[0], k[1], k[2], k[3], k[4]}, target[r]);
+  });
+}
+
+// The loss's backward: each row's terms from the loss's gradient (row_gradient, row_terms of
+// stablekernels/cross_entropy_rows.h), then the map. grad_stride 0: one gradient for every
+// row (a reduced loss); grad_lse may be null.
+template <typename T>
+void cross_entropy_loss_backward_typed(const acc_of<T>* grad, int64_t grad_stride,
+                                       const double* grad_lse, int64_t grad_lse_stride,
+                                       const T* x, int64_t x_stride, const int64_t* target,
+                                       const acc_of<T>* weight, const double* lse,
+                                       const double* counts, int64_t rows,
+                                       const CrossEntropyOptions& o, T* dx) {
+  using acc_t = acc_of<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_INDEX(target_in_range(target[r], o), "Target ", target[r], " is out of bounds.");
+  }
+  cross_entropy_map(x, x_stride, weight, rows, o.classes, dx, [=](int64_t r) {
+    const int64_t t = readable_target(target[r], o);
+    const RowGradient g =
+        row_gradient(static_cast<double>(grad[r * grad_stride]), row_counts(target[r], o), counts, o);
+    const double w_t = weight == nullptr ? 1.0 : static_cast<double>(weight[t]);
+    const double g_lse = grad_lse == nullptr ? 0.0 : grad_lse[r * grad_lse_stride];
+    return std::make_pair(row_terms<acc_t>(g, g_lse, lse[r], w_t, counts[2], o), t);
   });
 }
 
@@ -1356,13 +1478,11 @@ void softmax_backward(const void* grad, const void* y, c10::ScalarType y_type, v
   });
 }
 
-void logsumexp_backward(const void* grad, const void* hi, const void* lo, const void* x,
+void logsumexp_backward(const void* grad, int64_t grad_stride, const double* lse, const void* x,
                         c10::ScalarType x_type, void* dx, Layout layout) {
   SK_DISPATCH(x_type, "stablekernels logsumexp_backward", [&] {
-    using acc_t = acc_of<scalar_t>;
-    logsumexp_backward_typed(static_cast<const acc_t*>(grad), static_cast<const acc_t*>(hi),
-                             static_cast<const acc_t*>(lo), static_cast<const scalar_t*>(x),
-                             static_cast<scalar_t*>(dx), layout);
+    logsumexp_backward_typed(static_cast<const scalar_t*>(grad), grad_stride, lse,
+                             static_cast<const scalar_t*>(x), static_cast<scalar_t*>(dx), layout);
   });
 }
 
@@ -1384,6 +1504,32 @@ void cross_entropy_backward(const void* x, c10::ScalarType x_type, int64_t x_str
     cross_entropy_backward_typed(
         static_cast<const scalar_t*>(x), x_stride, target, static_cast<const acc_t*>(weight),
         static_cast<const acc_t*>(terms), rows, classes, static_cast<scalar_t*>(dx));
+  });
+}
+
+void cross_entropy_loss(const void* x, c10::ScalarType x_type, int64_t x_stride,
+                        const int64_t* target, const void* weight, int64_t rows,
+                        const CrossEntropyOptions& options, void* loss, double* lse,
+                        double* counts) {
+  SK_DISPATCH(x_type, "stablekernels cross_entropy_loss", [&] {
+    using acc_t = acc_of<scalar_t>;
+    cross_entropy_loss_typed(static_cast<const scalar_t*>(x), x_stride, target,
+                             static_cast<const acc_t*>(weight), rows, options,
+                             static_cast<acc_t*>(loss), lse, counts);
+  });
+}
+
+void cross_entropy_loss_backward(const void* grad, int64_t grad_stride, const double* grad_lse,
+                                 int64_t grad_lse_stride, const void* x, c10::ScalarType x_type,
+                                 int64_t x_stride, const int64_t* target, const void* weight,
+                                 const double* lse, const double* counts, int64_t rows,
+                                 const CrossEntropyOptions& options, void* dx) {
+  SK_DISPATCH(x_type, "stablekernels cross_entropy_loss_backward", [&] {
+    using acc_t = acc_of<scalar_t>;
+    cross_entropy_loss_backward_typed(
+        static_cast<const acc_t*>(grad), grad_stride, grad_lse, grad_lse_stride,
+        static_cast<const scalar_t*>(x), x_stride, target, static_cast<const acc_t*>(weight), lse,
+        counts, rows, options, static_cast<scalar_t*>(dx));
   });
 }
 
@@ -1415,6 +1561,7 @@ void masked_softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10:
 extern const KernelTable kTable;
 const KernelTable kTable = {SK_CAPABILITY_NAME,     softmax_forward,       logsumexp_forward,
                             softmax_backward,       logsumexp_backward,    cross_entropy_forward,
-                            cross_entropy_backward, masked_softmax_forward};
+                            cross_entropy_backward, masked_softmax_forward, cross_entropy_loss,
+                            cross_entropy_loss_backward};
 
 }  // namespace stablekernels::cpu::SK_CAPABILITY_NAMESPACE

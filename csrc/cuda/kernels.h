@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/layout.h>
 #include <stablekernels/row_mask.h>
 
@@ -46,11 +47,12 @@ cudaError_t logsumexp_forward(const void* x, Dtype x_type, void* out, double* ls
 cudaError_t softmax_backward(const void* grad, const void* y, Dtype y_type, void* dx, Dtype dx_type,
                              const Layout& layout, bool log, void* workspace, cudaStream_t stream);
 
-// dx = grad[r] * exp((x - hi[r]) - lo[r]), a pure map: grad, hi and lo one value per row, in
-// the accumulation dtype of x (hi + lo is the fp64 lse, split by the caller); dx contiguous,
-// of x's dtype.
-cudaError_t logsumexp_backward(const void* grad, const void* hi, const void* lo, const void* x,
-                               Dtype x_type, void* dx, const Layout& layout, cudaStream_t stream);
+// dx = grad[r] * exp((x - hi[r]) - lo[r]), a pure map, with hi + lo the fp64 lse[r] split into
+// the accumulation dtype (split_lse, online_softmax.h); grad one value per row of x's dtype at
+// grad + r * grad_stride (0: one value for every row); dx contiguous, of x's dtype.
+cudaError_t logsumexp_backward(const void* grad, int64_t grad_stride, const double* lse,
+                               const void* x, Dtype x_type, void* dx, const Layout& layout,
+                               cudaStream_t stream);
 
 // Per-row cross-entropy statistics, fp64, of `rows` rows of `classes` logits (row r at
 // x + r * x_stride) and int64 targets in [0, classes): nll = (m - x_t) + log1p(s'), smooth =
@@ -68,6 +70,49 @@ cudaError_t cross_entropy_forward(const void* x, Dtype x_type, int64_t x_stride,
 cudaError_t cross_entropy_backward(const void* x, Dtype x_type, int64_t x_stride,
                                    const int64_t* target, const void* weight, const void* terms,
                                    int64_t rows, int64_t classes, void* dx, cudaStream_t stream);
+
+// Cross-entropy's loss of `rows` rows of `classes` = options.classes logits (row r at x +
+// r * x_stride) with int64 targets, in one kernel: the per-row algebra of
+// stablekernels/cross_entropy_rows.h (options: ignore_index, label smoothing, z-loss,
+// reduction). weight: the optional class weights, in the accumulation dtype A of x. Writes
+// lse[r] (fp64) for every row, and
+// - "none": loss[r] (A), the row's loss (0 where the row does not count);
+// - "sum", "mean": loss[0] (A), the reduced loss, and counts[0] = sum of the counted rows'
+//   w_t, counts[1] = the number of counted rows (fp64), from the rows' totals in `scratch`
+//   (cross_entropy_loss_scratch(rows, reduction) doubles) added by a second kernel, one block,
+//   in a fixed order (the same bits on every run);
+// - counts[2] = W, the sum of the class weights (classes without weights), when
+//   label_smoothing != 0.
+// The counts it does not write (counts[0], counts[1] for "none"; counts[2] without label
+// smoothing) are left as they were: the backward reads none of them. A counted target (one
+// != ignore_index) outside [0, classes) is a device-side assert (raised once the block has
+// walked its rows; nothing is read outside a row: such a row reads class 0, as a row that
+// does not count, whose loss is 0). Launches: 1 for "none", 2 for "sum" and "mean".
+cudaError_t cross_entropy_loss_forward(const void* x, Dtype x_type, int64_t x_stride,
+                                       const int64_t* target, const void* weight, int64_t rows,
+                                       const CrossEntropyOptions& options, void* loss, double* lse,
+                                       double* counts, double* scratch, cudaStream_t stream);
+
+// The doubles of scratch that cross_entropy_loss_forward needs: a row's LossTotals each for
+// "sum" and "mean", none for "none" (scratch may be null).
+constexpr int64_t kCrossEntropyTotalsFields = 4;
+inline int64_t cross_entropy_loss_scratch(int64_t rows, Reduction reduction) {
+  return reduction == Reduction::kNone ? 0 : kCrossEntropyTotalsFields * rows;
+}
+
+// dx (contiguous, x's dtype) of cross_entropy_loss_forward's loss, one kernel: per row, with
+// g = grad_loss[r * grad_loss_stride] (A; stride 0: one value for every row) and the lse
+// output's gradient grad_lse[r * grad_lse_stride] (fp64; null: 0), the terms row_terms of
+// row_gradient (cross_entropy_rows.h) from the forward's lse and counts, then dx_c =
+// exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot (t only on counted rows).
+// A counted target outside [0, classes) is a device-side assert, as in the forward.
+cudaError_t cross_entropy_loss_backward(const void* grad_loss, int64_t grad_loss_stride,
+                                        const double* grad_lse, int64_t grad_lse_stride,
+                                        const void* x, Dtype x_type, int64_t x_stride,
+                                        const int64_t* target, const void* weight,
+                                        const double* lse, const double* counts, int64_t rows,
+                                        const CrossEntropyOptions& options, void* dx,
+                                        cudaStream_t stream);
 
 using stablekernels::RowMask;  // stablekernels/row_mask.h
 

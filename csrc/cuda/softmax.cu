@@ -524,8 +524,8 @@ constexpr int kMapItems = 4;
 
 template <typename T>
 __global__ void __launch_bounds__(kMapThreads)
-    logsumexp_backward_kernel(const acc_of<T>* __restrict__ grad, const acc_of<T>* __restrict__ hi,
-                              const acc_of<T>* __restrict__ lo, const T* __restrict__ x,
+    logsumexp_backward_kernel(const T* __restrict__ grad, int64_t grad_stride,
+                              const double* __restrict__ lse, const T* __restrict__ x,
                               T* __restrict__ dx, int64_t rows, int64_t n, int64_t x_stride) {
   using A = acc_of<T>;
   constexpr int kVec = kPack<T>;
@@ -533,7 +533,8 @@ __global__ void __launch_bounds__(kMapThreads)
   const int lane = static_cast<int>(threadIdx.x);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * x_stride;
-    const A g = grad[row], h = hi[row], l = lo[row];
+    const LseSplit<A> split = split_lse<A>(lse[row]);
+    const A g = to_acc<A>(grad[row * grad_stride]), h = split.hi, l = split.lo;
     for (int64_t first = -pack_shift(xr); first < n; first += kSpan) {
       Pack<T, kVec> p[kMapItems];
 #pragma unroll
@@ -558,16 +559,16 @@ __global__ void __launch_bounds__(kMapThreads)
 // Strided rows: the tiles of the strided kernels; each thread's row terms are read once.
 template <typename T>
 __global__ void __launch_bounds__(kStridedThreads)
-    logsumexp_backward_strided_kernel(const acc_of<T>* __restrict__ grad,
-                                      const acc_of<T>* __restrict__ hi,
-                                      const acc_of<T>* __restrict__ lo, const T* __restrict__ x,
+    logsumexp_backward_strided_kernel(const T* __restrict__ grad, int64_t grad_stride,
+                                      const double* __restrict__ lse, const T* __restrict__ x,
                                       T* __restrict__ dx, Layout L, int64_t tiles) {
   using A = acc_of<T>;
   for (GridWalk w(tiles); w.q < L.outer; w.next()) {
     const StridedTile t = strided_tile(w, L);
     if (!t.active) continue;
     const int64_t row = t.o * L.inner + t.i;
-    const A g = grad[row], h = hi[row], l = lo[row];
+    const LseSplit<A> split = split_lse<A>(lse[row]);
+    const A g = to_acc<A>(grad[row * grad_stride]), h = split.hi, l = split.lo;
     const T* xc = x + t.o * L.x_stride + t.i;
     T* dc = dx + t.o * L.block() + t.i;
     const T* columns[1] = {xc};
@@ -758,16 +759,15 @@ cudaError_t softmax_backward_typed(const T* grad, const T* y, U* dx, const Layou
 }
 
 template <typename T>
-cudaError_t logsumexp_backward_typed(const acc_of<T>* grad, const acc_of<T>* hi,
-                                     const acc_of<T>* lo, const T* x, T* dx, const Layout& L,
-                                     cudaStream_t s) {
+cudaError_t logsumexp_backward_typed(const T* grad, int64_t grad_stride, const double* lse,
+                                     const T* x, T* dx, const Layout& L, cudaStream_t s) {
   if (L.inner != 1) {
     const dim3 block = strided_block(L.inner);
     logsumexp_backward_strided_kernel<T><<<strided_blocks(L, block), block, 0, s>>>(
-        grad, hi, lo, x, dx, L, strided_tiles(L, block));
+        grad, grad_stride, lse, x, dx, L, strided_tiles(L, block));
   } else {
     logsumexp_backward_kernel<T><<<grid_size(L.rows()), kMapThreads, 0, s>>>(
-        grad, hi, lo, x, dx, L.rows(), L.n, L.x_stride);
+        grad, grad_stride, lse, x, dx, L.rows(), L.n, L.x_stride);
   }
   return cudaGetLastError();
 }
@@ -816,14 +816,14 @@ cudaError_t softmax_backward(const void* grad, const void* y, Dtype y_type, void
   });
 }
 
-cudaError_t logsumexp_backward(const void* grad, const void* hi, const void* lo, const void* x,
-                               Dtype x_type, void* dx, const Layout& L, cudaStream_t stream) {
+cudaError_t logsumexp_backward(const void* grad, int64_t grad_stride, const double* lse,
+                               const void* x, Dtype x_type, void* dx, const Layout& L,
+                               cudaStream_t stream) {
   return detail::with_pair(x_type, x_type, [&](auto xt, auto) -> cudaError_t {
     using T = decltype(xt);
-    using A = acc_of<T>;
-    return detail::logsumexp_backward_typed<T>(
-        static_cast<const A*>(grad), static_cast<const A*>(hi), static_cast<const A*>(lo),
-        static_cast<const T*>(x), static_cast<T*>(dx), L, stream);
+    return detail::logsumexp_backward_typed<T>(static_cast<const T*>(grad), grad_stride, lse,
+                                               static_cast<const T*>(x), static_cast<T*>(dx), L,
+                                               stream);
   });
 }
 

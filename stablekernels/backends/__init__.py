@@ -7,9 +7,13 @@ A backend is one :class:`Kernels` record, 1:1 with the compiled ops of the exten
     softmax(x, dim, dtype, log)                     -> y (log_softmax if log)
     softmax_backward(grad, output, dim, input_dtype, log) -> dx
     logsumexp(x, dim, keepdim)                      -> (out in x.dtype, lse in float64)
-    logsumexp_backward(grad, x, hi, lo, dim)        -> dx
+    logsumexp_backward(grad, x, lse, dim)           -> dx
     cross_entropy(logits, target, weight, smoothing) -> (nll, smooth, lse), float64 rows
     cross_entropy_backward(logits, target, weight, terms) -> dx
+    cross_entropy_loss(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                       reduction) -> (loss, lse, counts)          [optional]
+    cross_entropy_loss_backward(grad_loss, grad_lse, logits, target, weight, lse, counts,
+                                ignore_index, label_smoothing, z_loss, reduction) -> dx
     masked_softmax(x, mask, scale, causal_offset, dtype, mode) -> (y, lse)
     linear_cross_entropy(input, linear_weight, linear_bias, target, weight, softcap,
                          temperature, smoothing) -> (nll, smooth, lse), float64 rows
@@ -58,6 +62,18 @@ class Kernels:
     cross_entropy: Callable
     cross_entropy_backward: Callable
     cross_entropy_backward_inplace: Callable | None = None
+    cross_entropy_loss: Callable | None = None
+    """cross-entropy's loss in one call: the pieces of each row and their epilogue
+    (csrc/include/stablekernels/cross_entropy_rows.h: the ignore mask, the target check, the
+    class weight, smoothing, z-loss and the reduction "none"/"sum"/"mean") -> (loss per row
+    or reduced, in the accumulation dtype; lse (R,) float64; counts (3,) float64). None
+    where a backend has none (the router then runs ``torch_ce.loss_from_pieces`` around its
+    ``cross_entropy``)."""
+    cross_entropy_loss_backward: Callable | None = None
+    """dx of ``cross_entropy_loss`` in one call, from the loss's gradient (per row for
+    "none", 0-dim otherwise, accumulation dtype), the lse output's gradient (None or (R,)
+    float64) and the forward's lse and counts. None where a backend has none (the router
+    then runs ``torch_ce.gradient_from_terms`` around its ``cross_entropy_backward``)."""
     """cross_entropy_backward's dx written over the (contiguous) logits, returning nothing:
     the linear cross-entropy's chunk of logits becomes its gradient without a second buffer
     (cpp); None elsewhere (then a tile at a time through cross_entropy_backward)."""
@@ -79,10 +95,32 @@ KERNEL_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "softmax": ("x", "dim", "dtype", "log"),
     "softmax_backward": ("grad", "output", "dim", "input_dtype", "log"),
     "logsumexp": ("x", "dim", "keepdim"),
-    "logsumexp_backward": ("grad", "x", "hi", "lo", "dim"),
+    "logsumexp_backward": ("grad", "x", "lse", "dim"),
     "cross_entropy": ("logits", "target", "weight", "smoothing"),
     "cross_entropy_backward": ("logits", "target", "weight", "terms"),
     "cross_entropy_backward_inplace": ("logits", "target", "weight", "terms"),
+    "cross_entropy_loss": (
+        "logits",
+        "target",
+        "weight",
+        "ignore_index",
+        "label_smoothing",
+        "z_loss",
+        "reduction",
+    ),
+    "cross_entropy_loss_backward": (
+        "grad_loss",
+        "grad_lse",
+        "logits",
+        "target",
+        "weight",
+        "lse",
+        "counts",
+        "ignore_index",
+        "label_smoothing",
+        "z_loss",
+        "reduction",
+    ),
     "masked_softmax": ("x", "mask", "scale", "causal_offset", "dtype", "mode"),
     "linear_cross_entropy": (
         "input",
@@ -295,6 +333,8 @@ def _load_extension() -> Kernels:
         logsumexp_backward=ops._fused_logsumexp_backward.default,
         cross_entropy=ops._fused_cross_entropy.default,
         cross_entropy_backward=ops._fused_cross_entropy_backward.default,
+        cross_entropy_loss=ops._fused_cross_entropy_loss.default,
+        cross_entropy_loss_backward=ops._fused_cross_entropy_loss_backward.default,
         masked_softmax=ops._fused_masked_softmax.default,
     )
 
@@ -387,9 +427,14 @@ def get_backend(name: str) -> Backend:
 def check_serves(name: str, device: torch.device) -> Backend:
     """The backend ``name``, or BackendUnavailableError naming backend, device and reason if
     it can't run tensors on ``device``."""
+    served = _SERVES.get((name, device.type))
+    if served is not None:
+        return served
     backend = get_backend(name)
     support = backend.supports(device.type)
-    if not support:
+    if support:
+        _SERVES[(name, device.type)] = backend
+    else:
         raise BackendUnavailableError(
             f"stablekernels backend {name!r} cannot run on device {str(device)!r}: {support.reason}"
         )
@@ -398,10 +443,25 @@ def check_serves(name: str, device: torch.device) -> Backend:
 
 def automatic_backend(device: torch.device) -> str:
     """The first backend of the automatic order that can serve ``device`` (always one)."""
-    for name in AUTO_ORDER.get(device.type, _AUTO_ORDER_OTHER):
-        if BACKENDS[name].supports(device.type):
-            return name
-    return "torch"
+    name = _AUTOMATIC.get(device.type)
+    if name is None:
+        name = next(
+            (
+                n
+                for n in AUTO_ORDER.get(device.type, _AUTO_ORDER_OTHER)
+                if BACKENDS[n].supports(device.type)
+            ),
+            "torch",
+        )
+        _AUTOMATIC[device.type] = name
+    return name
+
+
+# What a backend serves is fixed at import (the module doc), so the answers are kept:
+# (backend name, device type) -> Backend for the pairs found served; device type -> the
+# automatic choice.
+_SERVES: dict[tuple[str, str], Backend] = {}
+_AUTOMATIC: dict[str, str] = {}
 
 
 def local_device_types() -> list[str]:

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .._numerics import accumulation_dtype, finish_lse, row_stats
+from .._numerics import accumulation_dtype, finish_lse, row_stats, split_lse
 from . import Kernels
-from .torch_ce import cross_entropy, cross_entropy_backward
+from .torch_ce import (
+    cross_entropy,
+    cross_entropy_backward,
+    cross_entropy_loss,
+    cross_entropy_loss_backward,
+)
 
 
 def _nan_where_max_not_finite(result: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -62,14 +67,16 @@ def softmax_backward(
 
 
 def logsumexp_backward(
-    grad: torch.Tensor, x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, dim: int
+    grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, dim: int
 ) -> torch.Tensor:
-    """dx = dy * exp((x - hi) - lo), with the per-row dy, hi and lo (flat, in row order)
-    broadcast along ``dim``; returned in x.dtype."""
+    """dx = dy * exp(x - lse), taken as (x - hi) - lo (split_lse), with the per-row dy (x's
+    dtype, flat in row order, any stride) and the fp64 lse broadcast along ``dim``; returned
+    in x.dtype."""
     acc = accumulation_dtype(x.dtype)
     row_shape = list(x.shape)
     row_shape[dim] = 1
-    g, hi, lo = (t.view(row_shape) for t in (grad, hi, lo))
+    hi, lo = split_lse(lse, acc)
+    g, hi, lo = (t.reshape(row_shape) for t in (grad.to(acc), hi, lo))
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return torch.mul(g, torch.exp((x.to(acc) - hi) - lo), out=out)
 
@@ -115,5 +122,7 @@ KERNELS = Kernels(
     logsumexp_backward=logsumexp_backward,
     cross_entropy=cross_entropy,
     cross_entropy_backward=cross_entropy_backward,
+    cross_entropy_loss=cross_entropy_loss,
+    cross_entropy_loss_backward=cross_entropy_loss_backward,
     masked_softmax=masked_softmax,
 )

@@ -181,4 +181,20 @@ SK_HOST_DEVICE std::conditional_t<std::is_void_v<R>, acc_t, R> finish_lse(RowSta
   return static_cast<out_t>(st.m) + static_cast<out_t>(log1p(st.s));
 }
 
+// A float64 lse as hi + lo in acc_t: x - lse is then taken as (x - hi) - lo, where x - hi is
+// exact for the entries near lse (those whose gradient is not negligible), so exp(x - lse)
+// keeps its precision at any offset (a float lse near 1e6 is off by up to 0.03). lo is 0
+// where lse is not finite. stablekernels/_numerics.py:split_lse is the same in torch.
+template <typename acc_t>
+struct LseSplit {
+  acc_t hi, lo;
+};
+
+template <typename acc_t>
+SK_HOST_DEVICE LseSplit<acc_t> split_lse(double lse) {
+  using std::isfinite;
+  const acc_t hi = static_cast<acc_t>(lse);
+  return {hi, isfinite(lse) ? static_cast<acc_t>(lse - static_cast<double>(hi)) : acc_t(0)};
+}
+
 }  // namespace stablekernels

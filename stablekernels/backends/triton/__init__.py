@@ -35,6 +35,8 @@ KERNELS = Kernels(
     logsumexp_backward=_ops._triton_logsumexp_backward,
     cross_entropy=_ops._triton_cross_entropy,
     cross_entropy_backward=_ops._triton_cross_entropy_backward,
+    cross_entropy_loss=_ops._triton_cross_entropy_loss,
+    cross_entropy_loss_backward=_ops._triton_cross_entropy_loss_backward,
     linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
     masked_softmax=_ops._triton_masked_softmax,
 )

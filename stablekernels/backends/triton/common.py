@@ -153,3 +153,14 @@ def finish_lse(m, s):
     m64 = m.to(tl.float64)
     lse = tl.where(tl.abs(m) == float("inf"), m64, m64 + log1p(s).to(tl.float64))
     return tl.where(s != s, float("nan"), lse)
+
+
+@triton.jit
+def split_lse(lse, ACC: tl.constexpr):
+    """A float64 lse as hi + lo in ACC, so that x - lse is taken as (x - hi) - lo with x - hi
+    exact near the lse (online_softmax.h:split_lse; _numerics.split_lse); lo is 0 where lse
+    is not finite."""
+    hi = lse.to(ACC)
+    finite = (lse == lse) & (lse != float("inf")) & (lse != float("-inf"))
+    lo = tl.where(finite, (lse - hi.to(tl.float64)).to(ACC), 0.0)
+    return hi, lo

@@ -15,18 +15,41 @@ the host first). Every grid is 1-D and launches run on the logits' device.
 Backward: one program per (row, tile), a pure map over the per-row terms the router gives:
 
     dx_c = p_c * coef - smooth * w_c - [c == t] * one_hot,   p_c = exp((x_c - hi) - lo)
+
+The fused kernels of the contract, ``cross_entropy_loss`` and ``cross_entropy_loss_backward``,
+are the same two kernels with the per-row algebra of csrc/include/stablekernels/
+cross_entropy_rows.h inside (their EPILOGUE / PROLOGUE flags): the ignore mask, the target
+check, the class weight, smoothing, z-loss and the reduction. Forward: the row kernel writes
+each row's loss ("none"), or its parts of the sums to a float64 scratch ("sum", "mean"), which
+one single-program kernel then adds in a fixed order (blocks of rows, each lane in row order,
+then one tree sum: deterministic) into the loss and ``counts``; with "none", program 0 of
+the row kernel writes W (``counts[2]``, all its backward reads). So the forward is one
+launch ("none") or two, the backward one (each program derives its row's terms from the
+loss's gradient), and nothing else touches the data (but for CPU tensors, whose targets are
+checked on the host: the interpreter skips device_assert). The options' floats go to the
+kernels as their float64 bit patterns (a Python float argument of a Triton kernel is
+float32).
 """
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+from ..._numerics import accumulation_dtype
+from .. import torch_ce
 from . import common
 
 TILE = 2048
+# Rows one program of the fused forward's reduction (and of its counts) reads at a time.
+REDUCE_BLOCK = 1024
+# The fused kernels' reductions, as the header's enum.
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
 def _check_classes(op: str, classes: int) -> None:
@@ -34,6 +57,115 @@ def _check_classes(op: str, classes: int) -> None:
         raise RuntimeError(
             f"{op}: expects logits with at least one class (the stablekernels router guarantees it)"
         )
+
+
+def _reduction_code(op: str, reduction: str) -> int:
+    try:
+        return _REDUCTIONS[reduction]
+    except KeyError:
+        raise ValueError(
+            f"{op}: reduction must be 'none', 'mean' or 'sum', not {reduction!r}"
+        ) from None
+
+
+def _check_host_targets(target: torch.Tensor, ignore_index: int, classes: int) -> None:
+    """CPU tensors run under the interpreter, which skips device_assert (debug=True or not):
+    their targets are checked on the host, IndexError in torch's words, where that waits for
+    nothing (torch_ce.check_targets). Never for CUDA tensors, fake ones or under tracing."""
+    if target.device.type == "cpu" and not is_fake(target) and not torch.compiler.is_compiling():
+        torch_ce.check_targets(target, ignore_index, classes)
+
+
+def _f64_bits(value: float) -> int:
+    """The float64 bit pattern of ``value`` as a signed int64 (see :func:`_f64`)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def _f64(bits):
+    """The float64 whose bit pattern :func:`_f64_bits` gave: the options' floats reach the
+    kernels exactly (a Python float argument would be float32)."""
+    return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _is_finite(v):
+    return (v == v) & (tl.abs(v) != float("inf"))
+
+
+@triton.jit
+def _target(T_ptr, row, stride_t, ignore_index, classes, FUSED: tl.constexpr):
+    """(the class row ``row`` reads, whether it counts); device_assert that a counted target
+    is a class. Unfused, every row counts (the router gave readable targets)."""
+    t = tl.load(T_ptr + row * stride_t)
+    if FUSED:
+        counted = t != ignore_index
+        tl.device_assert(
+            (t == ignore_index) | ((t >= 0) & (t < classes)), "cross_entropy: target out of bounds"
+        )
+        t = tl.where(counted, t, 0)
+    else:
+        counted = t == t
+        tl.device_assert((t >= 0) & (t < classes), "cross_entropy: target out of bounds")
+    return t, counted
+
+
+@triton.jit
+def _class_weight(W_ptr, t, counted, HAS_WEIGHT: tl.constexpr):
+    """w_t of a row in float64 (1 without weights), 0 where the row does not count."""
+    if HAS_WEIGHT:
+        w_t = tl.load(W_ptr + t).to(tl.float64)
+    else:
+        w_t = tl.full([], 1.0, tl.float64)
+    return tl.where(counted, w_t, 0.0)
+
+
+@triton.jit
+def _write_counts(
+    T_ptr,
+    W_ptr,
+    COUNTS_ptr,
+    rows,
+    classes,
+    stride_t,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROW_COUNTS: tl.constexpr = True,
+):
+    """Writes counts = (sum of counted w_t, counted rows, W) in float64, summed in a fixed
+    order (each lane in row order, then one tree sum); returns the first two. Without
+    ROW_COUNTS (reduction "none", whose backward reads W only) the rows are not walked and
+    counts[0] and counts[1] are left unwritten, so one program does not walk every target."""
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    weight = tl.zeros([BLOCK], tl.float64)
+    number = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, rows if ROW_COUNTS else 0, BLOCK):
+        r = start + lanes
+        t = tl.load(T_ptr + r * stride_t, mask=r < rows, other=ignore_index)
+        counted = (r < rows) & (t != ignore_index)
+        if HAS_WEIGHT:
+            # a counted target outside [0, classes) fails its row's device_assert: not read
+            readable = counted & (t >= 0) & (t < classes)
+            w_t = tl.load(W_ptr + tl.where(readable, t, 0), mask=readable, other=0.0)
+            weight += w_t.to(tl.float64)
+        else:
+            weight += counted.to(tl.float64)
+        number += counted.to(tl.float64)
+    weight = tl.sum(weight, axis=0)
+    number = tl.sum(number, axis=0)
+    if ROW_COUNTS:
+        tl.store(COUNTS_ptr, weight)
+        tl.store(COUNTS_ptr + 1, number)
+    if HAS_WEIGHT:
+        total = tl.zeros([BLOCK], tl.float64)
+        for start in range(0, classes, BLOCK):
+            c = start + lanes
+            total += tl.load(W_ptr + c, mask=c < classes, other=0.0).to(tl.float64)
+        tl.store(COUNTS_ptr + 2, tl.sum(total, axis=0))
+    else:
+        tl.store(COUNTS_ptr + 2, tl.cast(classes, tl.int64).to(tl.float64))
+    return weight, number
 
 
 # debug=True keeps the kernels' device_assert (targets in [0, classes)) in the compiled
@@ -47,15 +179,33 @@ def _cross_entropy_fwd_kernel(
     NLL_ptr,
     SMOOTH_ptr,
     LSE_ptr,
+    LOSS_ptr,
+    COUNTS_ptr,
+    rows,
     classes,
     stride_x,
+    stride_t,
+    ignore_index,
+    e_bits,
+    z_bits,
     HAS_WEIGHT: tl.constexpr,
     SMOOTH: tl.constexpr,
     ACC: tl.constexpr,
     TILE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per row: lse, nll = (m - x_t) + log1p(s') and, with smoothing,
-    smooth = sum_c w_c (m - x_c) + W log1p(s'); targets are in [0, classes)."""
+    smooth = sum_c w_c (m - x_c) + W log1p(s').
+
+    Without EPILOGUE: stores nll and smooth (float64); targets are in [0, classes).
+    With EPILOGUE (the fused loss): a row counts when its target != ignore_index (else it
+    reads class 0); stores the row's loss in LOSS ("none", REDUCTION 0), or its parts of the
+    sums in the float64 scratch LOSS (2, rows) for _cross_entropy_reduce_kernel: "sum" (2)
+    the row's loss at [0, row]; "mean" (1) its ce at [0, row] and, with HAS_Z, lse^2 at
+    [1, row] (0 where the row does not count). With "none", program 0 also writes COUNTS."""
     row = tl.program_id(0).to(tl.int64)
     base = row * stride_x
     m = tl.full([], -float("inf"), ACC)
@@ -86,13 +236,109 @@ def _cross_entropy_fwd_kernel(
             total_w = total_w + w_t
         m, s = common.merge(m, s, m_t, s_t)
     log_rest = common.log1p(s)
-    tl.store(LSE_ptr + row, common.finish_lse(m, s))
-    t = tl.load(T_ptr + row)
-    tl.device_assert((t >= 0) & (t < classes), "cross_entropy: target out of bounds")
+    lse = common.finish_lse(m, s)
+    tl.store(LSE_ptr + row, lse)
+    t, counted = _target(T_ptr, row, stride_t, ignore_index, classes, EPILOGUE)
     x_t = tl.load(X_ptr + base + t).to(ACC)
-    tl.store(NLL_ptr + row, ((m - x_t) + log_rest).to(tl.float64))
+    nll = ((m - x_t) + log_rest).to(tl.float64)
     if SMOOTH:
-        tl.store(SMOOTH_ptr + row, (gaps + total_w * log_rest).to(tl.float64))
+        smooth = (gaps + total_w * log_rest).to(tl.float64)
+    else:
+        smooth = tl.full([], 0.0, tl.float64)
+    if EPILOGUE:
+        # cross_entropy_rows.h: row_cross_entropy, row_loss and LossTotals.add, in float64
+        e = _f64(e_bits)
+        ce = ((1.0 - e) * _class_weight(W_ptr, t, counted, HAS_WEIGHT)) * nll
+        if SMOOTH:
+            ce = ce + (e / tl.cast(classes, tl.int64).to(tl.float64)) * smooth
+        finite = _is_finite(lse)
+        if REDUCTION == 1:
+            tl.store(LOSS_ptr + row, tl.where(counted, tl.where(finite, ce, float("nan")), 0.0))
+            if HAS_Z:
+                tl.store(LOSS_ptr + rows + row, tl.where(counted, lse * lse, 0.0))
+        else:
+            if HAS_Z:
+                ce = ce + (_f64(z_bits) * lse) * lse
+            loss = tl.where(counted, tl.where(finite, ce, float("nan")), 0.0)
+            tl.store(LOSS_ptr + row, loss.to(LOSS_ptr.dtype.element_ty))
+        if REDUCTION == 0:
+            if row == 0:
+                _write_counts(
+                    T_ptr, W_ptr, COUNTS_ptr, rows, classes, stride_t, ignore_index, HAS_WEIGHT,
+                    BLOCK, ROW_COUNTS=False,
+                )  # fmt: skip
+    else:
+        tl.store(NLL_ptr + row, nll)
+        if SMOOTH:
+            tl.store(SMOOTH_ptr + row, smooth)
+
+
+@triton.jit
+def _cross_entropy_reduce_kernel(
+    PART_ptr,
+    T_ptr,
+    W_ptr,
+    LOSS_ptr,
+    COUNTS_ptr,
+    rows,
+    classes,
+    stride_t,
+    ignore_index,
+    z_bits,
+    HAS_WEIGHT: tl.constexpr,
+    MEAN: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: COUNTS, and the loss "sum" (sum of PART[0]) or "mean"
+    (sum PART[0] / counts[0] + z sum PART[1] / counts[1]) of the row kernel's scratch
+    PART (2, rows) float64, each lane adding its rows in order, then one tree sum."""
+    weight, number = _write_counts(
+        T_ptr, W_ptr, COUNTS_ptr, rows, classes, stride_t, ignore_index, HAS_WEIGHT, BLOCK
+    )
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    loss = tl.zeros([BLOCK], tl.float64)
+    z = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, rows, BLOCK):
+        r = start + lanes
+        loss += tl.load(PART_ptr + r, mask=r < rows, other=0.0)
+        if MEAN and HAS_Z:
+            z += tl.load(PART_ptr + rows + r, mask=r < rows, other=0.0)
+    total = tl.sum(loss, axis=0)
+    if MEAN:
+        total = total / weight
+        if HAS_Z:
+            total = total + (_f64(z_bits) * tl.sum(z, axis=0)) / number
+    tl.store(LOSS_ptr, total.to(LOSS_ptr.dtype.element_ty))
+
+
+def _launch_forward(logits, target, weight, outputs, options, smoothing, code=None, z=False):
+    """One launch of _cross_entropy_fwd_kernel over the rows: ``outputs`` are its NLL,
+    SMOOTH, LSE, LOSS and COUNTS pointers, ``options`` (ignore_index, the bits of
+    label_smoothing and z_loss); ``code`` None for the pieces, else the fused loss's
+    reduction."""
+    rows, classes = logits.shape
+    with common.on_device(logits):
+        wrap_triton(_cross_entropy_fwd_kernel)[common.grid(rows)](
+            logits,
+            target,
+            outputs[2] if weight is None else weight,
+            *outputs,
+            rows,
+            classes,
+            logits.stride(0),
+            target.stride(0),
+            *options,
+            HAS_WEIGHT=weight is not None,
+            SMOOTH=smoothing,
+            ACC=common.accumulator(logits.dtype),
+            TILE=TILE,
+            EPILOGUE=code is not None,
+            REDUCTION=code or 0,
+            HAS_Z=z,
+            BLOCK=REDUCE_BLOCK,
+            num_warps=8,
+        )
 
 
 @triton_op("stablekernels::_triton_cross_entropy", mutates_args={})
@@ -107,23 +353,70 @@ def forward(
     nll = torch.empty(rows, dtype=torch.float64, device=logits.device)
     smooth = torch.zeros(rows, dtype=torch.float64, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float64, device=logits.device)
-    with common.on_device(logits):
-        wrap_triton(_cross_entropy_fwd_kernel)[common.grid(rows)](
-            logits,
-            target,
-            weight if weight is not None else nll,
-            nll,
-            smooth,
-            lse,
-            classes,
-            logits.stride(0),
-            HAS_WEIGHT=weight is not None,
-            SMOOTH=smoothing,
-            ACC=common.accumulator(logits.dtype),
-            TILE=TILE,
-            num_warps=8,
-        )
+    outputs = (nll, smooth, lse, nll, nll)  # NLL, SMOOTH, LSE; LOSS, COUNTS unused
+    _launch_forward(logits, target, weight, outputs, (0, 0, 0), smoothing)
     return nll, smooth, lse
+
+
+@triton_op("stablekernels::_triton_cross_entropy_loss", mutates_args={})
+def cross_entropy_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, counts) of the contract's fused forward: the loss per row ("none") or
+    reduced (0-dim), in the accumulation dtype; lse (R,) float64; counts (3,) float64 =
+    (sum of counted w_t, counted rows, W). One launch for "none", two otherwise."""
+    op = "_triton_cross_entropy_loss"
+    code = _reduction_code(op, reduction)
+    rows, classes = logits.shape
+    _check_classes(op, classes)
+    _check_host_targets(target, ignore_index, classes)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if weight is not None and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    acc = accumulation_dtype(logits.dtype)
+    device = logits.device
+    lse = torch.empty(rows, dtype=torch.float64, device=device)
+    counts = torch.empty(3, dtype=torch.float64, device=device)
+    if code == 0:
+        loss = torch.empty(rows, dtype=acc, device=device)
+        parts = loss
+    else:
+        loss = torch.empty((), dtype=acc, device=device)
+        parts = torch.empty(
+            2 * rows if code == 1 and z_loss != 0 else rows, dtype=torch.float64, device=device
+        )
+    outputs = (lse, lse, lse, parts, counts)  # NLL, SMOOTH unused; LSE, LOSS, COUNTS
+    options = (ignore_index, _f64_bits(label_smoothing), _f64_bits(z_loss))
+    _launch_forward(
+        logits, target, weight, outputs, options, label_smoothing != 0, code, z_loss != 0
+    )
+    if code != 0:
+        with common.on_device(logits):
+            wrap_triton(_cross_entropy_reduce_kernel)[(1,)](
+                parts,
+                target,
+                weight if weight is not None else lse,
+                loss,
+                counts,
+                rows,
+                classes,
+                target.stride(0),
+                ignore_index,
+                _f64_bits(z_loss),
+                HAS_WEIGHT=weight is not None,
+                MEAN=code == 1,
+                HAS_Z=z_loss != 0,
+                BLOCK=REDUCE_BLOCK,
+                num_warps=4,
+            )
+    return loss, lse, counts
 
 
 @triton.jit(debug=True)
@@ -133,32 +426,144 @@ def _cross_entropy_bwd_kernel(
     W_ptr,
     TERMS_ptr,
     DX_ptr,
+    G_ptr,
+    GLSE_ptr,
+    LSE_ptr,
+    COUNTS_ptr,
     classes,
     stride_x,
+    stride_t,
     tiles,
+    stride_g,
+    stride_glse,
+    stride_lse,
+    ignore_index,
+    e_bits,
+    z_bits,
     HAS_WEIGHT: tl.constexpr,
     ACC: tl.constexpr,
     TILE: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_Z: tl.constexpr,
 ):
-    """Tile `tile` of row `row` (program row * tiles + tile); TERMS is (rows, 5)
-    contiguous: hi, lo, coef, smooth, one_hot."""
+    """Tile `tile` of row `row` (program row * tiles + tile).
+
+    Without PROLOGUE: the row's terms from TERMS, (rows, 5) contiguous: hi, lo, coef,
+    smooth, one_hot. With PROLOGUE (the fused backward) each program derives them, as
+    cross_entropy_rows.h's row_gradient and row_terms, from the loss's gradient G (per row
+    at stride_g for "none", REDUCTION 0; one value otherwise), GLSE (HAS_GRAD_LSE), the
+    forward's LSE and COUNTS, the target and its weight; a row counts when its target
+    != ignore_index (else it reads class 0, with no gradient from the loss)."""
     program = tl.program_id(0).to(tl.int64)
     row, tile = program // tiles, program % tiles
-    t = tl.load(T_ptr + row)
-    tl.device_assert((t >= 0) & (t < classes), "cross_entropy: target out of bounds")
-    terms = TERMS_ptr + row * 5
+    t, counted = _target(T_ptr, row, stride_t, ignore_index, classes, PROLOGUE)
+    if PROLOGUE:
+        e = _f64(e_bits)
+        if REDUCTION == 0:
+            g = tl.load(G_ptr + row * stride_g).to(tl.float64)
+        else:
+            g = tl.load(G_ptr).to(tl.float64)
+        if REDUCTION == 1:
+            g_ce = g / tl.load(COUNTS_ptr)
+            g_z = g / tl.load(COUNTS_ptr + 1)
+        else:
+            g_ce = g
+            g_z = g
+        g_ce = tl.where(counted, g_ce, 0.0)
+        g_z = tl.where(counted, g_z, 0.0)
+        if HAS_WEIGHT:
+            w_t = tl.load(W_ptr + t).to(tl.float64)
+        else:
+            w_t = tl.full([], 1.0, tl.float64)
+        n = tl.cast(classes, tl.int64).to(tl.float64)
+        if SMOOTH:
+            spread = e * tl.load(COUNTS_ptr + 2) / n
+        else:
+            spread = tl.full([], 0.0, tl.float64)
+        coef = g_ce * ((1.0 - e) * w_t + spread)
+        if HAS_GRAD_LSE:
+            coef = coef + tl.load(GLSE_ptr + row * stride_glse).to(tl.float64)
+        lse = tl.load(LSE_ptr + row * stride_lse).to(tl.float64)
+        if HAS_Z:
+            coef = coef + (g_z * (2.0 * _f64(z_bits))) * lse
+        hi, lo = common.split_lse(lse, ACC)
+        coef = coef.to(ACC)
+        smooth = ((e / n) * g_ce).to(ACC)
+        one_hot = (((1.0 - e) * g_ce) * w_t).to(ACC)
+    else:
+        terms = TERMS_ptr + row * 5
+        hi = tl.load(terms)
+        lo = tl.load(terms + 1)
+        coef = tl.load(terms + 2)
+        smooth = tl.load(terms + 3)
+        one_hot = tl.load(terms + 4)
     cols = tile * TILE + tl.arange(0, TILE).to(tl.int64)
     valid = cols < classes
     x = tl.load(X_ptr + row * stride_x + cols, mask=valid, other=0.0).to(ACC)
-    p = tl.exp((x - tl.load(terms)) - tl.load(terms + 1))
-    d = p * tl.load(terms + 2)
+    p = tl.exp((x - hi) - lo)
+    d = p * coef
     if HAS_WEIGHT:
         w = tl.load(W_ptr + cols, mask=valid, other=0.0).to(ACC)
     else:
         w = 1.0
-    d -= tl.load(terms + 3) * w
-    d -= tl.where(cols == t, tl.load(terms + 4), 0.0)
+    d -= smooth * w
+    d -= tl.where(cols == t, one_hot, 0.0)
     tl.store(DX_ptr + row * classes + cols, d.to(DX_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_backward(logits, target, weight, terms=None, loss=None):
+    """dx by one launch of _cross_entropy_bwd_kernel: a map of the per-row ``terms``, or
+    (``loss``: grad_loss, grad_lse, lse, counts, ignore_index, label_smoothing, z_loss,
+    reduction code) the fused backward, which derives each row's terms itself."""
+    rows, classes = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if loss is None:
+        terms = terms.contiguous()
+        rows_in = (terms, dx, terms, terms, terms, terms)  # TERMS, DX, G, GLSE, LSE, COUNTS
+        scalars = (0, 0, 0, 0, 0, 0)
+        flags = {"REDUCTION": 0, "HAS_GRAD_LSE": False, "SMOOTH": False, "HAS_Z": False}
+    else:
+        grad_loss, grad_lse, lse, counts, ignore_index, label_smoothing, z_loss, code = loss
+        rows_in = (dx, dx, grad_loss, lse if grad_lse is None else grad_lse, lse, counts)
+        scalars = (
+            grad_loss.stride(0) if code == 0 else 0,
+            0 if grad_lse is None else grad_lse.stride(0),
+            lse.stride(0),
+            ignore_index,
+            _f64_bits(label_smoothing),
+            _f64_bits(z_loss),
+        )
+        flags = {
+            "REDUCTION": code,
+            "HAS_GRAD_LSE": grad_lse is not None,
+            "SMOOTH": label_smoothing != 0,
+            "HAS_Z": z_loss != 0,
+        }
+    tiles = triton.cdiv(classes, TILE)
+    with common.on_device(logits):
+        wrap_triton(_cross_entropy_bwd_kernel)[common.grid(rows * tiles)](
+            logits,
+            target,
+            dx if weight is None else weight,
+            *rows_in,
+            classes,
+            logits.stride(0),
+            target.stride(0),
+            tiles,
+            *scalars,
+            HAS_WEIGHT=weight is not None,
+            ACC=common.accumulator(logits.dtype),
+            TILE=TILE,
+            PROLOGUE=loss is not None,
+            num_warps=4,
+            **flags,
+        )
+    return dx
 
 
 @triton_op("stablekernels::_triton_cross_entropy_backward", mutates_args={})
@@ -166,26 +571,33 @@ def backward(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, terms: torch.Tensor
 ) -> torch.Tensor:
     """dx from the per-row terms (R, 5) = (hi, lo, coef, smooth, one_hot), contiguous."""
-    rows, classes = logits.shape
-    _check_classes("_triton_cross_entropy_backward", classes)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    terms = terms.contiguous()
-    dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    tiles = triton.cdiv(classes, TILE)
-    with common.on_device(logits):
-        wrap_triton(_cross_entropy_bwd_kernel)[common.grid(rows * tiles)](
-            logits,
-            target,
-            weight if weight is not None else terms,
-            terms,
-            dx,
-            classes,
-            logits.stride(0),
-            tiles,
-            HAS_WEIGHT=weight is not None,
-            ACC=common.accumulator(logits.dtype),
-            TILE=TILE,
-            num_warps=4,
-        )
-    return dx
+    _check_classes("_triton_cross_entropy_backward", logits.shape[1])
+    return _launch_backward(logits, target, weight, terms=terms)
+
+
+@triton_op("stablekernels::_triton_cross_entropy_loss_backward", mutates_args={})
+def cross_entropy_loss_backward(
+    grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    counts: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+) -> torch.Tensor:
+    """dx of :func:`cross_entropy_loss` in one launch, contiguous in the logits' dtype, from
+    the loss's gradient (per row at any stride for "none", 0-dim otherwise), the lse
+    output's gradient (None or (R,) float64 at any stride) and the forward's lse and counts."""
+    op = "_triton_cross_entropy_loss_backward"
+    code = _reduction_code(op, reduction)
+    classes = logits.shape[1]
+    _check_classes(op, classes)
+    _check_host_targets(target, ignore_index, classes)
+    if weight is not None and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    loss = (grad_loss, grad_lse, lse, counts, ignore_index, label_smoothing, z_loss, code)
+    return _launch_backward(logits, target, weight, loss=loss)

@@ -110,13 +110,13 @@ def forward(x: torch.Tensor, dim: int, keepdim: bool) -> tuple[torch.Tensor, tor
 @triton.jit
 def _logsumexp_bwd_kernel(
     G_ptr,
-    HI_ptr,
-    LO_ptr,
+    LSE_ptr,
     X_ptr,
     DX_ptr,
     rows,
     n,
     inner,
+    stride_g,
     stride_xo,
     stride_xn,
     stride_xi,
@@ -124,15 +124,15 @@ def _logsumexp_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Tile `tile` of row `row` (program row * tiles + tile)."""
+    """Tile `tile` of row `row` (program row * tiles + tile): dx = g * exp((x - hi) - lo),
+    hi + lo the row's fp64 lse split into ACC (common.split_lse)."""
     program = tl.program_id(0).to(tl.int64)
     row, tile = program // tiles, program % tiles
     o, i = row // inner, row % inner
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     valid = cols < n
-    g = tl.load(G_ptr + row).to(ACC)
-    hi = tl.load(HI_ptr + row).to(ACC)
-    lo = tl.load(LO_ptr + row).to(ACC)
+    g = tl.load(G_ptr + row * stride_g).to(ACC)
+    hi, lo = common.split_lse(tl.load(LSE_ptr + row), ACC)
     x = tl.load(X_ptr + o * stride_xo + i * stride_xi + cols * stride_xn, mask=valid, other=0.0).to(
         ACC
     )
@@ -141,11 +141,9 @@ def _logsumexp_bwd_kernel(
 
 
 @triton_op("stablekernels::_triton_logsumexp_backward", mutates_args={})
-def backward(
-    grad: torch.Tensor, x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, dim: int
-) -> torch.Tensor:
-    """The logsumexp_backward kernel of the contract: grad, hi, lo per row, flat, in row
-    order, in the accumulation dtype."""
+def backward(grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, dim: int) -> torch.Tensor:
+    """The logsumexp_backward kernel of the contract: grad one value per row of x's dtype
+    (flat in row order, any stride), lse the rows' float64 logsumexp (contiguous)."""
     v = common.rows_view(x, dim)
     outer, n, inner = v.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -154,13 +152,13 @@ def backward(
     with common.on_device(x):
         wrap_triton(_logsumexp_bwd_kernel)[common.grid(outer * inner * tiles)](
             grad,
-            hi,
-            lo,
+            lse,
             v,
             dx,
             outer * inner,
             n,
             inner,
+            grad.stride(0),
             v.stride(0),
             v.stride(1),
             v.stride(2),
