@@ -237,7 +237,9 @@ def _fast_class_rows(
         return None
     if input.dim() != 2 or target.dim() != 1 or target.shape[0] != input.shape[0]:
         return None
-    if not input.numel() or (weight is not None and weight.shape != input.shape[1:]):
+    if not input.numel() or (
+        weight is not None and (weight.shape != input.shape[1:] or not weight.is_contiguous())
+    ):
         return None
     key = (
         "cross_entropy", input.dtype, input.device, target.dtype, target.device,

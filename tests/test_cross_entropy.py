@@ -609,3 +609,17 @@ def test_the_reduced_loss_is_the_same_for_every_thread_count():
     finally:
         torch.set_num_threads(previous)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_logits_targets_and_weights_without_autograd(backend):
+    """The eager call without autograd (the public function straight to the fused kernel)
+    takes strided logits, targets and class weights, as the general path does."""
+    x = torch.randn(6, 10).t()  # (10, 6), rows at stride 1, classes at stride 10
+    target = torch.randint(0, 6, (20,))[::2]
+    weight = torch.rand(12)[::2]
+    for reduction in ("mean", "sum", "none"):
+        with torch.no_grad():
+            ours = sk.cross_entropy(x, target, weight, reduction=reduction, backend=backend)
+        theirs = F.cross_entropy(x.double(), target, weight.double(), reduction=reduction)
+        torch.testing.assert_close(ours.double(), theirs, rtol=2e-6, atol=1e-7)
