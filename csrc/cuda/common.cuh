@@ -288,6 +288,33 @@ __device__ __forceinline__ V group_reduce_all(V v, Op op) {
   }
 }
 
+// Host side: calls f(std::integral_constant<int, R>) for a group size R in 4, 8, ... 512
+// (kMaxRowThreads, the largest group of softmax.cu and masked_softmax.cu), so that a launcher
+// instantiates its kernel for the R its launch plan picked; cudaErrorInvalidValue for any
+// other r.
+template <typename F>
+cudaError_t with_row_threads(int r, F f) {
+  switch (r) {
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    case 256:
+      return f(std::integral_constant<int, 256>{});
+    case 512:
+      return f(std::integral_constant<int, 512>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 // ---------------------------------------------------------------------------------------
 // Rows read and written in 16-byte packs. A row at p is read in the frame of its packs: frame
 // position 0 is the 16-byte boundary at or before p, so element j of the row sits at frame

@@ -380,29 +380,6 @@ int row_threads(int64_t n, bool aligned_rows) {
   return 0;
 }
 
-template <typename F>
-cudaError_t with_row_threads(int r, F f) {
-  switch (r) {
-    case 4:
-      return f(std::integral_constant<int, 4>{});
-    case 8:
-      return f(std::integral_constant<int, 8>{});
-    case 16:
-      return f(std::integral_constant<int, 16>{});
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 128:
-      return f(std::integral_constant<int, 128>{});
-    case 256:
-      return f(std::integral_constant<int, 256>{});
-    case 512:
-      return f(std::integral_constant<int, 512>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename T, typename U>
 cudaError_t masked_softmax_typed(const T* x, U* y, double* lse, const MaskedArgs<acc_of<T, U>>& a,
                                  bool log, cudaStream_t s) {

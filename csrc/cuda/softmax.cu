@@ -603,30 +603,6 @@ int64_t parts_of(int64_t n, int64_t span) {
   return ceil_div(n + kPack<T> - 1, span);  // room for any pack shift
 }
 
-// Calls f(std::integral_constant<int, R>) for R in 4 .. kMaxRowThreads.
-template <typename F>
-cudaError_t with_row_threads(int r, F f) {
-  switch (r) {
-    case 4:
-      return f(std::integral_constant<int, 4>{});
-    case 8:
-      return f(std::integral_constant<int, 8>{});
-    case 16:
-      return f(std::integral_constant<int, 16>{});
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 128:
-      return f(std::integral_constant<int, 128>{});
-    case 256:
-      return f(std::integral_constant<int, 256>{});
-    case 512:
-      return f(std::integral_constant<int, 512>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <int R>
 unsigned row_blocks(int64_t rows) {
   return grid_size(ceil_div(rows, int64_t(block_threads(R) / R)));
