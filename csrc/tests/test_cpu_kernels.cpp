@@ -348,7 +348,7 @@ void test_cross_entropy_backward(const KernelTable& t) {
   }
 }
 
-// The fp32 exp of the kernels (exp_fp32 in kernels_impl.h), over every float t in [-104, 0]
+// The fp32 exp of the kernels (exp_fp32 in cpu/vec_math.h), over every float t in [-104, 0]
 // (x - max ranges there in every kernel; exp(-104) is below the smallest subnormal), through
 // logsumexp_backward with grad 1 and lse 0, which writes exp(x) itself: within kExpMaxUlp ulp
 // of the double exp where that is at least 2^-125, and in [0, 2^-125] below it (flushed).
