@@ -7,7 +7,7 @@
 #pragma once
 
 #ifndef SK_CAPABILITY_NAMESPACE
-#error "softmax_kernels.h is part of kernels_impl.h: include that (with SK_CAPABILITY_NAMESPACE set)"
+#error "this header is part of kernels_impl.h: include that, with SK_CAPABILITY_NAMESPACE set"
 #endif
 
 #include <ATen/Parallel.h>
