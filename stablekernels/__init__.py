@@ -14,18 +14,18 @@ The ops are ``torch.ops.stablekernels.*`` custom ops with autograd and fake kern
 work under ``torch.compile(fullgraph=True)``.
 """
 
-from . import (  # noqa: F401  (_autocast, _autograd, _batching register rules of the ops)
-    _autocast,
-    _autograd,
-    _batching,
-    distributed,
-    naive,
-    nn,
-)
-from ._api import available_backends, log_softmax, logsumexp, softmax, use_backend
+from . import distributed, naive, nn  # noqa: F401
+from ._api import available_backends, use_backend
 from ._cross_entropy import cross_entropy
 from ._linear_cross_entropy import linear_cross_entropy, linear_logprobs
 from .backends import BackendUnavailableError
+
+# The op modules: importing each registers its ops (stablekernels/ops/__init__.py).
+from .ops import cross_entropy as _cross_entropy_ops  # noqa: F401, E402
+from .ops import linear_cross_entropy as _linear_cross_entropy_ops  # noqa: F401, E402
+from .ops import masked_softmax as _masked_softmax_ops  # noqa: F401, E402
+from .ops.logsumexp import logsumexp  # noqa: E402
+from .ops.softmax import log_softmax, softmax  # noqa: E402
 
 __version__ = "0.1.0"
 

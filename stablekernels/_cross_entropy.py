@@ -13,21 +13,20 @@ import math
 
 import torch
 
-from . import _ops
 from ._api import (
     _PREPARED,
     _check_tensor,
     _overriding_backend,
     _prepared,
     callable_kernel,
-    log_softmax,
-    logsumexp,
     resolve_backend,
 )
-from ._autocast import loss_dtype
-from ._autograd import call_op, direct
 from ._numerics import accumulation_dtype
-from ._ops import counted_targets
+from .ops._checks import _kernels
+from .ops._library import call_op, direct
+from .ops.cross_entropy import _check_cross_entropy, counted_targets, loss_dtype
+from .ops.logsumexp import logsumexp
+from .ops.softmax import log_softmax
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -124,7 +123,7 @@ def _class_targets(input, target: torch.Tensor, batch_shape, classes: int):
         raise RuntimeError(
             f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}{hint}"
         )
-    # Out-of-range values are the op's to refuse (stablekernels._ops), once.
+    # Out-of-range values are the op's to refuse (stablekernels.ops.cross_entropy), once.
     return target.reshape(-1).long()
 
 
@@ -265,12 +264,12 @@ def _prepare_class_rows(
     if type(z_loss) not in (int, float):
         return None
     _check_options(input, weight, reduction, float(label_smoothing), input.shape[1])
-    _ops._check_cross_entropy("cross_entropy", input, target, weight)
+    _check_cross_entropy("cross_entropy", input, target, weight)
     acc = accumulation_dtype(input.dtype)
     if weight is not None and weight.dtype != acc:
         return None
     name = resolve_backend(backend, input.device)
-    kernel = _ops._kernels("cross_entropy", name, input).cross_entropy_loss
+    kernel = _kernels("cross_entropy", name, input).cross_entropy_loss
     return None if kernel is None else (callable_kernel(kernel), input.dtype)
 
 

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import _linear_tiles
-from ._api import _check_tensor, log_softmax, logsumexp, resolve_backend
-from ._autocast import loss_dtype
+from ._api import _check_tensor, resolve_backend
 from ._cross_entropy import (
     _check_options,
     _dtype_name,
@@ -33,12 +32,12 @@ from ._cross_entropy import (
     reduce_class_rows,
     split_z_loss,
 )
-from ._ops import (
-    check_linear_problem,
-    check_same_device,
-    linear_accumulation_dtype,
-    ops,
-)
+from .ops._checks import check_same_device
+from .ops._library import ops
+from .ops.cross_entropy import loss_dtype
+from .ops.linear_cross_entropy import check_linear_problem, linear_accumulation_dtype
+from .ops.logsumexp import logsumexp
+from .ops.softmax import log_softmax
 
 
 def _is_probabilities(input, linear_weight, target) -> bool:
@@ -105,7 +104,8 @@ def probability_chunk_rows(rows: int, vocab: int) -> int:
 
 
 def _check_probability_problem(op, x, linear_weight, linear_bias, weight, softcap, temperature):
-    """The op's checks of the class-index path (stablekernels._ops), in its words."""
+    """The op's checks of the class-index path (stablekernels.ops.linear_cross_entropy),
+    in its words."""
     tensors = check_linear_problem(op, x, linear_weight, linear_bias, weight, softcap, temperature)
     check_same_device(op, *tensors)
 

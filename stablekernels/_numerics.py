@@ -1,6 +1,6 @@
 """The numerics contract of docs/design.md, written once for Python: the accumulation dtype,
 the row statistics (m, s'), the logsumexp that finishes them, and the hi/lo split of a
-float64 lse. The torch backend computes with these, the routers of :mod:`stablekernels._ops`
+float64 lse. The torch backend computes with these, the routers of :mod:`stablekernels.ops`
 use them for the per-row terms every backend's backward receives, and the Triton backend
 takes its dtypes from here (its in-kernel twin of :func:`finish_lse` is
 ``backends/triton/common.py:finish_lse``, Triton code being a language of its own).

@@ -22,8 +22,9 @@ import torch.distributed as dist
 from . import backends
 from ._api import _check_tensor, resolve_backend
 from ._numerics import accumulation_dtype, merge_lse
-from ._ops import ops, wrap_dim
 from .backends import torch_ce
+from .ops._checks import wrap_dim
+from .ops._library import ops
 
 
 def _world(group):

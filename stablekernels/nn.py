@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _api, _cross_entropy, _linear_cross_entropy
+from . import _cross_entropy, _linear_cross_entropy
+from .ops import softmax as _softmax
 
 
 class _AlongDim(torch.nn.Module):
@@ -24,14 +25,14 @@ class Softmax(_AlongDim):
     implicit choice torch deprecated is not offered."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _api.softmax(x, self.dim, backend=self.backend)
+        return _softmax.softmax(x, self.dim, backend=self.backend)
 
 
 class LogSoftmax(_AlongDim):
     """:func:`stablekernels.log_softmax` along ``dim`` as a module; ``dim`` must be given."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _api.log_softmax(x, self.dim, backend=self.backend)
+        return _softmax.log_softmax(x, self.dim, backend=self.backend)
 
 
 class CrossEntropyLoss(torch.nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import stablekernels as sk
-from stablekernels._ops import SCHEMAS
+from stablekernels.ops._library import SCHEMAS
 
 ops = torch.ops.stablekernels
 

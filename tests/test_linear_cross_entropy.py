@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import stablekernels as sk
 from stablekernels import _linear_tiles, backends
-from stablekernels._ops import ROUTERS, ops
+from stablekernels.ops._library import ROUTERS, ops
 
 from .bounds import assert_gradients_within, assert_within, linear_cross_entropy_bounds
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import stablekernels as sk
-from stablekernels._ops import ops
+from stablekernels.ops._library import ops
 
 from .conftest import eps
 

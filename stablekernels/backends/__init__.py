@@ -18,7 +18,7 @@ A backend is one :class:`Kernels` record, 1:1 with the compiled ops of the exten
     linear_cross_entropy(input, linear_weight, linear_bias, target, weight, softcap,
                          temperature, smoothing) -> (nll, smooth, lse), float64 rows
 
-Preconditions, which the routers of :mod:`stablekernels._ops` establish (the kernels only
+Preconditions, which the routers of :mod:`stablekernels.ops` establish (the kernels only
 assert them): floating inputs with at least one dim and no zero-size dim, ``dim`` wrapped to
 be non-negative, ``grad``/``output`` of one dtype and contiguous, per-row inputs
 (``grad``, ``hi``, ``lo``, ``terms``) flat and contiguous in row order, class targets in

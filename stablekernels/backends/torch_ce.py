@@ -85,7 +85,8 @@ def cross_entropy_backward(
 # loss of each row from its pieces and the reduction (the forward's epilogue), and the
 # coefficients of dx from the loss's gradient (the backward's prologue). The torch backend's
 # fused kernels are these around its own pieces; a backend that gives only the pieces gets
-# the same epilogue around its kernels (stablekernels._ops). Rows: (R,) per-row tensors.
+# the same epilogue around its kernels (stablekernels.ops.cross_entropy). Rows: (R,) per-row
+# tensors.
 
 
 def check_targets(target: torch.Tensor, ignore_index: int, classes: int) -> torch.Tensor:
