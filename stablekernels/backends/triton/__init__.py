@@ -1,9 +1,10 @@
 """The ``triton`` backend: Triton kernels for CUDA tensors, and for CPU tensors under the
 Triton interpreter (TRITON_INTERPRET=1, set before triton is imported).
 
-softmax.py holds softmax and log_softmax, logsumexp.py logsumexp, cross_entropy.py the
-cross-entropy from logits, each forward and backward; linear_cross_entropy.py the fused
-forward of the linear cross-entropy (``tl.dot`` with the online lse in its epilogue);
+softmax.py holds softmax and log_softmax, logsumexp.py logsumexp, each forward and
+backward; cross_entropy.py the cross-entropy from logits, its forward, and
+cross_entropy_backward.py its backward; linear_cross_entropy.py the fused forward of the
+linear cross-entropy (``tl.dot`` with the online lse in its epilogue);
 masked_softmax.py the masked (attention-ready) softmax, its forward;
 common.py the row view, launch heuristics and the (m, s') math. Computation is in fp32
 (fp64 for fp64 tensors); halves are read as fp32 and rounded once.
@@ -20,6 +21,7 @@ import torch
 from .. import Kernels
 from . import (  # noqa: F401  (register the triton_ops)
     cross_entropy,
+    cross_entropy_backward,
     linear_cross_entropy,
     logsumexp,
     masked_softmax,
