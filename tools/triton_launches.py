@@ -22,13 +22,21 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from stablekernels._numerics import accumulation_dtype
 from stablekernels.backends.triton import (
     cross_entropy,
+    cross_entropy_backward,
     linear_cross_entropy,
     logsumexp,
     masked_softmax,
     softmax,
 )
 
-LAUNCHING_MODULES = (softmax, logsumexp, cross_entropy, linear_cross_entropy, masked_softmax)
+LAUNCHING_MODULES = (
+    softmax,
+    logsumexp,
+    cross_entropy,
+    cross_entropy_backward,
+    linear_cross_entropy,
+    masked_softmax,
+)
 # Dtype pairs (input, output) of softmax: one dtype, and halves written as float32.
 SOFTMAX_PAIRS = (
     (torch.float32, torch.float32),
