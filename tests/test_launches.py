@@ -1,7 +1,7 @@
 """Launches per call: each direction of an op is one extension kernel call, with no tensor
 op around it that runs over data (counted with torch.profiler by benchmarks/overhead.py, as
-its benchmark reports them). The ops still short of it (logsumexp's and the masked
-softmax's backward) are not listed here yet."""
+its benchmark reports them). The op still short of it (the masked softmax's backward) is
+not listed here yet."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ ONE_KERNEL = [
     ("masked_softmax", "forward", 1),
     ("softmax", "forward+backward", 2),
     ("log_softmax", "forward+backward", 2),
+    ("logsumexp", "forward+backward", 2),
     ("cross_entropy", "forward", 1),
     ("cross_entropy", "forward+backward", 2),
     ("cross_entropy+options", "forward", 1),

@@ -1,6 +1,6 @@
 // The fused kernel ops of the compiled extension, defined once here; CPU kernels register
 // in cpu_ops.cpp and CUDA kernels in cuda_ops.cpp under these names. They are private: the
-// stablekernels router (stablekernels/_ops.py) calls them through the `cpp` and `cuda`
+// stablekernels routers (stablekernels/ops/) call them through the `cpp` and `cuda`
 // backends with their preconditions established (inputs non-empty and at least 1-D, dims
 // wrapped, targets in range, per-row tensors in the accumulation dtype: float64 for float64
 // inputs, else float32), which the bindings only assert (row_view.h).

@@ -3,7 +3,7 @@
 // Layout of the kernels (stablekernels/layout.h).
 //
 // The preconditions are the contract of the ops: the stablekernels router (stablekernels/
-// _ops.py) establishes them (non-empty inputs of at least one dim, dims wrapped, targets in
+// ops/) establishes them (non-empty inputs of at least one dim, dims wrapped, targets in
 // range, per-row tensors in the accumulation dtype), so a failed check here is an internal
 // error, not a user's: the messages say so.
 //

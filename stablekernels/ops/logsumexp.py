@@ -185,11 +185,14 @@ def _logsumexp_setup(ctx, inputs, output):
     x, dim, keepdim, backend = inputs
     ctx.save_for_backward(x, output[1])
     ctx.save_for_forward(x, output[1])
+    ctx.set_materialize_grads(False)  # the unused output's gradient stays None: no zeros made
     ctx.dim, ctx.keepdim, ctx.backend = dim, keepdim, backend
 
 
 def _logsumexp_vjp(ctx, g, g_lse):
     x, lse = ctx.saved_tensors
+    if g is None and g_lse is None:
+        return None, None, None, None
     # Both outputs are the same quantity; a gradient may reach either.
     if g is None:
         g = g_lse.to(x.dtype)
