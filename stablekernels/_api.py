@@ -28,7 +28,7 @@ import torch
 
 from . import backends
 from .ops._checks import _kernels, check_floating, wrap_dim
-from .ops._library import direct
+from .ops._library import Prepared, direct
 
 _overrides = threading.local()
 # use_backend blocks open in any thread: while none is, no thread has an override to look up.
@@ -112,23 +112,27 @@ def _check_dtype(op: str, dtype) -> torch.dtype | None:
 
 
 # ----------------------------------------------------------------------------------------
-# The eager path of a call that needs no autograd: what the checks decide from a call's
-# types alone (dtype, rank, dim, the requested dtype, the backend serving the device) is
-# decided once per combination and kept, so that such a call goes from the public function
-# to the backend's kernel with the same checks, the same kernel and the same result, in about
-# 1 us of Python instead of 5 (docs/overhead.md). Calls that need autograd, and calls that
-# something may see or change (torch.compile, torch.func, autocast, modes, subclasses:
-# stablekernels.ops._library.direct), take the general path through the op.
+# The prepared path of an eager call: what the checks decide from a call's types alone
+# (dtype, rank, dim, the requested dtype, the backend serving the device) is decided once per
+# combination and kept, so that such a call goes from the public function to the backend's
+# kernel with the same checks, the same kernel and the same result, in about 1 us of Python
+# instead of 5 (docs/overhead.md). A call that needs autograd goes to the kernel through the
+# op's own autograd.Function (stablekernels.ops._library.apply_prepared), so the backward is
+# the op's. Calls that something may see or change (torch.compile, torch.func, forward-mode
+# AD, autocast, modes, subclasses: stablekernels.ops._library.direct) take the general path
+# through the op.
 
-_PREPARED: dict[tuple, tuple | None] = {}
+_PREPARED: dict[tuple, object] = {}
 
 
 def _plain(x) -> bool:
-    return (
-        isinstance(x, torch.Tensor)
-        and direct((x,))
-        and not (x.requires_grad and torch.is_grad_enabled())
-    )
+    """Whether a call on ``x`` may take the prepared path (:func:`direct`); whether it needs
+    autograd is the caller's question (:func:`needs_grad`)."""
+    return isinstance(x, torch.Tensor) and direct((x,))
+
+
+def needs_grad(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
 
 
 def _prepared(key: tuple, prepare, *args) -> tuple | None:
@@ -158,24 +162,45 @@ def _overriding_backend() -> str | None:
     return stack[-1] if stack else None
 
 
+class PreparedRows:
+    """A plain softmax / log_softmax / logsumexp call decided ahead: ``kernel(x, dim, out)``
+    (softmax: ``out`` the output dtype, the kernel taking ``log`` after it; logsumexp:
+    ``out`` is keepdim), the resolved ``backend`` name, and ``autograd``, the op's forward
+    from the kernel alone for :func:`~stablekernels.ops._library.apply_prepared`."""
+
+    __slots__ = ("kernel", "dim", "out", "backend", "autograd")
+
+    def __init__(self, kernel, dim, out, backend, autograd):
+        self.kernel, self.dim, self.out = kernel, dim, out
+        self.backend, self.autograd = backend, autograd
+
+
 def _prepare_rows(op, x, dim, dtype, backend, keepdim):
     if x.dim() == 0 or not x.is_floating_point():
         return None
     wrapped = wrap_dim(op, dim, x.dim())
     check_floating(op, "the input", x.dtype)
-    kernels = _kernels(op, resolve_backend(backend, x.device), x)
+    name = resolve_backend(backend, x.device)
+    kernels = _kernels(op, name, x)
     if op == "logsumexp":
-        return callable_kernel(kernels.logsumexp), wrapped, bool(keepdim)
+        kernel, keep = callable_kernel(kernels.logsumexp), bool(keepdim)
+        # The op's arguments: (x, dim, keepdim, backend).
+        forward = Prepared(lambda x, dim, keepdim, backend: kernel(x, dim, keep), kernels)
+        return PreparedRows(kernel, wrapped, keep, name, forward)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         return None
     out = x.dtype if dtype is None else dtype
     check_floating(op, "the requested dtype", out)
-    return callable_kernel(kernels.softmax), wrapped, out
+    kernel, log = callable_kernel(kernels.softmax), op == "log_softmax"
+    # The op's arguments: (x, dim, dtype, backend).
+    forward = Prepared(lambda x, dim, dtype, backend: kernel(x, dim, out, log), kernels)
+    return PreparedRows(kernel, wrapped, out, name, forward)
 
 
-def _fast_rows(op: str, x, dim, dtype, backend, keepdim=None):
-    """(kernel, dim, dtype or keepdim) of a plain softmax / log_softmax / logsumexp call over
-    one int dim of a floating tensor with dims, or None."""
+def _fast_rows(op: str, x, dim, dtype, backend, keepdim=None) -> PreparedRows | None:
+    """The prepared call of a softmax / log_softmax / logsumexp over one int dim of a
+    floating tensor with dims, which :func:`direct` allows (with or without autograd), or
+    None."""
     if type(dim) is not int or not _plain(x):
         return None
     key = (op, x.dtype, x.device, x.dim(), dim, dtype, keepdim, backend, _overriding_backend())

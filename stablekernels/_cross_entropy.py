@@ -3,8 +3,8 @@
 Shapes: input (C), (N, C) or (N, C, d1, ...); class-index targets of shape (), (N) or
 (N, d1, ...) (int64 or uint8), or class probabilities of the input's shape. The input is
 viewed as (rows, C) (a copy only when the class dim is not the last, for (N, C, d1, ...)),
-the fused op computes each row's loss and log-sum-exp, and the reduction happens here on the
-per-row values.
+the fused op computes each row's loss and log-sum-exp and reduces them (class targets; the
+probability targets' rows are reduced here).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ._api import (
 )
 from ._numerics import accumulation_dtype
 from .ops._checks import _kernels
-from .ops._library import call_op, direct
+from .ops._library import Prepared, apply_prepared, call_op, direct
 from .ops.cross_entropy import _check_cross_entropy, counted_targets, loss_dtype
 from .ops.logsumexp import logsumexp
 from .ops.softmax import log_softmax
@@ -168,10 +168,12 @@ def cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, backend
     )
     if fast is not None:
-        kernel, out_dtype = fast
-        loss, lse, _counts = kernel(
-            input, target, weight, ignore_index, float(label_smoothing), float(z_loss), reduction
-        )
+        kernel, out_dtype, name, autograd = fast
+        args = (input, target, weight, ignore_index, float(label_smoothing), float(z_loss))
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight):
+            loss, lse, _counts = apply_prepared("cross_entropy", autograd, *args, reduction, name)
+        else:
+            loss, lse, _counts = kernel(*args, reduction)
         loss = loss if loss.dtype == out_dtype else loss.to(out_dtype)
         return (loss, lse.float()) if return_lse else loss
     input = _check_tensor("cross_entropy", input)
@@ -226,11 +228,12 @@ def cross_entropy(
 def _fast_class_rows(
     input, target, weight, ignore_index, reduction, label_smoothing, z_loss, backend
 ):
-    """(the backend's fused kernel, the loss dtype) for a plain call (stablekernels._api: the
-    eager path without autograd) on (R, C) logits, R, C > 0, with (R,) int64 targets and class
-    weights, if any, of the accumulation dtype; else None (the general path serves it). The
-    checks that depend on the types alone are made once per combination; the shapes, here."""
-    if not isinstance(input, torch.Tensor) or (input.requires_grad and torch.is_grad_enabled()):
+    """(the backend's fused kernel, the loss dtype, the backend's name, the op's forward for
+    ``apply_prepared``) for an eager call that :func:`direct` allows (stablekernels._api's
+    prepared path) on (R, C) logits, R, C > 0, with (R,) int64 targets and class weights, if
+    any, of the accumulation dtype; else None (the general path serves it). The checks that
+    depend on the types alone are made once per combination; the shapes, here."""
+    if not isinstance(input, torch.Tensor):
         return None
     if not (isinstance(target, torch.Tensor) and direct((input, target, weight))):
         return None
@@ -269,8 +272,13 @@ def _prepare_class_rows(
     if weight is not None and weight.dtype != acc:
         return None
     name = resolve_backend(backend, input.device)
-    kernel = _kernels("cross_entropy", name, input).cross_entropy_loss
-    return None if kernel is None else (callable_kernel(kernel), input.dtype)
+    kernels = _kernels("cross_entropy", name, input)
+    if kernels.cross_entropy_loss is None:
+        return None
+    kernel = callable_kernel(kernels.cross_entropy_loss)
+    # The op's arguments: the kernel's and the backend.
+    forward = Prepared(lambda *args: kernel(*args[:-1]), kernels)
+    return kernel, input.dtype, name, forward
 
 
 def split_z_loss(z_loss: float, weight, reduction: str, classes: int) -> tuple[float, float]:

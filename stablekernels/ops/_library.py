@@ -113,6 +113,18 @@ DIRECT = _Call.__new__(_Call)
 DIRECT.keyset = None
 
 
+class Prepared:
+    """The Function's forward of an eager call whose checks were decided ahead
+    (:mod:`stablekernels._api`'s prepared path, :func:`apply_prepared`): ``run`` takes the
+    op's arguments and returns what its router would, from the backend's kernel alone;
+    ``kernels`` is that backend's record, which the op's eager vjp (``register``) calls."""
+
+    __slots__ = ("run", "kernels")
+
+    def __init__(self, run, kernels):
+        self.run, self.kernels = run, kernels
+
+
 def _refuse_forward_over_forward(name: str) -> None:
     """A jvp formula runs with forward mode off, so a second forward-mode level around this
     one (jacfwd(jacfwd(f)), jvp of jvp) would not see its terms: refuse rather than return
@@ -126,11 +138,19 @@ def _refuse_forward_over_forward(name: str) -> None:
         )
 
 
-def _function(name: str, setup_context, backward, jvp) -> type[torch.autograd.Function]:
+def _function(
+    name: str, setup_context, backward, jvp, eager_vjp=None
+) -> type[torch.autograd.Function]:
     """The autograd.Function of op ``name``, applied as ``apply(call, *args)``: its forward
     redispatches the op below autograd with the grad modes of the call (a Function's forward
     runs with both off, but a torch.func level below this one must still see them on to
-    record its own graph, as it does for torch's ops)."""
+    record its own graph, as it does for torch's ops).
+
+    ``eager_vjp(ctx, kernels, *grads)``, where given, is the backward of a :class:`Prepared`
+    forward run eagerly: the backward kernel of the forward's backend called on the saved
+    tensors, with no check the forward did not already make; it returns None to leave a case
+    to ``backward`` (a gradient of another dtype, a missing one). It is used only when the
+    backward itself needs no autograd (no ``create_graph``) and :func:`direct` allows it."""
     op = getattr(ops, name).default
 
     route = ROUTERS[name]
@@ -138,6 +158,8 @@ def _function(name: str, setup_context, backward, jvp) -> type[torch.autograd.Fu
     def forward(call, *args):
         if call is DIRECT:  # applied by call_op: nothing below autograd but the router
             return route(*args)
+        if call.__class__ is Prepared:  # applied by apply_prepared: the kernel alone
+            return call.run(*args)
         with (
             torch._C._AutoDispatchBelowAutograd(),
             torch.autograd.grad_mode.set_grad_enabled(call.grad_enabled),
@@ -146,9 +168,16 @@ def _function(name: str, setup_context, backward, jvp) -> type[torch.autograd.Fu
             return op.redispatch(call.keyset & _BELOW_AUTOGRAD, *args)
 
     def setup(ctx, inputs, output):
+        call = inputs[0]
+        eager = eager_vjp is not None and call.__class__ is Prepared
+        ctx.kernels = call.kernels if eager else None
         setup_context(ctx, inputs[1:], output)
 
     def vjp(ctx, *grads):
+        if ctx.kernels is not None and not torch.is_grad_enabled() and direct(grads):
+            dx = eager_vjp(ctx, ctx.kernels, *grads)
+            if dx is not None:
+                return (None, *dx)
         return (None, *backward(ctx, *grads))
 
     def forward_mode(ctx, _call_tangent, *tangents):
@@ -196,8 +225,8 @@ def _needs_autograd(args) -> bool:
 FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 
 
-def _register_autograd(name: str, setup_context, backward, jvp) -> None:
-    function = FUNCTIONS[name] = _function(name, setup_context, backward, jvp)
+def _register_autograd(name: str, setup_context, backward, jvp, eager_vjp=None) -> None:
+    function = FUNCTIONS[name] = _function(name, setup_context, backward, jvp, eager_vjp)
     op = getattr(ops, name).default
     route = ROUTERS[name]
 
@@ -261,6 +290,13 @@ def call_op(name: str, *args):
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return FUNCTIONS[name].apply(DIRECT, *args)
     return ROUTERS[name](*args)
+
+
+def apply_prepared(name: str, prepared: Prepared, *args):
+    """Op ``name`` on ``args`` through its Function, the forward being ``prepared.run``: for
+    an eager call that needs autograd and that :func:`direct` allows, whose checks the
+    public function decided ahead. The autograd rules are the op's own."""
+    return FUNCTIONS[name].apply(prepared, *args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,8 +370,9 @@ def _as_given(*args):
 def register(name: str, schema: str, router, fake, autograd, vmap, autocast=None) -> None:
     """Define op ``stablekernels::<name>`` with ``schema`` and register its ``router``
     (CompositeExplicitAutograd: every device), its ``fake`` kernel, its autograd rules
-    ``(setup_context, vjp, jvp)`` (the Autograd kernel), its ``vmap`` rule and its autocast
-    rules (``{device type: adjust}``, :func:`_register_autocast`)."""
+    ``(setup_context, vjp, jvp)`` or ``(setup_context, vjp, jvp, eager_vjp)`` (the Autograd
+    kernel; ``eager_vjp``: :func:`_function`), its ``vmap`` rule and its autocast rules
+    (``{device type: adjust}``, :func:`_register_autocast`)."""
     SCHEMAS[name] = schema
     _lib.define(schema)
     ROUTERS[name] = router

@@ -272,6 +272,27 @@ def _cross_entropy_vjp(ctx, grad_loss, grad_lse, _grad_counts):
     return (dx, None, None) + (None,) * len(ctx.options)
 
 
+def _cross_entropy_eager_vjp(ctx, kernels, grad_loss, grad_lse, _grad_counts):
+    """The backward of a prepared eager forward (ops._library._function): the backend's fused
+    kernel on the gradients as the backward op's router would hand them over (the loss's in
+    the accumulation dtype, the lse's in float64), with the forward kernel's own lse and
+    counts."""
+    logits, target, weight, lse, counts = ctx.saved_tensors
+    if (
+        kernels.cross_entropy_loss_backward is None
+        or grad_loss is None
+        or grad_loss.dtype != accumulation_dtype(logits.dtype)
+        or (grad_lse is not None and grad_lse.dtype != torch.float64)
+        or ctx.needs_input_grad[3]
+    ):
+        return None
+    options = ctx.options[:-1]  # without the backend
+    dx = kernels.cross_entropy_loss_backward(
+        grad_loss, grad_lse, logits, target, weight, lse, counts, *options
+    )
+    return (dx, None, None) + (None,) * len(ctx.options)
+
+
 def _reduce_tangent(rows_ce, rows_z, counted, counts, reduction):
     """The tangent of the loss output from the rows' ce and z tangents (stablekernels/
     backends/torch_ce.py: the same reduction as the loss)."""
@@ -465,7 +486,12 @@ register(
     "-> (Tensor loss, Tensor lse, Tensor counts)",
     _cross_entropy_route,
     _cross_entropy_fake,
-    autograd=(_cross_entropy_setup, _cross_entropy_vjp, _cross_entropy_jvp),
+    autograd=(
+        _cross_entropy_setup,
+        _cross_entropy_vjp,
+        _cross_entropy_jvp,
+        _cross_entropy_eager_vjp,
+    ),
     vmap=_cross_entropy_rule,
 )
 register(

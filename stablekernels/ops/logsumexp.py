@@ -21,10 +21,19 @@ from collections.abc import Sequence
 
 import torch
 
-from .._api import _check_int, _check_tensor, _fast_rows, resolve_backend
+from .._api import _check_int, _check_tensor, _fast_rows, needs_grad, resolve_backend
 from .._numerics import probabilities
 from ._checks import _kernels, _reduced_shape, check_floating, check_same_device, wrap_dim
-from ._library import _acc, _eligible, _front, call_op, ops, register, register_fused_fake
+from ._library import (
+    _acc,
+    _eligible,
+    _front,
+    apply_prepared,
+    call_op,
+    ops,
+    register,
+    register_fused_fake,
+)
 from .masked_softmax import _masked_options, _unmasked
 
 # ----------------------------------------------------------------------------------------
@@ -71,7 +80,11 @@ def logsumexp(
     if _unmasked(scale, mask, causal, causal_offset, masked_rows) and type(keepdim) is bool:
         fast = _fast_rows("logsumexp", x, dim, None, backend, keepdim)
         if fast is not None and x.numel():
-            return fast[0](x, fast[1], fast[2])[0]
+            if not needs_grad(x):
+                return fast.kernel(x, fast.dim, fast.out)[0]
+            return apply_prepared("logsumexp", fast.autograd, x, fast.dim, fast.out, fast.backend)[
+                0
+            ]
     x = _check_tensor("logsumexp", x)
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
@@ -202,6 +215,17 @@ def _logsumexp_vjp(ctx, g, g_lse):
     return dx, None, None, None
 
 
+def _logsumexp_eager_vjp(ctx, kernels, g, g_lse):
+    """The backward of a prepared eager forward (ops._library._function): the backend's
+    kernel on the out's gradient as the backward op's router would hand it over (x's dtype,
+    one value per row in row order), with the forward kernel's own float64 lse."""
+    x, lse = ctx.saved_tensors
+    if g is None or g_lse is not None or g.dtype != x.dtype:
+        return None
+    dx = kernels.logsumexp_backward(g.reshape(-1), x, lse.reshape(-1), ctx.dim)
+    return dx, None, None, None
+
+
 def _logsumexp_jvp(ctx, t, *_):
     x, lse = ctx.saved_tensors
     rows = _Rows(x, ctx.dim, ctx.keepdim)
@@ -291,7 +315,7 @@ register(
     "logsumexp(Tensor x, int dim, bool keepdim, str backend) -> (Tensor out, Tensor lse)",
     _logsumexp_route,
     _logsumexp_fake,
-    autograd=(_logsumexp_setup, _logsumexp_vjp, _logsumexp_jvp),
+    autograd=(_logsumexp_setup, _logsumexp_vjp, _logsumexp_jvp, _logsumexp_eager_vjp),
     vmap=_logsumexp_rule,
     autocast={"cuda": _float32_input},
 )

@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import torch
 
-from .._api import _check_dtype, _check_int, _check_tensor, _fast_rows, resolve_backend
+from .._api import (
+    _check_dtype,
+    _check_int,
+    _check_tensor,
+    _fast_rows,
+    needs_grad,
+    resolve_backend,
+)
 from ._checks import _check_same_shape, _kernels, check_floating, check_same_device, wrap_dim
 from ._library import (
     _acc,
     _eligible,
     _front,
     _row_sum,
+    apply_prepared,
     call_op,
     ops,
     register,
@@ -88,7 +96,9 @@ def softmax(
     if _unmasked(scale, mask, causal, causal_offset, masked_rows):
         fast = _fast_rows("softmax", x, dim, dtype, backend)
         if fast is not None and x.numel():
-            return fast[0](x, fast[1], fast[2], False)
+            if not needs_grad(x):
+                return fast.kernel(x, fast.dim, fast.out, False)
+            return apply_prepared("softmax", fast.autograd, x, fast.dim, dtype, fast.backend)
     x, dim, dtype = _softmax_inputs("softmax", x, dim, dtype)
     masked = _masked_options(
         "softmax", x, (wrap_dim("softmax", dim, x.dim()),), scale, mask, causal, causal_offset,
@@ -126,7 +136,9 @@ def log_softmax(
     if _unmasked(scale, mask, causal, causal_offset, masked_rows):
         fast = _fast_rows("log_softmax", x, dim, dtype, backend)
         if fast is not None and x.numel():
-            return fast[0](x, fast[1], fast[2], True)
+            if not needs_grad(x):
+                return fast.kernel(x, fast.dim, fast.out, True)
+            return apply_prepared("log_softmax", fast.autograd, x, fast.dim, dtype, fast.backend)
     x, dim, dtype = _softmax_inputs("log_softmax", x, dim, dtype)
     masked = _masked_options(
         "log_softmax", x, (wrap_dim("log_softmax", dim, x.dim()),), scale, mask, causal,
@@ -217,6 +229,21 @@ def _softmax_vjp(ctx, g):
         None,
         None,
     )
+
+
+def _eager_vjp(log: bool):
+    """The backward of a prepared eager forward (ops._library._function): the backend's
+    kernel on the incoming gradient as the backward op's router would hand it over (one
+    dtype with y, contiguous); y is the forward kernel's own output."""
+
+    def vjp(ctx, kernels, g):
+        (y,) = ctx.saved_tensors
+        if g is None or g.dtype != y.dtype:
+            return None
+        dx = kernels.softmax_backward(g.contiguous(), y, ctx.dim, ctx.input_dtype, log)
+        return dx, None, None, None
+
+    return vjp
 
 
 def _softmax_jvp(ctx, t, *_):
@@ -343,7 +370,7 @@ register(
     "softmax",
     "softmax(Tensor x, int dim, ScalarType? dtype, str backend) -> Tensor",
     *_softmax_family("softmax", log=False),
-    autograd=(_softmax_setup, _softmax_vjp, _softmax_jvp),
+    autograd=(_softmax_setup, _softmax_vjp, _softmax_jvp, _eager_vjp(log=False)),
     vmap=_softmax_rule("softmax"),
     autocast={"cuda": _float32_result},
 )
@@ -351,7 +378,7 @@ register(
     "log_softmax",
     "log_softmax(Tensor x, int dim, ScalarType? dtype, str backend) -> Tensor",
     *_softmax_family("log_softmax", log=True),
-    autograd=(_softmax_setup, _log_softmax_vjp, _log_softmax_jvp),
+    autograd=(_softmax_setup, _log_softmax_vjp, _log_softmax_jvp, _eager_vjp(log=True)),
     vmap=_softmax_rule("log_softmax"),
     autocast={"cuda": _float32_result},
 )
