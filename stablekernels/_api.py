@@ -95,6 +95,10 @@ def _check_tensor(op: str, x) -> torch.Tensor:
 
 
 def _check_int(op: str, name: str, value) -> int:
+    """``value`` as an int (anything with ``__index__``, but not a bool, as torch's int
+    arguments); TypeError naming the argument otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}(): argument '{name}' must be int, not bool")
     try:
         return operator.index(value)
     except TypeError:

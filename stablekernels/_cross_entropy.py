@@ -15,6 +15,7 @@ import torch
 
 from ._api import (
     _PREPARED,
+    _check_int,
     _check_tensor,
     _overriding_backend,
     _prepared,
@@ -41,17 +42,18 @@ def _as_rows(t: torch.Tensor, batch_shape, classes: int) -> torch.Tensor:
     return t.movedim(1, -1).reshape(rows, classes)
 
 
-def _check_options(input, weight, reduction, label_smoothing, classes):
+def _check_options(input, weight, reduction, label_smoothing, classes, op="cross_entropy"):
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}(): argument 'weight' must be Tensor, not {type(weight).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.shape != (classes,):
-            shape = list(weight.shape) if isinstance(weight, torch.Tensor) else weight
+        if weight.shape != (classes,):
             raise RuntimeError(
                 f"weight tensor should be defined either for all {classes} classes or no classes "
-                f"but got weight tensor of shape: {shape}"
+                f"but got weight tensor of shape: {list(weight.shape)}"
             )
         if weight.device != input.device:
             raise RuntimeError(f"weight is on {weight.device}, input on {input.device}")
@@ -177,13 +179,16 @@ def cross_entropy(
         loss = loss if loss.dtype == out_dtype else loss.to(out_dtype)
         return (loss, lse.float()) if return_lse else loss
     input = _check_tensor("cross_entropy", input)
-    if not input.is_floating_point():
-        raise RuntimeError(f"cross_entropy(): expected a floating input, got {input.dtype}")
+    if not input.is_floating_point():  # torch: log_softmax "not implemented for 'Long'"
+        raise NotImplementedError(f"cross_entropy(): expected a floating input, got {input.dtype}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(
             f"cross_entropy(): argument 'target' must be Tensor, not {type(target).__name__}"
         )
+    ignore_index = _check_int("cross_entropy", "ignore_index", ignore_index)
     if input.dim() == 0:
+        if target.dim() == 0:  # the input's shape: class probabilities, as torch decides
+            _probability_targets(input, target, ignore_index)
         raise IndexError("cross_entropy(): input must have at least one dim (the classes)")
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
@@ -233,9 +238,11 @@ def _fast_class_rows(
     prepared path) on (R, C) logits, R, C > 0, with (R,) int64 targets and class weights, if
     any, of the accumulation dtype; else None (the general path serves it). The checks that
     depend on the types alone are made once per combination; the shapes, here."""
-    if not isinstance(input, torch.Tensor):
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
         return None
-    if not (isinstance(target, torch.Tensor) and direct((input, target, weight))):
+    if not (weight is None or isinstance(weight, torch.Tensor)):
+        return None
+    if not direct((input, target, weight)):
         return None
     if input.dim() != 2 or target.dim() != 1 or target.shape[0] != input.shape[0]:
         return None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import _linear_tiles
-from ._api import _check_tensor, resolve_backend
+from ._api import _check_int, _check_tensor, resolve_backend
 from ._cross_entropy import (
     _check_options,
     _dtype_name,
@@ -77,6 +77,11 @@ def _rows(op, input, linear_weight, target, probabilities_ok=False):
         # torch's check and words (the dtype; ignore_index is checked by the caller)
         _probability_targets(input, target, -100)
         return x, target.reshape(x.shape[0], vocab), batch_shape
+    if batch_shape and target.dim() and target.shape[0] != batch_shape[0]:
+        raise ValueError(  # torch's words (F.cross_entropy of the logits)
+            f"Expected input batch_size ({batch_shape[0]}) to match target batch_size "
+            f"({target.shape[0]})."
+        )
     if tuple(target.shape) != batch_shape:
         also = (
             f" (class indices) or {[*batch_shape, vocab]} (class probabilities)"
@@ -284,7 +289,8 @@ def linear_cross_entropy(
     x, flat, batch_shape = _rows(op, input, linear_weight, target, probabilities_ok=True)
     vocab = linear_weight.shape[0]
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
-    _check_options(input, weight, reduction, label_smoothing, vocab)
+    _check_options(input, weight, reduction, label_smoothing, vocab, op)
+    ignore_index = _check_int(op, "ignore_index", ignore_index)
     name = resolve_backend(backend, input.device)
     if flat.is_floating_point():  # class probabilities (rows, V)
         loss, extra = _probability_loss(
@@ -351,6 +357,7 @@ def linear_logprobs(
     prediction keeps relative precision (logits [0, -20] give -2.0611536e-09, not 0)."""
     op = "linear_logprobs"
     x, flat, batch_shape = _rows(op, input, linear_weight, target)
+    ignore_index = _check_int(op, "ignore_index", ignore_index)
     name = resolve_backend(backend, input.device)
     _, _, _, logprob, *_ = ops.linear_cross_entropy(
         x,
