@@ -156,3 +156,28 @@ def test_the_router_establishes_the_kernel_preconditions_for_odd_inputs():
         x = torch.randn(3, 4, requires_grad=True)
         sk.log_softmax(x, 1, backend=name).sum().backward()  # sum's grad is expanded
         torch.testing.assert_close(x.grad, torch.zeros(3, 4) - torch.softmax(x, 1) * 4 + 1)
+
+
+def test_a_triton_that_fails_to_import_is_passed_over_with_one_warning(monkeypatch):
+    """An installed triton whose import fails: the backend is unavailable with the cause
+    (backend='triton' raises BackendUnavailableError naming it), one warning says so, and the
+    automatic choice takes the next backend of its order."""
+    if not backends._TRITON_INSTALLED:
+        pytest.skip("triton is not installed")
+
+    def broken():
+        raise ImportError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(backends, "_import_triton_backend", broken)
+    monkeypatch.setattr(backends, "_TRITON_IMPORTS", [])
+    monkeypatch.setattr(backends, "_SERVES", {})
+    monkeypatch.setattr(backends, "_AUTOMATIC", {})
+    monkeypatch.setattr(backends, "TRITON_INTERPRETER", True)  # triton would serve CPU tensors
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
+    x = torch.randn(3, 5)
+    with pytest.warns(RuntimeWarning, match="libcuda.so.1") as warned:
+        assert backends.automatic_backend(x.device) == "torch"
+        torch.testing.assert_close(sk.softmax(x, -1), torch.softmax(x, -1))
+        with pytest.raises(backends.BackendUnavailableError, match="failed to import.*libcuda"):
+            sk.softmax(x, -1, backend="triton")
+    assert len([w for w in warned if "libcuda" in str(w.message)]) == 1

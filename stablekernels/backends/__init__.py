@@ -26,8 +26,9 @@ be non-negative, ``grad``/``output`` of one dtype and contiguous, per-row inputs
 kernel's formula.
 
 Whether a backend can serve a device type is decided from facts gathered once at import (is
-the extension built, is triton installed, is there a GPU), so that the decision is cheap and
-``torch.compile`` can trace it without a graph break. Each backend's kernels are loaded (and
+the extension built, is triton installed, is there a GPU) and, for triton, whether it
+imports, asked once where it would serve (a broken triton is passed over with one warning),
+so that the decision is cheap and ``torch.compile`` can trace it without a graph break. Each backend's kernels are loaded (and
 their modules imported) on first use, and checked against the contract then.
 """
 
@@ -301,7 +302,7 @@ def _triton_supports(device_type: str) -> Support:
         return Support("triton is not installed")
     if TRITON_INTERPRETER:
         if device_type == "cpu":
-            return YES
+            return _triton_imports()
         return Support("under TRITON_INTERPRET=1 the triton backend runs CPU tensors only")
     if device_type == "cpu":
         return Support(
@@ -309,7 +310,37 @@ def _triton_supports(device_type: str) -> Support:
         )
     if device_type != "cuda":
         return Support("the triton backend runs CUDA tensors")
-    return YES
+    return _triton_imports()
+
+
+def _import_triton_backend() -> None:
+    from . import triton  # noqa: F401  (imports triton and compiles nothing yet)
+
+
+_TRITON_IMPORTS: list[Support] = []  # the answer of _triton_imports, once asked
+
+
+def _triton_imports() -> Support:
+    """Whether triton (and the triton backend's module) imports: asked once, the first time
+    the triton backend would otherwise serve a device type, so that a triton that is
+    installed but broken (a wrong version, a missing library) is found before a call needs
+    it. A failure is warned about once, and the automatic choice passes over the backend.
+    (A plain list keeps the answer: torch.compile warns about tracing a functools cache.)"""
+    if _TRITON_IMPORTS:
+        return _TRITON_IMPORTS[0]
+    try:
+        _import_triton_backend()
+        answer = YES
+    except Exception as exc:  # any failure of a third-party import: ImportError, RuntimeError
+        answer = Support(f"triton is installed but failed to import ({type(exc).__name__}: {exc})")
+        warnings.warn(
+            f"{answer.reason}; stablekernels' triton backend is unavailable, and calls that "
+            "would use it automatically use the next backend (backend='triton' raises instead)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _TRITON_IMPORTS.append(answer)
+    return answer
 
 
 def _load_torch() -> Kernels:
