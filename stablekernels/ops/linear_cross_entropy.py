@@ -40,6 +40,7 @@ from ._library import (
     call_op,
     no_context,
     register,
+    register_fused_fake,
 )
 from .cross_entropy import _check_row_targets, _class_rows, _refuse_weight_derivative
 
@@ -392,4 +393,14 @@ register(
     ),
     vmap=_per_sample_rule("linear_cross_entropy_backward"),
     autocast={device: _as_given for device in _FLOAT32_LOSS_DEVICES},
+)
+register_fused_fake(
+    "_fused_cross_entropy_tile",
+    lambda logits, target, class_start, weight, softcap, temperature, smoothing, entropy, state: (
+        None
+    ),
+)
+register_fused_fake(
+    "_fused_cross_entropy_tile_backward",
+    lambda logits, target, class_start, weight, terms, softcap, temperature, grad_entropy: None,
 )
