@@ -308,3 +308,22 @@ def test_each_tile_is_its_matmul_and_one_epilogue_kernel(direction, monkeypatch)
 
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_epilogue_ops_have_fake_kernels_that_match_the_real_ones(direction):
+    """The extension's ops: schema (what they mutate) and fake kernel. (The triton ops'
+    fakes are their launchers' own, which the interpreter cannot run on fake tensors;
+    tools/triton_launches.py runs them on fake CUDA tensors.)"""
+    ops = torch.ops.stablekernels
+    y, target = torch.randn(3, 5), torch.tensor([0, 7, 4])
+    weight, terms = torch.rand(8), torch.rand(3, 5)
+    if direction == "forward":
+        op = ops._fused_cross_entropy_tile.default
+        args = (y, target, 3, weight, 2.0, 0.9, True, True, torch.zeros(3, 10, dtype=torch.float64))
+    else:
+        op = ops._fused_cross_entropy_tile_backward.default
+        args = (y, target, 3, weight, terms, 2.0, 0.9, torch.randn(3))
+    results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(results.values()) == {"SUCCESS"}, results
