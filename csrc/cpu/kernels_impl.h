@@ -155,11 +155,6 @@ void masked_softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10:
   });
 }
 
-template <typename acc_t>
-LogitTransform<acc_t> logit_transform(double softcap, double temperature) {
-  return {static_cast<acc_t>(softcap), static_cast<acc_t>(temperature), softcap != 0};
-}
-
 void cross_entropy_tile(const void* y, c10::ScalarType type, int64_t rows, int64_t n,
                         const int64_t* target, int64_t class_start, const void* weight,
                         double softcap, double temperature, bool smoothing, bool entropy,
@@ -167,7 +162,7 @@ void cross_entropy_tile(const void* y, c10::ScalarType type, int64_t rows, int64
   AT_DISPATCH_FLOATING_TYPES(type, "stablekernels cross_entropy_tile", [&] {
     cross_entropy_tile_typed(static_cast<const scalar_t*>(y), rows, n, target, class_start,
                              static_cast<const scalar_t*>(weight),
-                             logit_transform<scalar_t>(softcap, temperature), smoothing, entropy,
+                             LogitTransform<scalar_t>::make(softcap, temperature), smoothing, entropy,
                              state);
   });
 }
@@ -180,7 +175,7 @@ void cross_entropy_tile_backward(void* y, c10::ScalarType type, int64_t rows, in
     cross_entropy_tile_backward_typed(
         static_cast<scalar_t*>(y), rows, n, target, class_start,
         static_cast<const scalar_t*>(weight), static_cast<const scalar_t*>(terms),
-        logit_transform<scalar_t>(softcap, temperature),
+        LogitTransform<scalar_t>::make(softcap, temperature),
         static_cast<const scalar_t*>(grad_entropy));
   });
 }

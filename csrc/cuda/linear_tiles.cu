@@ -107,10 +107,6 @@ cudaError_t with_tile_type(Dtype type, F f) {
   return cudaErrorInvalidValue;
 }
 
-template <typename A>
-LogitTransform<A> logit_transform(double softcap, double temperature) {
-  return {static_cast<A>(softcap), static_cast<A>(temperature), softcap != 0};
-}
 
 }  // namespace
 }  // namespace detail
@@ -126,7 +122,7 @@ cudaError_t cross_entropy_tile_forward(const void* y, Dtype type, int64_t rows, 
     detail::cross_entropy_tile_forward_kernel<A>
         <<<detail::grid_size(rows), detail::kTileThreads, 0, stream>>>(
             static_cast<const A*>(y), rows, n, target, class_start, static_cast<const A*>(weight),
-            detail::logit_transform<A>(softcap, temperature), smoothing, entropy, state);
+            LogitTransform<A>::make(softcap, temperature), smoothing, entropy, state);
     return cudaGetLastError();
   });
 }
@@ -142,7 +138,7 @@ cudaError_t cross_entropy_tile_backward(void* y, Dtype type, int64_t rows, int64
     detail::cross_entropy_tile_backward_kernel<A>
         <<<detail::grid_size(rows), detail::kTileThreads, 0, stream>>>(
             static_cast<A*>(y), rows, n, target, class_start, static_cast<const A*>(weight),
-            static_cast<const A*>(terms), detail::logit_transform<A>(softcap, temperature),
+            static_cast<const A*>(terms), LogitTransform<A>::make(softcap, temperature),
             static_cast<const A*>(grad_entropy));
     return cudaGetLastError();
   });

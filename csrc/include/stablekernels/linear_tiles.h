@@ -59,19 +59,43 @@ enum TileField : int {
 };
 
 // The logit transform of a call: z = y / temperature, capped by softcap * tanh(z / softcap)
-// when `capped` (the operations and their order those of the torch reference).
+// when `capped` (the operations and their order those of the torch reference). Division by a
+// call's scalar is what torch does on each device: a division on the CPU, a product with the
+// scalar's reciprocal (rounded once, in acc_t) on a GPU, as torch's CUDA division by a scalar
+// (and no call of the IEEE division's slow path, which would spill the kernel's registers).
 template <typename acc_t>
 struct LogitTransform {
   acc_t softcap;
   acc_t temperature;
   bool capped;
+  acc_t inv_softcap;      // 1 / softcap, rounded once (the GPU's products)
+  acc_t inv_temperature;  // 1 / temperature, rounded once
+
+  static SK_HOST_DEVICE LogitTransform make(double softcap, double temperature) {
+    const bool capped = softcap != 0;
+    return {static_cast<acc_t>(softcap), static_cast<acc_t>(temperature), capped,
+            static_cast<acc_t>(capped ? 1 / static_cast<acc_t>(softcap) : acc_t(1)),
+            static_cast<acc_t>(1 / static_cast<acc_t>(temperature))};
+  }
+
+  SK_HOST_DEVICE acc_t by_temperature(acc_t v) const {
+#if defined(__CUDA_ARCH__)
+    return v * inv_temperature;
+#else
+    return v / temperature;
+#endif
+  }
 
   // z of a raw logit y; *tanh_out gets the softcap's tanh (unset without softcap).
   SK_HOST_DEVICE acc_t apply(acc_t y, acc_t* tanh_out = nullptr) const {
     using std::tanh;
-    acc_t z = temperature != acc_t(1) ? y / temperature : y;
+    acc_t z = temperature != acc_t(1) ? by_temperature(y) : y;
     if (capped) {
+#if defined(__CUDA_ARCH__)
+      const acc_t t = tanh(z * inv_softcap);
+#else
       const acc_t t = tanh(z / softcap);
+#endif
       if (tanh_out != nullptr) *tanh_out = t;
       z = t * softcap;
     }
@@ -81,7 +105,7 @@ struct LogitTransform {
   // dz along z to dz along y: through the softcap (1 - tanh^2) and the temperature.
   SK_HOST_DEVICE acc_t chain(acc_t dz, acc_t t) const {
     if (capped) dz *= acc_t(1) - t * t;
-    if (temperature != acc_t(1)) dz /= temperature;
+    if (temperature != acc_t(1)) dz = by_temperature(dz);
     return dz;
   }
 };
