@@ -70,6 +70,7 @@ CUDA_SOURCES = [
     "csrc/cuda/softmax.cu",
     "csrc/cuda/cross_entropy.cu",
     "csrc/cuda/masked_softmax.cu",
+    "csrc/cuda/linear_tiles.cu",
     "csrc/bindings/cuda_ops.cpp",
 ]
 NVCC_FLAGS = ["-O3", "-std=c++17"]

@@ -99,9 +99,10 @@ class Logits:
             part = slice(start, min(classes.stop, start + step))
             yield part, self.weight[part].to(self.acc)
 
-    def tile(self, x_acc: torch.Tensor, classes: slice):
-        """(z, tanh) of rows ``x_acc`` (already in the accumulation dtype) for ``classes``:
-        z (rows, tile) contiguous; tanh is the softcap's tanh (None without softcap)."""
+    def raw(self, x_acc: torch.Tensor, classes: slice) -> torch.Tensor:
+        """x W[classes]^T + b[classes] of rows ``x_acc`` (already in the accumulation dtype):
+        (rows, tile), contiguous, in the accumulation dtype; one matmul (a half W: one per
+        part of it converted, :meth:`weights`)."""
         parts = list(self.weights(classes))
         bias = None if self.bias is None else self.bias[classes].to(self.acc)
         if len(parts) == 1:  # the bias is the GEMM's initial value, as F.linear's addmm
@@ -114,6 +115,12 @@ class Logits:
                 z[:, local] = torch.mm(x_acc, w.t())
             if bias is not None:
                 z += bias
+        return z
+
+    def tile(self, x_acc: torch.Tensor, classes: slice):
+        """(z, tanh) of rows ``x_acc`` (already in the accumulation dtype) for ``classes``:
+        z (rows, tile) contiguous; tanh is the softcap's tanh (None without softcap)."""
+        z = self.raw(x_acc, classes)
         if self.temperature != 1.0:
             z /= self.temperature
         if self.softcap is None:
@@ -158,6 +165,17 @@ def forward(kernels, x, logits: Logits, target, counted, class_weight, smoothing
         )  # fmt: skip
         return nll, smooth, lse, torch.zeros(0, **f64)
     row_step, vocab_step = _steps(rows, hidden, vocab)
+    if getattr(kernels, "cross_entropy_tile", None) is not None:
+        class_weight = None if class_weight is None else class_weight.contiguous()
+        state = torch.empty(rows, STATE_FIELDS, **f64)
+        for r in _slices(rows, row_step):
+            x_acc, target_r, state_r = x[r].to(logits.acc), target[r], state[r]
+            for classes in _slices(vocab, vocab_step):
+                kernels.cross_entropy_tile(
+                    logits.raw(x_acc, classes), target_r, classes.start, class_weight,
+                    logits.softcap, logits.temperature, smoothing, entropy, state_r,
+                )  # fmt: skip
+        return _finished(state, entropy)
     nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
     ent = torch.zeros(rows if entropy else 0, **f64)
     tiles = list(_slices(vocab, vocab_step))
@@ -199,6 +217,27 @@ def forward(kernels, x, logits: Logits, target, counted, class_weight, smoothing
                 total += torch.where(share > 0, share * (h_k + (lse_r - lse_k)), 0.0)
             ent[r] = torch.where(lse_r.isfinite(), total, float("nan"))
     return nll, smooth, lse, ent
+
+
+STATE_FIELDS = 10
+"""The columns of a row's running state in the tile epilogues (``cross_entropy_tile``):
+(m, s', gaps, W, ent, z_t, nll, smooth, lse, H), csrc/include/stablekernels/linear_tiles.h."""
+
+
+def _finished(state, entropy: bool):
+    """(nll, smooth, lse, H) of the rows' states after their last tile: views of its
+    columns, but the lse, an output of the op, contiguous (one copy); H empty unless
+    ``entropy``."""
+    ent = state[:, 9] if entropy else state.new_empty(0)
+    return state[:, 6], state[:, 7], state[:, 8].contiguous(), ent
+
+
+def _epilogues(kernels) -> bool:
+    """Whether the backend has both tile epilogues (module doc)."""
+    return (
+        getattr(kernels, "cross_entropy_tile", None) is not None
+        and getattr(kernels, "cross_entropy_tile_backward", None) is not None
+    )
 
 
 def _gradient_chunk(kernels, z, tanh, temperature, local, w, terms, grad_entropy=None):
@@ -288,8 +327,27 @@ def forward_with_gradient(kernels, x, logits: Logits, target, counted, class_wei
     _, vocab_step = _steps(rows, hidden, vocab)
     in_place = getattr(kernels, "cross_entropy_backward_inplace", None)
     f64 = {"dtype": torch.float64, "device": x.device}
-    nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
     dx, dw, db = _gradient_buffers(x, logits)
+    if _epilogues(kernels):  # the chunk is one tile: its logits become dz in one kernel
+        class_weight = None if class_weight is None else class_weight.contiguous()
+        state = torch.empty(rows, STATE_FIELDS, **f64)
+        options = (logits.softcap, logits.temperature)
+        for r in _slices(rows, row_step):
+            x_acc, target_r, state_r = x[r].to(logits.acc), target[r], state[r]
+            y = logits.raw(x_acc, slice(0, vocab))
+            kernels.cross_entropy_tile(
+                y, target_r, 0, class_weight, *options, smoothing, False, state_r
+            )
+            terms = unit_terms(state_r[:, 8], r)
+            kernels.cross_entropy_tile_backward(y, target_r, 0, class_weight, terms, *options, None)
+            _accumulate_gradient(
+                logits, y, slice(0, vocab), x_acc, dx[r], dw, db,
+                first_tile=True, first_chunk=r.start == 0,
+            )  # fmt: skip
+            del y  # before the next chunk's logits are made
+        nll, smooth, lse, _ = _finished(state, False)
+        return nll, smooth, lse, dx, dw, db
+    nll, smooth, lse = (torch.zeros(rows, **f64) for _ in range(3))
     for r in _slices(rows, row_step):
         x_acc = x[r].to(logits.acc)
         z, tanh = logits.tile(x_acc, slice(0, vocab))
@@ -324,6 +382,28 @@ def backward(kernels, x, logits: Logits, target, counted, class_weight, terms, g
     vocab = logits.weight.shape[0]
     row_step, vocab_step = _steps(rows, hidden, vocab)
     dx, dw, db = _gradient_buffers(x, logits)
+    if _epilogues(kernels):  # per tile: its matmul, one kernel, the gradient's matmuls
+        # the one-hot term on counted rows only (the router's terms have it so but for a
+        # class weight that is not finite), once; the kernel applies it where the tile holds
+        # the target
+        terms = terms.clone()
+        terms[:, 4] = torch.where(counted, terms[:, 4], 0.0)
+        class_weight = None if class_weight is None else class_weight.contiguous()
+        grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
+        for r in _slices(rows, row_step):
+            x_acc, target_r, terms_r = x[r].to(logits.acc), target[r], terms[r]
+            g_entropy = None if grad_entropy is None else grad_entropy[r]
+            for classes in _slices(vocab, vocab_step):
+                y = logits.raw(x_acc, classes)
+                kernels.cross_entropy_tile_backward(
+                    y, target_r, classes.start, class_weight, terms_r, logits.softcap,
+                    logits.temperature, g_entropy,
+                )  # fmt: skip
+                _accumulate_gradient(
+                    logits, y, classes, x_acc, dx[r], dw, db,
+                    first_tile=classes.start == 0, first_chunk=r.start == 0,
+                )  # fmt: skip
+        return dx, dw, db
     for r in _slices(rows, row_step):
         x_acc = x[r].to(logits.acc)
         for classes in _slices(vocab, vocab_step):

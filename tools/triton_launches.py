@@ -27,6 +27,7 @@ from stablekernels.backends.triton import (
     logsumexp,
     masked_softmax,
     softmax,
+    tiles,
 )
 
 LAUNCHING_MODULES = (
@@ -36,6 +37,7 @@ LAUNCHING_MODULES = (
     cross_entropy_backward,
     linear_cross_entropy,
     masked_softmax,
+    tiles,
 )
 # Dtype pairs (input, output) of softmax: one dtype, and halves written as float32.
 SOFTMAX_PAIRS = (
@@ -67,6 +69,16 @@ LINEAR_DTYPES = (
     (torch.float16, torch.float16),
     (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32),
+)
+# The linear cross-entropy's tile epilogues (backends/triton/tiles.py): tiles of TILE_WIDTH
+# classes (_linear_tiles' widest) and the whole LINEAR_SHAPE vocabulary; options (class
+# weights, smoothing, entropy, softcap, temperature).
+TILE_WIDTH = 4096
+TILE_OPTIONS = (
+    (False, False, False, None, 1.0),
+    (False, True, False, None, 1.0),
+    (False, False, True, None, 1.0),
+    (True, True, True, 30.0, 0.7),
 )
 # Masked softmax: (B, H, S_q) = 64 rows of each length (one of each block size class and the
 # split path), x dtypes (y in the same dtype), masks (none, a bool key-padding mask
@@ -147,7 +159,8 @@ def launch_matrix(device: str = "cuda:0") -> list[Launch]:
     for softmax at STRIDED_ROW_LENGTH, along dim 0), the dtypes the ops take, log and not,
     cross-entropy with and without class weights and label smoothing, and the fused linear
     cross-entropy over LINEAR_DTYPES with and without bias, smoothing (with and without
-    class weights) and softcap, and the masked softmax (MASKED_ROW_LENGTHS, masks, causal):
+    class weights) and softcap, the tile epilogues (TILE_OPTIONS), and the masked softmax
+    (MASKED_ROW_LENGTHS, masks, causal):
     fake tensors on ``device``."""
     ops = torch.ops.stablekernels
     with FakeTensorMode(), recorded_launches() as launches:
@@ -203,6 +216,27 @@ def launch_matrix(device: str = "cuda:0") -> list[Launch]:
                         ops._triton_linear_cross_entropy_parts(
                             x, w, bias, target, weight, softcap, 1.0, smoothing, 0
                         )
+        # The tile epilogues of _linear_tiles: a tile of TILE_WIDTH classes (the first, which
+        # initialises the state, and a later one) and the whole vocabulary as one tile (the
+        # forward with gradient), each option on at least once.
+        for acc in (torch.float32, torch.float64):
+            target = torch.empty(ROWS, dtype=torch.int64, device=device)
+            class_weight = torch.empty(LINEAR_SHAPE[2], dtype=acc, device=device)
+            state = torch.empty(ROWS, 10, dtype=torch.float64, device=device)
+            terms = torch.empty(ROWS, 5, dtype=acc, device=device)
+            g_entropy = torch.empty(ROWS, dtype=acc, device=device)
+            for width, start in ((TILE_WIDTH, 0), (TILE_WIDTH, TILE_WIDTH), (LINEAR_SHAPE[2], 0)):
+                tile = torch.empty(ROWS, width, dtype=acc, device=device)
+                for weight, smoothing, entropy, softcap, temperature in TILE_OPTIONS:
+                    weight = class_weight if weight else None
+                    ops._triton_cross_entropy_tile(
+                        tile, target, start, weight, softcap, temperature, smoothing, entropy,
+                        state,
+                    )  # fmt: skip
+                    ops._triton_cross_entropy_tile_backward(
+                        tile, target, start, weight, terms, softcap, temperature,
+                        g_entropy if entropy else None,
+                    )  # fmt: skip
         b, h, sq = MASKED_BHS
         for n in MASKED_ROW_LENGTHS:
             for dtype in DTYPES:

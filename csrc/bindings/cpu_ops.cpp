@@ -8,6 +8,7 @@
 
 #include "../cpu/kernels.h"
 #include "row_view.h"
+#include "tile_args.h"
 
 namespace stablekernels {
 namespace {
@@ -145,6 +146,36 @@ at::Tensor fused_cross_entropy_loss_backward_cpu(
   return dx;
 }
 
+void fused_cross_entropy_tile_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                  int64_t class_start, const c10::optional<at::Tensor>& weight,
+                                  c10::optional<double> softcap, double temperature,
+                                  bool smoothing, bool entropy, const at::Tensor& state) {
+  const TileCall in = tile_args("_fused_cross_entropy_tile", logits, target, class_start, weight,
+                                softcap, temperature, {}, &state);
+  cpu_kernels().cross_entropy_tile(logits.const_data_ptr(), logits.scalar_type(), in.rows, in.n,
+                                   target.const_data_ptr<int64_t>(), class_start, in.weight,
+                                   in.softcap, temperature, smoothing, entropy,
+                                   state.mutable_data_ptr<double>());
+}
+
+void fused_cross_entropy_tile_backward_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                           int64_t class_start,
+                                           const c10::optional<at::Tensor>& weight,
+                                           const at::Tensor& terms, c10::optional<double> softcap,
+                                           double temperature,
+                                           const c10::optional<at::Tensor>& grad_entropy) {
+  const TileCall in =
+      grad_entropy ? tile_args("_fused_cross_entropy_tile_backward", logits, target, class_start,
+                               weight, softcap, temperature, {{&terms, 5}, {&*grad_entropy, 0}},
+                               nullptr)
+                   : tile_args("_fused_cross_entropy_tile_backward", logits, target, class_start,
+                               weight, softcap, temperature, {{&terms, 5}}, nullptr);
+  cpu_kernels().cross_entropy_tile_backward(
+      logits.mutable_data_ptr(), logits.scalar_type(), in.rows, in.n,
+      target.const_data_ptr<int64_t>(), class_start, in.weight, terms.const_data_ptr(), in.softcap,
+      temperature, grad_entropy ? grad_entropy->const_data_ptr() : nullptr);
+}
+
 std::string cpu_capability() { return cpu_kernels().capability; }
 
 }  // namespace
@@ -160,6 +191,8 @@ TORCH_LIBRARY_IMPL(stablekernels, CPU, m) {
   m.impl("_fused_cross_entropy_backward_inplace", &fused_cross_entropy_backward_inplace_cpu);
   m.impl("_fused_cross_entropy_loss", &fused_cross_entropy_loss_cpu);
   m.impl("_fused_cross_entropy_loss_backward", &fused_cross_entropy_loss_backward_cpu);
+  m.impl("_fused_cross_entropy_tile", &fused_cross_entropy_tile_cpu);
+  m.impl("_fused_cross_entropy_tile_backward", &fused_cross_entropy_tile_backward_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(stablekernels, m) {

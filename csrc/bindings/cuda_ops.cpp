@@ -11,6 +11,7 @@
 
 #include "../cuda/kernels.h"
 #include "row_view.h"
+#include "tile_args.h"
 
 namespace stablekernels {
 namespace {
@@ -213,6 +214,45 @@ std::tuple<at::Tensor, at::Tensor> fused_masked_softmax_cuda(const at::Tensor& x
   return {y, lse};
 }
 
+// The linear cross-entropy's tile epilogues (linear_tiles.cu): state and the tile are
+// written in place, on the current stream; no allocation, no synchronisation.
+void fused_cross_entropy_tile_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                   int64_t class_start, const c10::optional<at::Tensor>& weight,
+                                   c10::optional<double> softcap, double temperature,
+                                   bool smoothing, bool entropy, const at::Tensor& state) {
+  const TileCall in = tile_args("_fused_cross_entropy_tile", logits, target, class_start, weight,
+                                softcap, temperature, {}, &state);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_launch(cuda::cross_entropy_tile_forward(
+                   logits.const_data_ptr(), dtype_of(logits.scalar_type()), in.rows, in.n,
+                   target.const_data_ptr<int64_t>(), class_start, in.weight, in.softcap,
+                   temperature, smoothing, entropy, state.mutable_data_ptr<double>(),
+                   c10::cuda::getCurrentCUDAStream()),
+               "_fused_cross_entropy_tile");
+}
+
+void fused_cross_entropy_tile_backward_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                            int64_t class_start,
+                                            const c10::optional<at::Tensor>& weight,
+                                            const at::Tensor& terms,
+                                            c10::optional<double> softcap, double temperature,
+                                            const c10::optional<at::Tensor>& grad_entropy) {
+  const char* op = "_fused_cross_entropy_tile_backward";
+  const TileCall in =
+      grad_entropy ? tile_args(op, logits, target, class_start, weight, softcap, temperature,
+                               {{&terms, 5}, {&*grad_entropy, 0}}, nullptr)
+                   : tile_args(op, logits, target, class_start, weight, softcap, temperature,
+                               {{&terms, 5}}, nullptr);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_launch(cuda::cross_entropy_tile_backward(
+                   logits.mutable_data_ptr(), dtype_of(logits.scalar_type()), in.rows, in.n,
+                   target.const_data_ptr<int64_t>(), class_start, in.weight,
+                   terms.const_data_ptr(), in.softcap, temperature,
+                   grad_entropy ? grad_entropy->const_data_ptr() : nullptr,
+                   c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
@@ -225,6 +265,8 @@ TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
   m.impl("_fused_cross_entropy_loss", &fused_cross_entropy_loss_cuda);
   m.impl("_fused_cross_entropy_loss_backward", &fused_cross_entropy_loss_backward_cuda);
   m.impl("_fused_masked_softmax", &fused_masked_softmax_cuda);
+  m.impl("_fused_cross_entropy_tile", &fused_cross_entropy_tile_cuda);
+  m.impl("_fused_cross_entropy_tile_backward", &fused_cross_entropy_tile_backward_cuda);
 }
 
 }  // namespace stablekernels

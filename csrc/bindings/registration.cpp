@@ -61,4 +61,18 @@ TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
   m.def(
       "_fused_cross_entropy_backward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
       "Tensor terms) -> ()");
+  // The linear cross-entropy's tile epilogues (stablekernels/linear_tiles.h): logits the raw
+  // (rows, n) tile x W_k^T + b_k of classes [class_start, class_start + n), fp32 or fp64,
+  // contiguous; target (rows,) int64 (the tile holds those in its range); weight None or the
+  // (V,) class weights of the logits' dtype. The forward merges each row into state (rows, 10)
+  // float64 (class_start 0 initialises it; columns 6 to 9 are then (nll, smooth, lse,
+  // entropy)); the backward overwrites logits with the gradient along them, from terms
+  // (rows, 5) = (hi, lo, coef, smooth, one_hot) and grad_entropy (rows,) or None.
+  m.def(
+      "_fused_cross_entropy_tile(Tensor logits, Tensor target, int class_start, Tensor? weight, "
+      "float? softcap, float temperature, bool smoothing, bool entropy, Tensor(a!) state) -> ()");
+  m.def(
+      "_fused_cross_entropy_tile_backward(Tensor(a!) logits, Tensor target, int class_start, "
+      "Tensor? weight, Tensor terms, float? softcap, float temperature, Tensor? grad_entropy) "
+      "-> ()");
 }

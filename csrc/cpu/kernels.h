@@ -93,6 +93,21 @@ struct KernelTable {
                                       const int64_t* target, const void* weight,
                                       const double* lse, const double* counts, int64_t rows,
                                       const CrossEntropyOptions& options, void* dx);
+
+  // The linear cross-entropy's tile epilogues (stablekernels/linear_tiles.h) of `rows`
+  // contiguous rows of n raw logits y (fp32 or fp64; classes [class_start, class_start + n)),
+  // int64 targets (any: the tile holds those in its range), weight null or all the classes'
+  // weights (y's dtype), softcap 0 for none. Forward: each row merged into state (rows, 10)
+  // fp64 (class_start 0 initialises it); y is only read. Backward: y overwritten by dy from
+  // terms (rows, 5) and grad_entropy (rows,) or null, both of y's dtype.
+  void (*cross_entropy_tile)(const void* y, c10::ScalarType type, int64_t rows, int64_t n,
+                             const int64_t* target, int64_t class_start, const void* weight,
+                             double softcap, double temperature, bool smoothing, bool entropy,
+                             double* state);
+  void (*cross_entropy_tile_backward)(void* y, c10::ScalarType type, int64_t rows, int64_t n,
+                                      const int64_t* target, int64_t class_start,
+                                      const void* weight, const void* terms, double softcap,
+                                      double temperature, const void* grad_entropy);
 };
 
 namespace capability_default {

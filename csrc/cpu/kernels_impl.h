@@ -35,6 +35,7 @@
 
 #include "cross_entropy_kernels.h"
 #include "kernels.h"
+#include "linear_tile_kernels.h"
 #include "logsumexp_kernels.h"
 #include "masked_softmax_kernels.h"
 #include "softmax_kernels.h"
@@ -154,6 +155,31 @@ void masked_softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10:
   });
 }
 
+void cross_entropy_tile(const void* y, c10::ScalarType type, int64_t rows, int64_t n,
+                        const int64_t* target, int64_t class_start, const void* weight,
+                        double softcap, double temperature, bool smoothing, bool entropy,
+                        double* state) {
+  AT_DISPATCH_FLOATING_TYPES(type, "stablekernels cross_entropy_tile", [&] {
+    cross_entropy_tile_typed(static_cast<const scalar_t*>(y), rows, n, target, class_start,
+                             static_cast<const scalar_t*>(weight),
+                             LogitTransform<scalar_t>::make(softcap, temperature), smoothing, entropy,
+                             state);
+  });
+}
+
+void cross_entropy_tile_backward(void* y, c10::ScalarType type, int64_t rows, int64_t n,
+                                 const int64_t* target, int64_t class_start, const void* weight,
+                                 const void* terms, double softcap, double temperature,
+                                 const void* grad_entropy) {
+  AT_DISPATCH_FLOATING_TYPES(type, "stablekernels cross_entropy_tile_backward", [&] {
+    cross_entropy_tile_backward_typed(
+        static_cast<scalar_t*>(y), rows, n, target, class_start,
+        static_cast<const scalar_t*>(weight), static_cast<const scalar_t*>(terms),
+        LogitTransform<scalar_t>::make(softcap, temperature),
+        static_cast<const scalar_t*>(grad_entropy));
+  });
+}
+
 #undef SK_DISPATCH
 
 }  // namespace
@@ -162,6 +188,7 @@ extern const KernelTable kTable;
 const KernelTable kTable = {SK_CAPABILITY_NAME,     softmax_forward,       logsumexp_forward,
                             softmax_backward,       logsumexp_backward,    cross_entropy_forward,
                             cross_entropy_backward, masked_softmax_forward, cross_entropy_loss,
-                            cross_entropy_loss_backward};
+                            cross_entropy_loss_backward, cross_entropy_tile,
+                            cross_entropy_tile_backward};
 
 }  // namespace stablekernels::cpu::SK_CAPABILITY_NAMESPACE

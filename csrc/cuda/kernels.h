@@ -132,4 +132,22 @@ cudaError_t masked_softmax_forward(const void* x, Dtype x_type, void* y, Dtype y
                                    int64_t query_len, int64_t causal_offset, int mode, double* lse,
                                    cudaStream_t stream);
 
+// The linear cross-entropy's tile epilogues (stablekernels/linear_tiles.h; linear_tiles.cu):
+// `rows` contiguous rows of n raw logits y of type (fp32 or fp64) for the classes
+// [class_start, class_start + n), int64 targets (the tile holds those in its range), weight
+// null or all the classes' weights (y's type), softcap 0 for none. The forward merges each row
+// into state (rows, kTileStateFields) fp64 (class_start 0 initialises it), y only read; the
+// backward overwrites y with the gradient along it from terms (rows, 5) and grad_entropy
+// (rows,) or null (y's type). One launch each, a block per row; no workspace.
+cudaError_t cross_entropy_tile_forward(const void* y, Dtype type, int64_t rows, int64_t n,
+                                       const int64_t* target, int64_t class_start,
+                                       const void* weight, double softcap, double temperature,
+                                       bool smoothing, bool entropy, double* state,
+                                       cudaStream_t stream);
+cudaError_t cross_entropy_tile_backward(void* y, Dtype type, int64_t rows, int64_t n,
+                                        const int64_t* target, int64_t class_start,
+                                        const void* weight, const void* terms, double softcap,
+                                        double temperature, const void* grad_entropy,
+                                        cudaStream_t stream);
+
 }  // namespace stablekernels::cuda

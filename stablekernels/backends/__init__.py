@@ -17,6 +17,10 @@ A backend is one :class:`Kernels` record, 1:1 with the compiled ops of the exten
     masked_softmax(x, mask, scale, causal_offset, dtype, mode) -> (y, lse)
     linear_cross_entropy(input, linear_weight, linear_bias, target, weight, softcap,
                          temperature, smoothing) -> (nll, smooth, lse), float64 rows
+    cross_entropy_tile(logits, target, class_start, weight, softcap, temperature,
+                       smoothing, entropy, state) -> None            [optional]
+    cross_entropy_tile_backward(logits, target, class_start, weight, terms, softcap,
+                                temperature, grad_entropy) -> None   [optional]
 
 Preconditions, which the routers of :mod:`stablekernels.ops` establish (the kernels only
 assert them): floating inputs with at least one dim and no zero-size dim, ``dim`` wrapped to
@@ -88,6 +92,15 @@ class Kernels:
     reduced in one kernel, without the logits in memory (triton: backends/triton/
     linear_cross_entropy.py); None where a backend has none (``_linear_tiles.forward`` then
     takes the logits a tile at a time through ``cross_entropy``)."""
+    cross_entropy_tile: Callable | None = None
+    """The linear cross-entropy's forward tile epilogue: a tile of raw logits x W_k^T + b_k
+    (rows, n), fp32/fp64 contiguous, of the classes from ``class_start``, merged row by row
+    into ``state`` (rows, 10) float64 in place (csrc/include/stablekernels/linear_tiles.h;
+    class_start 0 initialises it); ``weight`` None or all V class weights. None where a
+    backend has none (``_linear_tiles`` then runs ``cross_entropy`` per tile and merges)."""
+    cross_entropy_tile_backward: Callable | None = None
+    """Its backward: the tile overwritten by the gradient along it, from the rows' terms
+    (rows, 5) and the entropy's gradient (rows,) or None; None where a backend has none."""
 
 
 # The argument names of each kernel, in order: a record whose kernels take others is refused
@@ -132,6 +145,27 @@ KERNEL_ARGUMENTS: dict[str, tuple[str, ...]] = {
         "softcap",
         "temperature",
         "smoothing",
+    ),
+    "cross_entropy_tile": (
+        "logits",
+        "target",
+        "class_start",
+        "weight",
+        "softcap",
+        "temperature",
+        "smoothing",
+        "entropy",
+        "state",
+    ),
+    "cross_entropy_tile_backward": (
+        "logits",
+        "target",
+        "class_start",
+        "weight",
+        "terms",
+        "softcap",
+        "temperature",
+        "grad_entropy",
     ),
 }
 
@@ -367,6 +401,8 @@ def _load_extension() -> Kernels:
         cross_entropy_loss=ops._fused_cross_entropy_loss.default,
         cross_entropy_loss_backward=ops._fused_cross_entropy_loss_backward.default,
         masked_softmax=ops._fused_masked_softmax.default,
+        cross_entropy_tile=ops._fused_cross_entropy_tile.default,
+        cross_entropy_tile_backward=ops._fused_cross_entropy_tile_backward.default,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .._numerics import accumulation_dtype, finish_lse, row_stats, split_lse
-from . import Kernels
+from . import Kernels, torch_tiles
 from .torch_ce import (
     cross_entropy,
     cross_entropy_backward,
@@ -125,4 +125,6 @@ KERNELS = Kernels(
     cross_entropy_loss=cross_entropy_loss,
     cross_entropy_loss_backward=cross_entropy_loss_backward,
     masked_softmax=masked_softmax,
+    cross_entropy_tile=torch_tiles.cross_entropy_tile,
+    cross_entropy_tile_backward=torch_tiles.cross_entropy_tile_backward,
 )

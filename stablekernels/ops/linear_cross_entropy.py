@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .. import _linear_tiles
-from .._numerics import accumulation_dtype
+from .._numerics import accumulation_dtype, split_lse
 from ..backends import torch_ce
 from ._checks import _kernels, check_floating, check_same_device
 from ._library import (
@@ -40,6 +40,7 @@ from ._library import (
     call_op,
     no_context,
     register,
+    register_fused_fake,
 )
 from .cross_entropy import _check_row_targets, _class_rows, _refuse_weight_derivative
 
@@ -144,14 +145,7 @@ def _linear_cross_entropy_route(
         return loss, lse, entropy, torch.zeros_like(loss), *(g.zero_() for g in gradient)
     logits = _linear_tiles.Logits(linear_weight, linear_bias, softcap, temperature, acc)
     if with_gradient:
-        ones, zeros = input.new_ones(rows, dtype=acc), input.new_zeros(rows, dtype=acc)
-
-        def unit_terms(lse_rows, r):
-            return torch_ce.per_row_backward_terms(
-                ones[r], zeros[r], lse_rows, safe[r], counted[r], w, vocab,
-                label_smoothing, z_loss, acc,
-            )  # fmt: skip
-
+        unit_terms = _unit_terms(safe, counted, w, vocab, label_smoothing, z_loss, acc)
         nll, smooth, lse, dx, dw, db = _linear_tiles.forward_with_gradient(
             kernels, input, logits, safe, counted, w, label_smoothing > 0, unit_terms
         )
@@ -166,6 +160,29 @@ def _linear_cross_entropy_route(
     loss = torch_ce.row_loss(nll, smooth, lse, counted, w_t, vocab, label_smoothing, z_loss)
     logprob = torch.where(counted, -nll, 0.0)
     return loss.to(acc), lse, entropy.to(acc), logprob.to(acc), *gradient
+
+
+def _unit_terms(safe, counted, w, vocab, e, z, acc):
+    """``unit_terms(lse_rows, r)``: the per-row terms (hi, lo, coef, smooth, one_hot) of
+    ``torch_ce.per_row_backward_terms`` for a per-row gradient of 1 (0 on the rows that do
+    not count) of the rows ``r``, from their lse. What does not depend on the lse is made
+    once per call (coef without its z-loss term in float64, smooth and one_hot in ``acc``),
+    so that a row chunk adds only the lse's split and the z-loss term (the same values as
+    per_row_backward_terms: coef rounded once from float64)."""
+    g = torch.where(counted, 1.0, 0.0).double()
+    w_t = 1.0 if w is None else w.double().index_select(0, safe)
+    total_w = float(vocab) if w is None else w.double().sum()
+    coef = g * ((1 - e) * w_t + (e * total_w / vocab if e else 0.0))
+    fixed = torch.stack([((e / vocab) * g).to(acc), ((1 - e) * g * w_t).to(acc)], 1)
+
+    def unit_terms(lse_rows, r):
+        terms = fixed.new_empty(r.stop - r.start, 5)
+        terms[:, 0], terms[:, 1] = split_lse(lse_rows, acc)
+        terms[:, 2] = coef[r] + g[r] * (2 * z) * lse_rows if z else coef[r]
+        terms[:, 3:] = fixed[r]
+        return terms
+
+    return unit_terms
 
 
 def _unit_gradient_shapes(input, linear_weight, linear_bias, with_gradient, acc):
@@ -392,4 +409,14 @@ register(
     ),
     vmap=_per_sample_rule("linear_cross_entropy_backward"),
     autocast={device: _as_given for device in _FLOAT32_LOSS_DEVICES},
+)
+register_fused_fake(
+    "_fused_cross_entropy_tile",
+    lambda logits, target, class_start, weight, softcap, temperature, smoothing, entropy, state: (
+        None
+    ),
+)
+register_fused_fake(
+    "_fused_cross_entropy_tile_backward",
+    lambda logits, target, class_start, weight, terms, softcap, temperature, grad_entropy: None,
 )
