@@ -32,8 +32,9 @@ kernel's formula.
 Whether a backend can serve a device type is decided from facts gathered once at import (is
 the extension built, is triton installed, is there a GPU) and, for triton, whether it
 imports, asked once where it would serve (a broken triton is passed over with one warning),
-so that the decision is cheap and ``torch.compile`` can trace it without a graph break. Each backend's kernels are loaded (and
-their modules imported) on first use, and checked against the contract then.
+so that the decision is cheap and ``torch.compile`` can trace it without a graph break.
+Each backend's kernels are loaded (and their modules imported) on first use, and checked
+against the contract then.
 """
 
 from __future__ import annotations

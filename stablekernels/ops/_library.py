@@ -149,7 +149,8 @@ def _function(
     ``eager_vjp(ctx, kernels, *grads)``, where given, is the backward of a :class:`Prepared`
     forward run eagerly: the backward kernel of the forward's backend called on the saved
     tensors, with no check the forward did not already make; it returns None to leave a case
-    to ``backward`` (a gradient of another dtype, a missing one). It is used only when the
+    to ``backward`` (a missing gradient, say), deciding that before it unpacks the saved
+    tensors (activation checkpointing lets them be unpacked once). It is used only when the
     backward itself needs no autograd (no ``create_graph``) and :func:`direct` allows it."""
     op = getattr(ops, name).default
 

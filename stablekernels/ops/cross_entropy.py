@@ -277,15 +277,15 @@ def _cross_entropy_eager_vjp(ctx, kernels, grad_loss, grad_lse, _grad_counts):
     kernel on the gradients as the backward op's router would hand them over (the loss's in
     the accumulation dtype, the lse's in float64), with the forward kernel's own lse and
     counts."""
-    logits, target, weight, lse, counts = ctx.saved_tensors
-    if (
-        kernels.cross_entropy_loss_backward is None
-        or grad_loss is None
-        or grad_loss.dtype != accumulation_dtype(logits.dtype)
-        or (grad_lse is not None and grad_lse.dtype != torch.float64)
-        or ctx.needs_input_grad[3]
-    ):
+    if kernels.cross_entropy_loss_backward is None or grad_loss is None or ctx.needs_input_grad[3]:
         return None
+    # Unpacked only once the kernel will run (activation checkpointing unpacks once).
+    logits, target, weight, lse, counts = ctx.saved_tensors
+    acc = accumulation_dtype(logits.dtype)
+    if grad_loss.dtype != acc:
+        grad_loss = grad_loss.to(acc)
+    if grad_lse is not None and grad_lse.dtype != torch.float64:
+        grad_lse = grad_lse.double()
     options = ctx.options[:-1]  # without the backend
     dx = kernels.cross_entropy_loss_backward(
         grad_loss, grad_lse, logits, target, weight, lse, counts, *options

@@ -219,9 +219,11 @@ def _logsumexp_eager_vjp(ctx, kernels, g, g_lse):
     """The backward of a prepared eager forward (ops._library._function): the backend's
     kernel on the out's gradient as the backward op's router would hand it over (x's dtype,
     one value per row in row order), with the forward kernel's own float64 lse."""
-    x, lse = ctx.saved_tensors
-    if g is None or g_lse is not None or g.dtype != x.dtype:
+    if g is None or g_lse is not None:
         return None
+    x, lse = ctx.saved_tensors  # unpacked only once the kernel will run (checkpointing)
+    if g.dtype != x.dtype:
+        g = g.to(x.dtype)
     dx = kernels.logsumexp_backward(g.reshape(-1), x, lse.reshape(-1), ctx.dim)
     return dx, None, None, None
 

@@ -237,9 +237,11 @@ def _eager_vjp(log: bool):
     dtype with y, contiguous); y is the forward kernel's own output."""
 
     def vjp(ctx, kernels, g):
-        (y,) = ctx.saved_tensors
-        if g is None or g.dtype != y.dtype:
+        if g is None:
             return None
+        (y,) = ctx.saved_tensors  # unpacked only once the kernel will run (checkpointing)
+        if g.dtype != y.dtype:
+            g = g.to(y.dtype)
         dx = kernels.softmax_backward(g.contiguous(), y, ctx.dim, ctx.input_dtype, log)
         return dx, None, None, None
 
