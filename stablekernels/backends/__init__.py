@@ -72,8 +72,8 @@ class Kernels:
     or reduced, in the accumulation dtype; lse (R,) float64; counts (3,) float64 = (sum of
     counted w_t, counted rows, W)). counts[0] and counts[1] are needed for "mean" only,
     counts[2] = W with label smoothing only: what is not needed may be left unwritten (cuda,
-    triton: the first two for "none"), W is formed only with label smoothing (cpp, torch:
-    0 without), and no backward reads any of them otherwise. None where a backend has none
+    triton: the first two for "none"), W is formed only with label smoothing (cpp, torch,
+    triton: 0 without), and no backward reads any of them otherwise. None where a backend has none
     (the router then runs ``torch_ce.loss_from_pieces`` around its ``cross_entropy``)."""
     cross_entropy_loss_backward: Callable | None = None
     """dx of ``cross_entropy_loss`` in one call, from the loss's gradient (per row for

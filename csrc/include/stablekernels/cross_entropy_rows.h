@@ -33,8 +33,8 @@
 // backward takes it back, so it never reduces anything itself. counts[0] and counts[1] are
 // needed for "mean" only and counts[2] with label smoothing only, and no backward reads them
 // otherwise: the CUDA and Triton kernels leave counts[0] and counts[1] unwritten for "none",
-// and every kernel forms W only with label smoothing (without it the CPU and torch kernels
-// write 0 there, the CUDA and Triton kernels leave it unwritten).
+// and every kernel forms W only with label smoothing (without it the CPU, torch and Triton
+// kernels write 0 there, the CUDA kernels leave it unwritten).
 //
 // Backward, with the loss's gradient g (per row for "none", one value otherwise): a counted
 // row's ce term gets g_ce and its z term g_z,

@@ -23,9 +23,9 @@ cross_entropy_rows.h inside (their EPILOGUE / PROLOGUE flags): the ignore mask, 
 check, the class weight, smoothing, z-loss and the reduction. Forward: the row kernel writes
 each row's loss ("none"), or its parts of the sums to a float64 scratch ("sum", "mean"), which
 one single-program kernel then adds in a fixed order (blocks of rows, each lane in row order,
-then one tree sum: deterministic) into the loss and ``counts``; with "none" and label
-smoothing, program 0 of the row kernel writes W (``counts[2]``, all its backward reads;
-without smoothing nothing). So the forward is one
+then one tree sum: deterministic) into the loss and ``counts``; with "none", program 0 of
+the row kernel writes W (``counts[2]``, all its backward reads; 0 without label smoothing,
+which reads none). So the forward is one
 launch ("none") or two, the backward one (each program derives its row's terms from the
 loss's gradient), and nothing else touches the data (but for CPU tensors, whose targets are
 checked on the host: the interpreter skips device_assert). The options' floats go to the
@@ -140,8 +140,8 @@ def _write_counts(
     order (each lane in row order, then one tree sum); returns the first two. Without
     ROW_COUNTS (reduction "none", whose backward reads W only) the rows are not walked and
     counts[0] and counts[1] are left unwritten, so one program does not walk every target;
-    without SMOOTH (no label smoothing: no backward reads W) W is neither summed nor
-    written."""
+    without SMOOTH (no label smoothing: no backward reads W) W is not summed and counts[2]
+    is 0."""
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     weight = tl.zeros([BLOCK], tl.float64)
     number = tl.zeros([BLOCK], tl.float64)
@@ -171,6 +171,8 @@ def _write_counts(
             tl.store(COUNTS_ptr + 2, tl.sum(total, axis=0))
         else:
             tl.store(COUNTS_ptr + 2, tl.cast(classes, tl.int64).to(tl.float64))
+    else:
+        tl.store(COUNTS_ptr + 2, tl.zeros([], tl.float64))
     return weight, number
 
 
@@ -211,8 +213,8 @@ def _cross_entropy_fwd_kernel(
     reads class 0); stores the row's loss in LOSS ("none", REDUCTION 0), or its parts of the
     sums in the float64 scratch LOSS (2, rows) for _cross_entropy_reduce_kernel: "sum" (2)
     the row's loss at [0, row]; "mean" (1) its ce at [0, row] and, with HAS_Z, lse^2 at
-    [1, row] (0 where the row does not count). With "none" and SMOOTH, program 0 also writes
-    COUNTS[2] = W (all the backward reads of COUNTS then; nothing without smoothing)."""
+    [1, row] (0 where the row does not count). With "none", program 0 also writes COUNTS[2]
+    (W with SMOOTH, all the backward reads of COUNTS then; else 0)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * stride_x
     m = tl.full([], -float("inf"), ACC)
@@ -268,7 +270,7 @@ def _cross_entropy_fwd_kernel(
                 ce = ce + (_f64(z_bits) * lse) * lse
             loss = tl.where(counted, tl.where(finite, ce, float("nan")), 0.0)
             tl.store(LOSS_ptr + row, loss.to(LOSS_ptr.dtype.element_ty))
-        if REDUCTION == 0 and SMOOTH:
+        if REDUCTION == 0:
             if row == 0:
                 _write_counts(
                     T_ptr, W_ptr, COUNTS_ptr, rows, classes, stride_t, ignore_index, HAS_WEIGHT,
@@ -378,7 +380,7 @@ def cross_entropy_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, counts) of the contract's fused forward: the loss per row ("none") or
     reduced (0-dim), in the accumulation dtype; lse (R,) float64; counts (3,) float64 =
-    (sum of counted w_t, counted rows, W), the first two unwritten for "none" and W without
+    (sum of counted w_t, counted rows, W), the first two unwritten for "none", W 0 without
     label smoothing (no backward reads them then). One launch for "none", two otherwise."""
     op = "_triton_cross_entropy_loss"
     code = _reduction_code(op, reduction)
