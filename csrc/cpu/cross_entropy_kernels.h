@@ -124,7 +124,7 @@ void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* ta
       });
 }
 
-// W = sum_c w_c in row order (the number of classes without weights): counts[2], which only
+// W = sum_c w_c in class order (the number of classes without weights): counts[2], which only
 // label smoothing reads (cross_entropy_rows.h), so the loss sums it only then.
 template <typename acc_t>
 double total_weight(const acc_t* weight, int64_t classes) {
