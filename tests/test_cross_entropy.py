@@ -623,3 +623,88 @@ def test_strided_logits_targets_and_weights_without_autograd(backend):
             ours = sk.cross_entropy(x, target, weight, reduction=reduction, backend=backend)
         theirs = F.cross_entropy(x.double(), target, weight.double(), reduction=reduction)
         torch.testing.assert_close(ours.double(), theirs, rtol=2e-6, atol=1e-7)
+
+
+def _fused_kernels(backend):
+    """The backend's fused loss kernels (``cross_entropy_loss`` and its backward)."""
+    kernels = backends.get_backend(backend).kernels()
+    if kernels.cross_entropy_loss is None:
+        pytest.skip(f"{backend} has no fused cross-entropy kernels")
+    return kernels.cross_entropy_loss, kernels.cross_entropy_loss_backward
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_counts_are_what_the_contract_says(backend, reduction, weighted, label_smoothing):
+    """counts = (sum of counted w_t, counted rows, W): the first two where a backend writes
+    them (every backend for "sum" and "mean", cpp and torch for "none"); W with label
+    smoothing, and without it nothing a backward may read (cpp, torch and triton write 0: W
+    is not summed)."""
+    loss_kernel, _ = _fused_kernels(backend)
+    torch.manual_seed(0)
+    x = torch.randn(23, 40)
+    target = torch.randint(0, 40, (23,))
+    target[::3] = -7  # ignored
+    weight = torch.rand(40) + 0.5 if weighted else None
+    _, _, counts = loss_kernel(x, target, weight, -7, label_smoothing, 0.0, reduction)
+    counted = target != -7
+    w_t = torch.ones(23) if weight is None else weight[torch.where(counted, target, 0)]
+    want = torch.tensor(
+        [w_t[counted].double().sum().item(), counted.sum().item()], dtype=torch.float64
+    )
+    if reduction != "none" or backend in ("cpp", "torch"):
+        torch.testing.assert_close(counts[:2], want, rtol=1e-14, atol=0)
+    if label_smoothing:
+        total = 40.0 if weight is None else weight.double().sum().item()
+        torch.testing.assert_close(counts[2].item(), total, rtol=1e-14, atol=0)
+    elif backend != "cuda":  # (cuda leaves it unwritten)
+        assert counts[2].item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_the_backward_reads_no_count_it_does_not_need(backend, reduction, z_loss):
+    """Without label smoothing no backward reads W (counts[2]), and only "mean" reads
+    counts[0] and counts[1]: NaN there leaves dx bitwise as it was (a kernel that read one
+    would turn dx NaN)."""
+    loss_kernel, backward_kernel = _fused_kernels(backend)
+    torch.manual_seed(1)
+    x = torch.randn(9, 30)
+    target = torch.randint(0, 30, (9,))
+    target[4] = -100
+    weight = torch.rand(30) + 0.5
+    options = (-100, 0.0, z_loss, reduction)
+    loss, lse, counts = loss_kernel(x, target, weight, *options)
+    grad = torch.randn(loss.shape)
+    dx = backward_kernel(grad, None, x, target, weight, lse, counts, *options)
+    assert dx.isfinite().all()
+    poisoned = counts.clone()
+    poisoned[2] = float("nan")
+    if reduction != "mean":
+        poisoned[:2] = float("nan")
+    again = backward_kernel(grad, None, x, target, weight, lse, poisoned, *options)
+    assert torch.equal(again, dx)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_the_cpp_loss_raises_on_the_first_bad_target_in_row_order(reduction):
+    """The fused C++ loss checks its targets in row order, after the rows' walk (which reads
+    class 0 for a bad target): the first bad one is named, whatever the threads, and nothing
+    is read outside a row."""
+    x = torch.randn(4000, 3)
+    target = torch.randint(0, 3, (4000,))
+    target[2500] = 3
+    target[3999] = -5
+    target[100] = -1  # ignored
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with pytest.raises(IndexError, match="^Target 3 is out of bounds"):
+                torch.ops.stablekernels._fused_cross_entropy_loss(
+                    x, target, None, -1, 0.1, 0.0, reduction
+                )
+    finally:
+        torch.set_num_threads(previous)

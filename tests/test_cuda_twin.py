@@ -268,3 +268,145 @@ def test_twin_masked_dead_rows_from_the_causal_limit(twin):
         y, lse = twin_masked(twin, x, None, None, 1.0, -4, mode)
         assert (lse == -math.inf).all()
         assert (y == (-math.inf if mode == 1 else 0.0)).all()
+
+
+# ----------------------------------------------------------------------------------------
+# The fused cross-entropy loss (csrc/cuda/cross_entropy.cu): the walk in tiles per thread,
+# the block's tree of states, the epilogue and the one-block reduction of
+# stablekernels/cross_entropy_rows.h, and the backward's map; held to the bounds the loss's
+# tests hold every backend to (tests/test_cross_entropy.py: TOL) against float64.
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+IGNORE = -100
+
+
+def twin_cross_entropy(lib, x, target, weight, e, z, reduction):
+    """(loss, lse, counts) of the twin; counts as the CUDA kernels leave it (NaN where they
+    write nothing)."""
+    x = x.contiguous()
+    rows, classes = x.shape
+    loss = torch.empty(rows if reduction == "none" else (), dtype=x.dtype)
+    lse = torch.empty(rows, dtype=torch.float64)
+    counts = torch.full((3,), math.nan, dtype=torch.float64)
+    target = target.contiguous()
+    weight = None if weight is None else weight.to(x.dtype).contiguous()
+    name = f"sk_twin_cross_entropy_loss_f{32 if x.dtype == torch.float32 else 64}"
+    getattr(lib, name)(
+        _ptr(x), _ptr(target), None if weight is None else _ptr(weight),
+        ctypes.c_int64(rows), ctypes.c_int64(classes), ctypes.c_int64(IGNORE),
+        ctypes.c_double(e), ctypes.c_double(z), ctypes.c_int(REDUCTIONS[reduction]),
+        _ptr(loss), _ptr(lse), _ptr(counts),
+    )  # fmt: skip
+    return loss, lse, counts
+
+
+def twin_cross_entropy_backward(lib, grad, grad_lse, x, target, weight, lse, counts, e, z, red):
+    x = x.contiguous()
+    rows, classes = x.shape
+    dx = torch.empty_like(x)
+    grad = grad.to(x.dtype).contiguous()
+    weight = None if weight is None else weight.to(x.dtype).contiguous()
+    name = f"sk_twin_cross_entropy_loss_backward_f{32 if x.dtype == torch.float32 else 64}"
+    getattr(lib, name)(
+        _ptr(grad), ctypes.c_int64(1 if red == "none" else 0),
+        None if grad_lse is None else _ptr(grad_lse), _ptr(x), _ptr(target.contiguous()),
+        None if weight is None else _ptr(weight), _ptr(lse), _ptr(counts),
+        ctypes.c_int64(rows), ctypes.c_int64(classes), ctypes.c_int64(IGNORE),
+        ctypes.c_double(e), ctypes.c_double(z), ctypes.c_int(REDUCTIONS[red]), _ptr(dx),
+    )  # fmt: skip
+    return dx
+
+
+def reference_cross_entropy(x, target, weight, e, z, reduction):
+    """(loss, lse) in float64 (docs/design.md 1.8): torch's cross-entropy plus z lse^2 per
+    counted row, "mean" dividing the ce terms by the counted weights and the z terms by the
+    counted rows."""
+    w = None if weight is None else weight.double()
+    ce = torch.nn.functional.cross_entropy(
+        x, target, w, ignore_index=IGNORE, label_smoothing=e, reduction="none"
+    )
+    lse = torch.logsumexp(x, -1)
+    counted = target != IGNORE
+    z_rows = torch.where(counted, z * lse * lse, 0.0)
+    if reduction == "none":
+        return ce + z_rows, lse
+    if reduction == "sum":
+        return (ce + z_rows).sum(), lse
+    w_t = torch.ones(len(target), dtype=x.dtype) if w is None else w[target.clamp(min=0)]
+    return ce.sum() / w_t[counted].sum() + z_rows.sum() / counted.sum(), lse
+
+
+# (rows, classes): 128 threads, a tile of them exactly, 512 threads for one tile, several
+# tiles; the reduction's threads take several rows each at 1100 rows.
+CE_SHAPES = [(1100, 7), (40, 2048), (9, 2049), (4, 40000)]
+CE_OPTIONS = [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-3), (0.2, 1e-3)]
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("options", CE_OPTIONS, ids=lambda o: f"e{o[0]:g}-z{o[1]:g}")
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_twin_cross_entropy_is_within_the_bounds(twin, dtype, shape, options, weighted):
+    from .test_cross_entropy import TOL
+
+    rows, classes = shape
+    e, z = options
+    rtol, atol = TOL[dtype]
+    for offset in OFFSETS:
+        torch.manual_seed(rows + classes)
+        x = make_input(shape, dtype, offset)
+        target = torch.randint(0, classes, (rows,))
+        target[1::5] = IGNORE
+        weight = torch.rand(classes, dtype=torch.float64).to(dtype) + 0.5 if weighted else None
+        grad_lse = torch.randn(rows, dtype=torch.float64)
+        for reduction in REDUCTIONS:
+            loss, lse, counts = twin_cross_entropy(twin, x, target, weight, e, z, reduction)
+            x64 = x.double().requires_grad_()
+            ref, ref_lse = reference_cross_entropy(x64, target, weight, e, z, reduction)
+            scale = max(1.0, ref.detach().abs().max().item())
+            torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=atol * scale)
+            torch.testing.assert_close(lse, ref_lse.detach(), rtol=rtol, atol=0)
+            if e:
+                total = classes if weight is None else weight.double().sum().item()
+                assert abs(counts[2].item() - total) <= rtol * total
+            else:
+                assert math.isnan(counts[2].item())  # not formed: the backward never reads it
+            grad = torch.randn(ref.shape, dtype=torch.float64)
+            for g_lse in (None, grad_lse):
+                dx = twin_cross_entropy_backward(
+                    twin, grad, g_lse, x, target, weight, lse, counts, e, z, reduction
+                )
+                total = (ref * grad).sum()
+                if g_lse is not None:
+                    total = total + (ref_lse * g_lse).sum()
+                (ref_dx,) = torch.autograd.grad(total, x64, retain_graph=True)
+                # The float64 lse is rounded once at its size, and enters every exponent.
+                shift = 4 * eps(torch.float64) * abs(offset)
+                bound = (atol * 4 + shift) * ref_dx.abs().max().item()
+                torch.testing.assert_close(dx.double(), ref_dx, rtol=rtol * 4 + shift, atol=bound)
+
+
+@pytest.mark.parametrize("e", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_twin_cross_entropy_special_rows_are_torchs(twin, e, reduction):
+    """All -inf, a +inf, a NaN: NaN; a -inf logit with smoothing: +inf (torch's smooth term);
+    an ignored row: 0 whatever its logits."""
+    inf, nan = math.inf, math.nan
+    x = torch.tensor(
+        [
+            [-inf, -inf, -inf, -inf],
+            [1.0, inf, 2.0, 0.0],
+            [1.0, nan, 2.0, 0.0],
+            [-inf, 0.0, 3.0, 1.0],
+            [nan, inf, -inf, 0.0],
+            [0.5, 0.25, 2.0, 1.0],
+        ]
+    )
+    target = torch.tensor([0, 1, 2, 2, IGNORE, 3])
+    for rows in ([0], [1], [2], [3], [4], [5], [3, 4, 5]):
+        xs, ts = x[rows], target[rows]
+        loss, _, _ = twin_cross_entropy(twin, xs, ts, None, e, 0.0, reduction)
+        ref = torch.nn.functional.cross_entropy(
+            xs.double(), ts, ignore_index=IGNORE, label_smoothing=e, reduction=reduction
+        )
+        torch.testing.assert_close(loss.double(), ref, equal_nan=True, rtol=1e-6, atol=0)

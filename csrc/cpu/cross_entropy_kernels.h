@@ -124,50 +124,60 @@ void cross_entropy_forward_typed(const T* x, int64_t x_stride, const int64_t* ta
       });
 }
 
-// What the loss's forward and backward need of the targets, in one pass in row order: every
-// counted target checked (the first bad one in row order raises, as torch), and counts =
-// (sum of counted w_t, counted rows, W) (stablekernels/cross_entropy_rows.h).
+// W = sum_c w_c in class order (the number of classes without weights): counts[2], which only
+// label smoothing reads (cross_entropy_rows.h), so the loss sums it only then.
 template <typename acc_t>
-void check_and_count_targets(const int64_t* target, const acc_t* weight, int64_t rows,
-                             const CrossEntropyOptions& o, double* counts) {
-  double weights = 0, counted = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = target[r];
-    TORCH_CHECK_INDEX(target_in_range(t, o), "Target ", t, " is out of bounds.");
-    if (row_counts(t, o)) {
-      weights += weight == nullptr ? 1.0 : static_cast<double>(weight[t]);
-      counted += 1;
-    }
-  }
-  double total = static_cast<double>(o.classes);
-  if (weight != nullptr) {
-    total = 0;
-    for (int64_t c = 0; c < o.classes; ++c) total += static_cast<double>(weight[c]);
-  }
-  counts[0] = weights;
-  counts[1] = counted;
-  counts[2] = total;
+double total_weight(const acc_t* weight, int64_t classes) {
+  if (weight == nullptr) return static_cast<double>(classes);
+  double total = 0;
+  for (int64_t c = 0; c < classes; ++c) total += static_cast<double>(weight[c]);
+  return total;
 }
 
 // The loss (per row, or reduced in row order in fp64: the same for every thread count), lse
 // and counts: the pieces of each row and the epilogue of stablekernels/cross_entropy_rows.h.
+//
+// The targets are walked twice: once by the rows' walk (in parallel: each row's target logit
+// and w_t), then once in row order, which checks every counted target (the first bad one in
+// row order raises, as torch; a parallel check would raise whichever thread found one) and
+// forms counts[0], counts[1] and, for "sum" and "mean", the LossTotals in the same walk. So
+// the check comes after the rows' walk, which therefore reads class 0 for a counted target
+// outside [0, classes), as for an ignored one: nothing is read outside a row, and what it
+// wrote (lse, the rows' losses: new tensors) is dropped with the IndexError.
 template <typename T>
 void cross_entropy_loss_typed(const T* x, int64_t x_stride, const int64_t* target,
                               const acc_of<T>* weight, int64_t rows, const CrossEntropyOptions& o,
                               acc_of<T>* loss, double* lse, double* counts) {
   using acc_t = acc_of<T>;
-  check_and_count_targets(target, weight, rows, o, counts);
   const bool smoothing = o.label_smoothing != 0;
-  auto class_of = [=](int64_t r) { return readable_target(target[r], o); };
-  auto w_t = [=](int64_t t) { return weight == nullptr ? 1.0 : static_cast<double>(weight[t]); };
+  // counts[2] = W with label smoothing; without it no kernel reads it, and it is 0.
+  counts[2] = smoothing ? total_weight(weight, o.classes) : 0.0;
+  auto class_of = [=](int64_t r) {
+    const int64_t t = target[r];
+    return target_in_range(t, o) ? readable_target(t, o) : int64_t(0);
+  };
+  auto w_t = [=](int64_t c) { return weight == nullptr ? 1.0 : static_cast<double>(weight[c]); };
+  auto check = [&](int64_t r) {
+    TORCH_CHECK_INDEX(target_in_range(target[r], o), "Target ", target[r], " is out of bounds.");
+  };
   if (o.reduction == Reduction::kNone) {
     cross_entropy_rows(x, x_stride, class_of, weight, rows, o.classes, smoothing,
                        [=](int64_t r, double nll, double smooth, double l) {
-                         const int64_t t = target[r];
+                         const bool counted = row_counts(target[r], o);
                          lse[r] = l;
-                         loss[r] = static_cast<acc_t>(
-                             row_loss(nll, smooth, l, w_t(readable_target(t, o)), row_counts(t, o), o));
+                         const double w = w_t(class_of(r));
+                         loss[r] = static_cast<acc_t>(row_loss(nll, smooth, l, w, counted, o));
                        });
+    double weights = 0, counted = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      check(r);
+      if (row_counts(target[r], o)) {
+        weights += w_t(target[r]);
+        counted += 1;
+      }
+    }
+    counts[0] = weights;
+    counts[1] = counted;
     return;
   }
   std::vector<double> nlls(rows), smooths(rows);
@@ -179,10 +189,13 @@ void cross_entropy_loss_typed(const T* x, int64_t x_stride, const int64_t* targe
                      });
   LossTotals totals;
   for (int64_t r = 0; r < rows; ++r) {
+    check(r);
     const int64_t t = target[r];
     totals.add(nlls[r], smooths[r], lse[r], w_t(readable_target(t, o)), row_counts(t, o), o);
   }
   loss[0] = static_cast<acc_t>(totals.result(o));
+  counts[0] = totals.weight;  // sum of counted w_t, in row order
+  counts[1] = totals.counted;
 }
 
 // dx_c = exp((x_c - hi) - lo) * coef - smooth * w_c - [c == t] * one_hot, a pure map over

@@ -78,7 +78,8 @@ struct KernelTable {
   // Cross-entropy's loss in one call (stablekernels/cross_entropy_rows.h): counted targets
   // checked in row order (IndexError), each row's pieces and its epilogue; loss (rows values
   // for "none", one otherwise) in the accumulation dtype of x, lse per row in fp64, counts =
-  // (sum of counted w_t, counted rows, W). Reductions add the rows in row order in fp64.
+  // (sum of counted w_t, counted rows, W), W only with label smoothing (0 without).
+  // Reductions add the rows in row order in fp64.
   void (*cross_entropy_loss)(const void* x, c10::ScalarType x_type, int64_t x_stride,
                              const int64_t* target, const void* weight, int64_t rows,
                              const CrossEntropyOptions& options, void* loss, double* lse,

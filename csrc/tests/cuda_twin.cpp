@@ -8,6 +8,10 @@
 // and the float reciprocal (rcp.approx and a Newton step, within 1 ulp of the rounded one).
 // The masked kernels (csrc/cuda/masked_softmax.cu) are twinned below the plain ones: the
 // scores t, the causal limit, the long rows' walk with running maxima, and the dead rows.
+// Then the fused cross-entropy loss (csrc/cuda/cross_entropy.cu): its walk in tiles, the
+// block's tree of states, the epilogue and reduction of stablekernels/cross_entropy_rows.h,
+// and the backward's map.
+#include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/online_softmax.h>
 
 #include <algorithm>
@@ -17,12 +21,23 @@
 
 namespace {
 
+using stablekernels::CrossEntropyOptions;
 using stablekernels::log_softmax_shift;
+using stablekernels::LossTotals;
 using stablekernels::merge;
+using stablekernels::readable_target;
+using stablekernels::Reduction;
+using stablekernels::row_counts;
+using stablekernels::row_gradient;
+using stablekernels::row_loss;
+using stablekernels::row_terms;
+using stablekernels::RowGradient;
+using stablekernels::RowTerms;
 using stablekernels::RowState;
 using stablekernels::softmax_scale;
 using stablekernels::state_at_max;
 using stablekernels::SumsAtMax;
+using stablekernels::target_in_range;
 
 constexpr int64_t kThreadElements = 32;  // what one thread of a row kernel holds
 
@@ -157,6 +172,189 @@ void masked_rows(const A* x, const unsigned char* keep, const A* add, A scale, i
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The fused cross-entropy loss (csrc/cuda/cross_entropy.cu, cross_entropy_loss_forward_kernel,
+// cross_entropy_loss_reduce_kernel, cross_entropy_loss_backward_kernel), rows 16-byte aligned
+// (pack_shift 0). Forward: a block of kCeThreads(n) threads per row; thread `lane` holds, per
+// tile of kCeThreads * 4 packs of kPack elements, the packs k * threads + lane (k < 4, padded
+// with -inf past the row): the tile's max first (one exp moves its sums and gaps to it when
+// it rises), then one exp per element, and with label smoothing sum w_c (m - x_c) and sum w_c.
+// The threads' states merge in lane order, pairwise (cub's shuffle trees, both levels), and
+// thread 0 applies row_loss or LossTotals::add to the row's pieces. "sum" and "mean": thread i
+// of the reduction's 512 adds the rows i, i + 512, ... in order, then cub::BlockReduce adds
+// the threads' totals (a shuffle tree per warp, then the warps in order).
+
+constexpr int64_t kCeTileItems = 4;       // kTileItems
+constexpr int64_t kCeReduceThreads = 512;  // kReduceThreads
+
+template <typename A>
+constexpr int64_t ce_pack() {
+  return 16 / static_cast<int64_t>(sizeof(A));
+}
+
+// short_rows: up to one tile of 128 threads takes 128 threads, longer rows 512.
+template <typename A>
+int64_t ce_threads(int64_t classes) {
+  return classes <= 128 * kCeTileItems * ce_pack<A>() ? 128 : 512;
+}
+
+template <typename A>
+struct CeState {
+  RowState<A> st;
+  A gaps;     // sum of w_c (st.m - x_c)
+  A weights;  // sum of w_c
+};
+
+// MergeCe of cross_entropy.cu.
+template <typename A>
+CeState<A> merge_ce(const CeState<A>& a, const CeState<A>& b) {
+  const RowState<A> st = merge(a.st, b.st);
+  A gaps = a.gaps + b.gaps;
+  if (a.weights > 0 && st.m != a.st.m) gaps += (st.m - a.st.m) * a.weights;
+  if (b.weights > 0 && st.m != b.st.m) gaps += (st.m - b.st.m) * b.weights;
+  return {st, gaps, a.weights + b.weights};
+}
+
+template <typename V, typename Op>
+V tree(const std::vector<V>& v, size_t lo, size_t hi, Op op) {
+  if (hi - lo == 1) return v[lo];
+  const size_t mid = lo + (hi - lo) / 2;
+  return op(tree(v, lo, mid, op), tree(v, mid, hi, op));
+}
+
+// One thread's walk of a row (cross_entropy_rows of cross_entropy.cu).
+template <typename A>
+CeState<A> ce_thread(const A* xr, const A* weight, int64_t classes, bool smoothing,
+                     int64_t threads, int64_t lane) {
+  constexpr int64_t kVec = ce_pack<A>();
+  const A inf = static_cast<A>(INFINITY);
+  const int64_t tile = threads * kCeTileItems * kVec;
+  A m = -inf, gaps = 0, weights = 0;
+  SumsAtMax<A> sums = SumsAtMax<A>::empty();
+  int64_t count = 0;
+  for (int64_t first = 0; first < classes; first += tile) {
+    A v[kCeTileItems][kVec], w[kCeTileItems][kVec];
+    for (int64_t k = 0; k < kCeTileItems; ++k) {
+      const int64_t j = first + (k * threads + lane) * kVec;
+      for (int64_t e = 0; e < kVec; ++e) {
+        const bool in_row = j + e < classes;
+        v[k][e] = in_row ? xr[j + e] : -inf;
+        w[k][e] = !in_row ? A(0) : weight == nullptr ? A(1) : weight[j + e];
+        count += in_row ? 1 : 0;
+      }
+    }
+    A tile_max = -inf;
+    for (int64_t k = 0; k < kCeTileItems; ++k) {
+      for (int64_t e = 0; e < kVec; ++e) tile_max = std::fmax(tile_max, v[k][e]);
+    }
+    if (tile_max > m) {
+      sums = {(sums.below + sums.at_max) * std::exp(m - tile_max), A(0)};
+      if (weights > 0) gaps += (tile_max - m) * weights;
+      m = tile_max;
+    }
+    for (int64_t k = 0; k < kCeTileItems; ++k) {
+      for (int64_t e = 0; e < kVec; ++e) {
+        const A x = v[k][e];
+        sums.add(x, m);
+        if (smoothing && w[k][e] != A(0)) {
+          gaps += w[k][e] * (std::isinf(x) && x < 0 ? inf : m - x);
+          weights += w[k][e];
+        }
+      }
+    }
+  }
+  return {state_at_max(m, sums, static_cast<A>(count)), gaps, weights};
+}
+
+// The field-wise sum of two LossTotals (AddTotals of cross_entropy.cu).
+LossTotals add_totals(const LossTotals& a, const LossTotals& b) {
+  LossTotals t;
+  t.loss = a.loss + b.loss;
+  t.z = a.z + b.z;
+  t.weight = a.weight + b.weight;
+  t.counted = a.counted + b.counted;
+  return t;
+}
+
+template <typename A>
+void ce_loss_rows(const A* x, const int64_t* target, const A* weight, int64_t rows,
+                  const CrossEntropyOptions& o, A* loss, double* lse, double* counts) {
+  const bool smoothing = o.label_smoothing != 0;
+  const int64_t threads = ce_threads<A>(o.classes);
+  std::vector<LossTotals> scratch(static_cast<size_t>(rows));
+  std::vector<CeState<A>> states(static_cast<size_t>(threads));
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* xr = x + r * o.classes;
+    const int64_t t = target[r];
+    const int64_t c = target_in_range(t, o) ? readable_target(t, o) : 0;  // RowLoss::read
+    const A x_t = xr[c], w_t = weight == nullptr ? A(1) : weight[c];
+    for (int64_t lane = 0; lane < threads; ++lane) {
+      states[lane] = ce_thread(xr, weight, o.classes, smoothing, threads, lane);
+    }
+    const CeState<A> s = tree(states, 0, states.size(), merge_ce<A>);
+    const double row_m = static_cast<double>(s.st.m);
+    const double log_rest = static_cast<double>(std::log1p(s.st.s));
+    const double nll = (row_m - static_cast<double>(x_t)) + log_rest;
+    const double smooth =
+        smoothing ? static_cast<double>(s.gaps) + static_cast<double>(s.weights) * log_rest : 0.0;
+    lse[r] = stablekernels::finish_lse<double>(s.st);
+    const bool counted = row_counts(t, o);
+    if (o.reduction == Reduction::kNone) {
+      loss[r] = static_cast<A>(row_loss(nll, smooth, lse[r], w_t, counted, o));
+    } else {
+      scratch[r].add(nll, smooth, lse[r], w_t, counted, o);
+    }
+    if (r == 0 && smoothing) counts[2] = static_cast<double>(s.weights);
+  }
+  if (o.reduction == Reduction::kNone) return;
+  std::vector<LossTotals> per_thread(kCeReduceThreads), per_warp;
+  for (int64_t i = 0; i < kCeReduceThreads; ++i) {
+    for (int64_t r = i; r < rows; r += kCeReduceThreads) {
+      per_thread[i] = add_totals(per_thread[i], scratch[r]);
+    }
+  }
+  for (int64_t w = 0; w < kCeReduceThreads; w += 32) {
+    const std::vector<LossTotals> warp(per_thread.begin() + w, per_thread.begin() + w + 32);
+    per_warp.push_back(tree(warp, 0, warp.size(), add_totals));
+  }
+  LossTotals totals = per_warp[0];
+  for (size_t w = 1; w < per_warp.size(); ++w) totals = add_totals(totals, per_warp[w]);
+  loss[0] = static_cast<A>(totals.result(o));
+  counts[0] = totals.weight;
+  counts[1] = totals.counted;
+}
+
+// cross_entropy_loss_backward_kernel: each row's terms (RowTermsOfLoss), then the map.
+template <typename A>
+void ce_loss_backward_rows(const A* grad, int64_t grad_stride, const double* grad_lse,
+                           const A* x, const int64_t* target, const A* weight, const double* lse,
+                           const double* counts, int64_t rows, const CrossEntropyOptions& o,
+                           A* dx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = target[r];
+    const bool counted = row_counts(t, o);
+    const int64_t c = target_in_range(t, o) ? readable_target(t, o) : 0;
+    const double w_t = weight == nullptr ? 1.0 : static_cast<double>(weight[c]);
+    const RowGradient g =
+        row_gradient(static_cast<double>(grad[r * grad_stride]), counted, counts, o);
+    const double g_lse = grad_lse == nullptr ? 0.0 : grad_lse[r];
+    const RowTerms<A> k = row_terms<A>(g, g_lse, lse[r], w_t, counts[2], o);
+    const int64_t one_hot_class = counted ? t : -1;
+    for (int64_t j = 0; j < o.classes; ++j) {
+      const A w = weight == nullptr ? A(1) : weight[j];
+      A d = std::exp((x[r * o.classes + j] - k.hi) - k.lo) * k.coef - k.smooth * w;
+      if (j == one_hot_class) d -= k.one_hot;
+      dx[r * o.classes + j] = d;
+    }
+  }
+}
+
+CrossEntropyOptions ce_options(int64_t classes, int64_t ignore_index, double label_smoothing,
+                               double z_loss, int reduction) {
+  return {classes, ignore_index, label_smoothing, z_loss, static_cast<Reduction>(reduction)};
+}
+
 }  // namespace
 
 extern "C" {
@@ -194,6 +392,51 @@ void sk_twin_logsumexp_f32(const float* x, double* out, int64_t rows, int64_t n,
 
 void sk_twin_logsumexp_f64(const double* x, double* out, int64_t rows, int64_t n, int64_t piece) {
   logsumexp_rows(x, out, rows, n, piece);
+}
+
+
+// The fused cross-entropy loss: x (rows, classes) contiguous, weight (classes) or null;
+// reduction 0 "none", 1 "mean", 2 "sum" (cross_entropy_rows.h). counts as the CUDA kernels
+// leave it: counts[0], counts[1] unwritten for "none", counts[2] without label smoothing.
+void sk_twin_cross_entropy_loss_f32(const float* x, const int64_t* target, const float* weight,
+                                    int64_t rows, int64_t classes, int64_t ignore_index,
+                                    double label_smoothing, double z_loss, int reduction,
+                                    float* loss, double* lse, double* counts) {
+  ce_loss_rows(x, target, weight, rows,
+               ce_options(classes, ignore_index, label_smoothing, z_loss, reduction), loss, lse,
+               counts);
+}
+
+void sk_twin_cross_entropy_loss_f64(const double* x, const int64_t* target, const double* weight,
+                                    int64_t rows, int64_t classes, int64_t ignore_index,
+                                    double label_smoothing, double z_loss, int reduction,
+                                    double* loss, double* lse, double* counts) {
+  ce_loss_rows(x, target, weight, rows,
+               ce_options(classes, ignore_index, label_smoothing, z_loss, reduction), loss, lse,
+               counts);
+}
+
+// Its backward: grad at grad_stride (0: one value for every row), grad_lse (rows) or null.
+void sk_twin_cross_entropy_loss_backward_f32(const float* grad, int64_t grad_stride,
+                                             const double* grad_lse, const float* x,
+                                             const int64_t* target, const float* weight,
+                                             const double* lse, const double* counts,
+                                             int64_t rows, int64_t classes, int64_t ignore_index,
+                                             double label_smoothing, double z_loss, int reduction,
+                                             float* dx) {
+  ce_loss_backward_rows(grad, grad_stride, grad_lse, x, target, weight, lse, counts, rows,
+                        ce_options(classes, ignore_index, label_smoothing, z_loss, reduction), dx);
+}
+
+void sk_twin_cross_entropy_loss_backward_f64(const double* grad, int64_t grad_stride,
+                                             const double* grad_lse, const double* x,
+                                             const int64_t* target, const double* weight,
+                                             const double* lse, const double* counts,
+                                             int64_t rows, int64_t classes, int64_t ignore_index,
+                                             double label_smoothing, double z_loss, int reduction,
+                                             double* dx) {
+  ce_loss_backward_rows(grad, grad_stride, grad_lse, x, target, weight, lse, counts, rows,
+                        ce_options(classes, ignore_index, label_smoothing, z_loss, reduction), dx);
 }
 
 }  // extern "C"

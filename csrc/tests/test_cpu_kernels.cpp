@@ -17,9 +17,11 @@
 
 #include "../cpu/kernels.h"
 
+using stablekernels::CrossEntropyOptions;
 using stablekernels::finish_lse;
 using stablekernels::Layout;
 using stablekernels::merge;
+using stablekernels::Reduction;
 using stablekernels::RowState;
 using stablekernels::cpu::KernelTable;
 
@@ -405,6 +407,51 @@ void test_exp_ulp(const KernelTable& t) {
   expect(bad_flush == 0, std::string(t.capability) + " exp flushes only below 2^-125");
 }
 
+// The fused loss's counts = (sum of counted w_t, counted rows, W), W only with label
+// smoothing (0 without: it is not summed), for every reduction; and its target check: the
+// first bad counted target in row order raises, after the rows' walk read nothing outside a
+// row.
+void test_cross_entropy_loss_counts(const KernelTable& t) {
+  const std::string what = std::string(t.capability) + " cross_entropy_loss counts";
+  const int64_t rows = 6, classes = 5, ignored = -1;
+  std::vector<float> x(rows * classes), w(classes);
+  for (int64_t i = 0; i < rows * classes; ++i) x[i] = static_cast<float>((i * 37) % 11) / 3.0f;
+  for (int64_t c = 0; c < classes; ++c) w[c] = 0.5f + 0.25f * static_cast<float>(c);
+  std::vector<int64_t> target = {0, ignored, 4, 2, ignored, 3};
+  for (bool weighted : {false, true}) {
+    double counted_w = 0, total_w = 0;
+    for (int64_t tr : target) counted_w += tr == ignored ? 0.0 : weighted ? w[tr] : 1.0;
+    for (int64_t c = 0; c < classes; ++c) total_w += weighted ? w[c] : 1.0;
+    for (Reduction reduction : {Reduction::kNone, Reduction::kMean, Reduction::kSum}) {
+      for (double e : {0.0, 0.1}) {
+        const CrossEntropyOptions o{classes, ignored, e, 0.0, reduction};
+        std::vector<float> loss(rows);
+        std::vector<double> lse(rows), counts(3, std::nan(""));
+        t.cross_entropy_loss(x.data(), c10::ScalarType::Float, classes, target.data(),
+                             weighted ? w.data() : nullptr, rows, o, loss.data(), lse.data(),
+                             counts.data());
+        const bool ok = counts[0] == counted_w && counts[1] == 4.0 &&
+                        counts[2] == (e != 0 ? total_w : 0.0);
+        expect(ok, what + " reduction " + std::to_string(static_cast<int>(reduction)) +
+                       (weighted ? " weighted" : "") + (e != 0 ? " smoothing" : ""));
+        std::vector<int64_t> bad = target;
+        bad[2] = classes;  // the first bad one in row order
+        bad[5] = -7;
+        bool raised = false;
+        try {
+          t.cross_entropy_loss(x.data(), c10::ScalarType::Float, classes, bad.data(),
+                               weighted ? w.data() : nullptr, rows, o, loss.data(), lse.data(),
+                               counts.data());
+        } catch (const c10::IndexError& error) {
+          raised = std::string(error.what_without_backtrace()).rfind("Target 5 is out", 0) == 0;
+        }
+        expect(raised, what + " bad target raised, reduction " +
+                           std::to_string(static_cast<int>(reduction)));
+      }
+    }
+  }
+}
+
 void test_table(const KernelTable& t) {
   const std::string cap = t.capability;
   std::mt19937 gen(1234);
@@ -506,6 +553,7 @@ void test_table(const KernelTable& t) {
 
   test_cross_entropy_forward(t);
   test_cross_entropy_backward(t);
+  test_cross_entropy_loss_counts(t);
 }
 
 }  // namespace

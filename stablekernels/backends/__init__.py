@@ -68,21 +68,25 @@ class Kernels:
     cross_entropy: Callable
     cross_entropy_backward: Callable
     cross_entropy_backward_inplace: Callable | None = None
+    """cross_entropy_backward's dx written over the (contiguous) logits, returning nothing:
+    the linear cross-entropy's chunk of logits becomes its gradient without a second buffer
+    (cpp); None elsewhere (then a tile at a time through cross_entropy_backward)."""
     cross_entropy_loss: Callable | None = None
     """cross-entropy's loss in one call: the pieces of each row and their epilogue
     (csrc/include/stablekernels/cross_entropy_rows.h: the ignore mask, the target check, the
     class weight, smoothing, z-loss and the reduction "none"/"sum"/"mean") -> (loss per row
-    or reduced, in the accumulation dtype; lse (R,) float64; counts (3,) float64). None
-    where a backend has none (the router then runs ``torch_ce.loss_from_pieces`` around its
-    ``cross_entropy``)."""
+    or reduced, in the accumulation dtype; lse (R,) float64; counts (3,) float64 = (sum of
+    counted w_t, counted rows, W)). counts[0] and counts[1] are needed for "mean" only,
+    counts[2] = W with label smoothing only: what is not needed may be left unwritten (cuda,
+    triton: the first two for "none"), W is formed only with label smoothing (cpp, torch,
+    triton: 0 without), and no backward reads any of them otherwise. None where a backend has none
+    (the router then runs ``torch_ce.loss_from_pieces`` around its ``cross_entropy``)."""
     cross_entropy_loss_backward: Callable | None = None
     """dx of ``cross_entropy_loss`` in one call, from the loss's gradient (per row for
     "none", 0-dim otherwise, accumulation dtype), the lse output's gradient (None or (R,)
-    float64) and the forward's lse and counts. None where a backend has none (the router
-    then runs ``torch_ce.gradient_from_terms`` around its ``cross_entropy_backward``)."""
-    """cross_entropy_backward's dx written over the (contiguous) logits, returning nothing:
-    the linear cross-entropy's chunk of logits becomes its gradient without a second buffer
-    (cpp); None elsewhere (then a tile at a time through cross_entropy_backward)."""
+    float64) and the forward's lse and counts (counts[0], counts[1] read for "mean" only,
+    counts[2] with label smoothing only). None where a backend has none (the router then
+    runs ``torch_ce.gradient_from_terms`` around its ``cross_entropy_backward``)."""
     masked_softmax: Callable | None = None
     """softmax (mode 0), log_softmax (1) or the row statistics only (2) of
     ``scale * x + mask`` along the last dim, dropped elements -inf (docs/masked_softmax.md);

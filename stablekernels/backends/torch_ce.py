@@ -146,7 +146,7 @@ def per_row_backward_terms(grad_loss, grad_lse, lse, readable, counted, w, class
     rows), with class weights ``w`` (or None) and the targets ``readable`` by the kernels."""
     g = torch.where(counted, grad_loss.double(), 0.0)
     w_t = 1.0 if w is None else w.double().index_select(0, readable)
-    total_w = float(classes) if w is None else w.double().sum()
+    total_w = 0.0 if not e else float(classes) if w is None else w.double().sum()
     return backward_terms(g, g, grad_lse, lse, w_t, total_w, classes, e, z, acc)
 
 
@@ -155,7 +155,8 @@ def loss_from_pieces(
 ):
     """(loss, lse, counts) of the fused kernel ``cross_entropy_loss`` from a backend's
     ``pieces`` kernel (nll, smooth, lse per row): the loss per row or reduced, in the
-    accumulation dtype; lse (R,) fp64; counts = (sum of counted w_t, counted rows, W) fp64."""
+    accumulation dtype; lse (R,) fp64; counts = (sum of counted w_t, counted rows, W) fp64,
+    W only with label smoothing (0 without: no backward reads it then)."""
     rows, classes = logits.shape
     acc = accumulation_dtype(logits.dtype)
     counted = check_targets(target, ignore_index, classes)
@@ -164,10 +165,13 @@ def loss_from_pieces(
     nll, smooth, lse = pieces(logits, readable, w, label_smoothing > 0)
     w_t = 1.0 if w is None else w.double().index_select(0, readable)
     counted_w = counted.double() if w is None else torch.where(counted, w_t, 0.0)
-    total_w = torch.full((), float(classes), dtype=torch.float64, device=lse.device)
-    counts = torch.stack(
-        [counted_w.sum(), counted.sum().double(), total_w if w is None else w.double().sum()]
-    )
+    if not label_smoothing:
+        total_w = torch.zeros((), dtype=torch.float64, device=lse.device)
+    elif w is None:
+        total_w = torch.full((), float(classes), dtype=torch.float64, device=lse.device)
+    else:
+        total_w = w.double().sum()
+    counts = torch.stack([counted_w.sum(), counted.sum().double(), total_w])
     if reduction == "mean":
         ce = row_loss(nll, smooth, lse, counted, w_t, classes, label_smoothing, 0.0)
         loss = ce.sum() / counts[0]

@@ -31,8 +31,10 @@
 // `counts` = (sum of counted w_t, number of counted rows, W), fp64: what "mean" divides by,
 // and the weights' sum the smoothing term of the backward needs (W = C without weights); the
 // backward takes it back, so it never reduces anything itself. counts[0] and counts[1] are
-// needed for "mean" only and counts[2] with label smoothing only; a kernel may leave the
-// others unwritten (the CPU and torch kernels write all three).
+// needed for "mean" only and counts[2] with label smoothing only, and no backward reads them
+// otherwise: the CUDA and Triton kernels leave counts[0] and counts[1] unwritten for "none",
+// and every kernel forms W only with label smoothing (without it the CPU, torch and Triton
+// kernels write 0 there, the CUDA kernels leave it unwritten).
 //
 // Backward, with the loss's gradient g (per row for "none", one value otherwise): a counted
 // row's ce term gets g_ce and its z term g_z,

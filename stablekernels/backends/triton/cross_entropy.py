@@ -24,7 +24,8 @@ check, the class weight, smoothing, z-loss and the reduction. Forward: the row k
 each row's loss ("none"), or its parts of the sums to a float64 scratch ("sum", "mean"), which
 one single-program kernel then adds in a fixed order (blocks of rows, each lane in row order,
 then one tree sum: deterministic) into the loss and ``counts``; with "none", program 0 of
-the row kernel writes W (``counts[2]``, all its backward reads). So the forward is one
+the row kernel writes W (``counts[2]``, all its backward reads; 0 without label smoothing,
+which reads none). So the forward is one
 launch ("none") or two, the backward one (each program derives its row's terms from the
 loss's gradient), and nothing else touches the data (but for CPU tensors, whose targets are
 checked on the host: the interpreter skips device_assert). The options' floats go to the
@@ -132,12 +133,15 @@ def _write_counts(
     ignore_index,
     HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
+    SMOOTH: tl.constexpr,
     ROW_COUNTS: tl.constexpr = True,
 ):
     """Writes counts = (sum of counted w_t, counted rows, W) in float64, summed in a fixed
     order (each lane in row order, then one tree sum); returns the first two. Without
     ROW_COUNTS (reduction "none", whose backward reads W only) the rows are not walked and
-    counts[0] and counts[1] are left unwritten, so one program does not walk every target."""
+    counts[0] and counts[1] are left unwritten, so one program does not walk every target;
+    without SMOOTH (no label smoothing: no backward reads W) W is not summed and counts[2]
+    is 0."""
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     weight = tl.zeros([BLOCK], tl.float64)
     number = tl.zeros([BLOCK], tl.float64)
@@ -158,14 +162,17 @@ def _write_counts(
     if ROW_COUNTS:
         tl.store(COUNTS_ptr, weight)
         tl.store(COUNTS_ptr + 1, number)
-    if HAS_WEIGHT:
-        total = tl.zeros([BLOCK], tl.float64)
-        for start in range(0, classes, BLOCK):
-            c = start + lanes
-            total += tl.load(W_ptr + c, mask=c < classes, other=0.0).to(tl.float64)
-        tl.store(COUNTS_ptr + 2, tl.sum(total, axis=0))
+    if SMOOTH:
+        if HAS_WEIGHT:
+            total = tl.zeros([BLOCK], tl.float64)
+            for start in range(0, classes, BLOCK):
+                c = start + lanes
+                total += tl.load(W_ptr + c, mask=c < classes, other=0.0).to(tl.float64)
+            tl.store(COUNTS_ptr + 2, tl.sum(total, axis=0))
+        else:
+            tl.store(COUNTS_ptr + 2, tl.cast(classes, tl.int64).to(tl.float64))
     else:
-        tl.store(COUNTS_ptr + 2, tl.cast(classes, tl.int64).to(tl.float64))
+        tl.store(COUNTS_ptr + 2, tl.zeros([], tl.float64))
     return weight, number
 
 
@@ -206,7 +213,8 @@ def _cross_entropy_fwd_kernel(
     reads class 0); stores the row's loss in LOSS ("none", REDUCTION 0), or its parts of the
     sums in the float64 scratch LOSS (2, rows) for _cross_entropy_reduce_kernel: "sum" (2)
     the row's loss at [0, row]; "mean" (1) its ce at [0, row] and, with HAS_Z, lse^2 at
-    [1, row] (0 where the row does not count). With "none", program 0 also writes COUNTS."""
+    [1, row] (0 where the row does not count). With "none", program 0 also writes COUNTS[2]
+    (W with SMOOTH, all the backward reads of COUNTS then; else 0)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * stride_x
     m = tl.full([], -float("inf"), ACC)
@@ -266,7 +274,7 @@ def _cross_entropy_fwd_kernel(
             if row == 0:
                 _write_counts(
                     T_ptr, W_ptr, COUNTS_ptr, rows, classes, stride_t, ignore_index, HAS_WEIGHT,
-                    BLOCK, ROW_COUNTS=False,
+                    BLOCK, SMOOTH, ROW_COUNTS=False,
                 )  # fmt: skip
     else:
         tl.store(NLL_ptr + row, nll)
@@ -290,12 +298,13 @@ def _cross_entropy_reduce_kernel(
     MEAN: tl.constexpr,
     HAS_Z: tl.constexpr,
     BLOCK: tl.constexpr,
+    SMOOTH: tl.constexpr,
 ):
-    """One program: COUNTS, and the loss "sum" (sum of PART[0]) or "mean"
+    """One program: COUNTS (W only with SMOOTH), and the loss "sum" (sum of PART[0]) or "mean"
     (sum PART[0] / counts[0] + z sum PART[1] / counts[1]) of the row kernel's scratch
     PART (2, rows) float64, each lane adding its rows in order, then one tree sum."""
     weight, number = _write_counts(
-        T_ptr, W_ptr, COUNTS_ptr, rows, classes, stride_t, ignore_index, HAS_WEIGHT, BLOCK
+        T_ptr, W_ptr, COUNTS_ptr, rows, classes, stride_t, ignore_index, HAS_WEIGHT, BLOCK, SMOOTH
     )
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     loss = tl.zeros([BLOCK], tl.float64)
@@ -371,7 +380,8 @@ def cross_entropy_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, counts) of the contract's fused forward: the loss per row ("none") or
     reduced (0-dim), in the accumulation dtype; lse (R,) float64; counts (3,) float64 =
-    (sum of counted w_t, counted rows, W). One launch for "none", two otherwise."""
+    (sum of counted w_t, counted rows, W), the first two unwritten for "none", W 0 without
+    label smoothing (no backward reads them then). One launch for "none", two otherwise."""
     op = "_triton_cross_entropy_loss"
     code = _reduction_code(op, reduction)
     rows, classes = logits.shape
@@ -415,6 +425,7 @@ def cross_entropy_loss(
                 MEAN=code == 1,
                 HAS_Z=z_loss != 0,
                 BLOCK=REDUCE_BLOCK,
+                SMOOTH=label_smoothing != 0,
                 num_warps=4,
             )
     return loss, lse, counts
