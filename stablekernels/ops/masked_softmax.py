@@ -424,7 +424,11 @@ register(
 
 def _fused_masked_softmax_fake(x, mask, scale, causal_offset, dtype, mode, masked_rows):
     rows = x.numel() // x.shape[-1]
-    shape = {MaskedMode.STATISTICS: (0,), MaskedMode.LOGSUMEXP: (rows,)}.get(mode, x.shape)
+    shape = x.shape
+    if mode == MaskedMode.STATISTICS:  # (comparisons, not a lookup: mode may be symbolic)
+        shape = (0,)
+    elif mode == MaskedMode.LOGSUMEXP:
+        shape = (rows,)
     return x.new_empty(shape, dtype=dtype), x.new_empty(rows, dtype=torch.float64)
 
 

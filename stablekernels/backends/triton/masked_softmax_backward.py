@@ -30,10 +30,10 @@ def _masked_gradient(d, y, dead, scale, LOG: tl.constexpr):
     """The masked backward's rule on the plain backward d of the output y (the torch
     backend's torch_ref.masked_gradient, the C++ and CUDA kernels' masked_rows.h): scale * d;
     0 on a dead row (``dead``, broadcast) and, for log_softmax, where y is -inf."""
-    drop = dead
+    dx = tl.where(dead, 0.0, d * scale)
     if LOG:
-        drop = drop | (y == -float("inf"))
-    return tl.where(drop, 0.0, d * scale)
+        dx = tl.where(y == -float("inf"), 0.0, dx)
+    return dx
 
 
 @triton.jit
