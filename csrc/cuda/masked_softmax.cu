@@ -423,16 +423,20 @@ __global__ void __launch_bounds__(block_threads(R))
   }
 }
 
-// Long rows: a block per row, its pieces of kMaxRowThreads * kBackwardItems packs walked
-// twice (the threads' sums, reduced over the block, then dx).
+// Long rows: a block per row, its pieces of kMaxRowThreads * kLongBackwardItems packs walked
+// twice (the threads' sums, reduced over the block, then dx). Two packs of each per thread:
+// with four, ptxas spills the half-type instantiations (the walk keeps the row's pointers,
+// bounds and sum live across both loops).
+constexpr int kLongBackwardItems = 2;
+
 template <typename T, typename U>
 __global__ void __launch_bounds__(kMaxRowThreads)
     masked_backward_long_kernel(const T* __restrict__ grad, const T* __restrict__ y,
                                 const double* __restrict__ lse, U* __restrict__ dx, int64_t rows,
                                 int64_t n, acc_of<T, U> scale, bool log) {
   using A = acc_of<T, U>;
-  using Piece = BackwardPiece<T, A, kMaxRowThreads, kBackwardItems>;
-  constexpr int64_t kSpan = int64_t(kMaxRowThreads) * kBackwardItems * kPack<T>;
+  using Piece = BackwardPiece<T, A, kMaxRowThreads, kLongBackwardItems>;
+  constexpr int64_t kSpan = int64_t(kMaxRowThreads) * kLongBackwardItems * kPack<T>;
   const int lane = static_cast<int>(threadIdx.x);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* g = grad + row * n;
