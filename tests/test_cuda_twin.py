@@ -270,6 +270,49 @@ def test_twin_masked_dead_rows_from_the_causal_limit(twin):
         assert (y == (-math.inf if mode == 1 else 0.0)).all()
 
 
+def twin_masked_backward(lib, grad, y, lse, scale, log):
+    rows, n = y.shape
+    dx = torch.empty_like(y)
+    name = f"sk_twin_masked_softmax_backward_f{32 if y.dtype == torch.float32 else 64}"
+    getattr(lib, name)(
+        _ptr(grad.contiguous()), _ptr(y), _ptr(lse), ctypes.c_double(scale),
+        ctypes.c_int64(rows), ctypes.c_int64(n), ctypes.c_int(int(log)), _ptr(dx),
+    )  # fmt: skip
+    return dx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 0.125, -3.0])
+def test_twin_masked_backward_scale_and_dead_rows(twin, dtype, log, scale):
+    """The masked backward's arithmetic (masked_softmax.cu's backward kernels): within the
+    bound of the sum's and the values' roundings of the float64 formula, scale applied; 0 on
+    dead rows (lse -inf; y 0 / -inf there) and at dropped log_softmax elements."""
+    g = torch.Generator().manual_seed(0)
+    rows, n = 6, 1000
+    x = torch.randn(rows, n, generator=g, dtype=torch.float64) * 3
+    keep = torch.rand(rows, n, generator=g) > 0.4
+    keep[2] = False  # a dead row
+    y, lse = twin_masked(twin, x.to(dtype), keep, None, 1.0, None, int(log))
+    assert lse[2] == -math.inf and not (lse[[0, 1, 3, 4, 5]] == -math.inf).any()
+    grad = torch.randn(rows, n, generator=g, dtype=torch.float64).to(dtype)
+    dx = twin_masked_backward(twin, grad, y, lse, scale, log)
+    gd, yd = grad.double(), y.double()
+    if log:
+        expected = gd - yd.exp() * gd.sum(-1, keepdim=True)
+        size = gd.abs() + yd.exp() * gd.abs().sum(-1, keepdim=True)
+        expected = expected.masked_fill(yd == -math.inf, 0.0)
+    else:
+        expected = yd * (gd - (gd * yd).sum(-1, keepdim=True))
+        size = yd.abs() * (gd.abs() + (gd * yd).abs().sum(-1, keepdim=True))
+    expected = (expected * scale).masked_fill((lse == -math.inf)[:, None], 0.0)
+    err = (dx.double() - expected).abs()
+    assert (err <= 16 * eps(dtype) * (expected.abs() + abs(scale) * size)).all()
+    assert dx[2].eq(0).all() and not dx[2].signbit().any()
+    if log:
+        assert dx[~keep].eq(0).all()
+
+
 # ----------------------------------------------------------------------------------------
 # The fused cross-entropy loss (csrc/cuda/cross_entropy.cu): the walk in tiles per thread,
 # the block's tree of states, the epilogue and the one-block reduction of

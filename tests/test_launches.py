@@ -1,7 +1,9 @@
 """Launches per call: each direction of an op is one extension kernel call, with no tensor
 op around it that runs over data (counted with torch.profiler by benchmarks/overhead.py, as
-its benchmark reports them). The op still short of it (the masked softmax's backward) is
-not listed here yet."""
+its benchmark reports them). The masked ops' variants (log_softmax, logsumexp,
+masked_rows="nan", an additive mask, causal) are listed below; the masked logsumexp's
+backward, which recomputes the probabilities with the forward kernel and multiplies them by
+the gradient, is not yet one kernel and is not listed."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ ONE_KERNEL = [
     ("log_softmax", "forward", 1),
     ("logsumexp", "forward", 1),
     ("masked_softmax", "forward", 1),
+    ("masked_softmax", "forward+backward", 2),
     ("softmax", "forward+backward", 2),
     ("log_softmax", "forward+backward", 2),
     ("logsumexp", "forward+backward", 2),
@@ -38,6 +41,54 @@ def test_each_direction_is_one_kernel_call(op, direction, kernels):
     call()
     row = overhead.Row(op, direction, "64x1000", "sk-cpp")
     overhead.count_ops(call, row)
+    assert (row.sk_kernels, row.launches, row.syncs) == (kernels, kernels, 0), row.leaf_ops
+
+
+def _masked_variants():
+    """name -> (function of x, directions): the masked ops' options on (4, 2, 16, 64) scores,
+    with a key-padding mask that leaves dead rows."""
+    import stablekernels as sk
+
+    keep = torch.rand(4, 1, 1, 64, generator=torch.Generator().manual_seed(0)) > 0.3
+    keep[1] = False  # dead rows
+    bias = torch.randn(1, 2, 1, 64, generator=torch.Generator().manual_seed(1))
+    both = ("forward", "forward+backward")
+    return {
+        "softmax": (lambda x: sk.softmax(x, scale=0.125, mask=keep, backend="cpp"), both),
+        "log_softmax": (lambda x: sk.log_softmax(x, scale=0.125, mask=keep, backend="cpp"), both),
+        "logsumexp": (lambda x: sk.logsumexp(x, -1, scale=0.125, mask=keep, backend="cpp"),
+                      ("forward",)),
+        "softmax nan": (lambda x: sk.softmax(x, mask=keep, masked_rows="nan", backend="cpp"),
+                        both),
+        "log_softmax nan": (
+            lambda x: sk.log_softmax(x, mask=keep, masked_rows="nan", backend="cpp"), both),
+        "logsumexp nan": (
+            lambda x: sk.logsumexp(x, -1, mask=keep, masked_rows="nan", backend="cpp"),
+            ("forward",)),
+        "softmax additive": (lambda x: sk.softmax(x, mask=bias, backend="cpp"), both),
+        "log_softmax additive": (lambda x: sk.log_softmax(x, mask=bias, backend="cpp"), both),
+        "softmax causal": (lambda x: sk.softmax(x, causal=True, backend="cpp"), both),
+        "log_softmax causal": (
+            lambda x: sk.log_softmax(x, scale=0.5, causal=True, causal_offset=3, backend="cpp"),
+            both),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variant", "direction"),
+    [(v, d) for v, (_, directions) in _masked_variants().items() for d in directions],
+)
+def test_masked_variants_are_one_kernel_call_each_way(variant, direction):
+    """The forward kernel fills dead rows itself (no read-back, no masked_fill) and returns
+    the logsumexp in x's dtype; the backward kernel scales and zeroes (dead rows, dropped
+    log_softmax elements) itself: one call each way, no sync."""
+    fn, _ = _masked_variants()[variant]
+    x = torch.randn(4, 2, 16, 64)
+    call = overhead.make_call(lambda x, t: fn(x), variant, direction, x, None)
+    call()
+    row = overhead.Row(variant, direction, "4x2x16x64", "sk-cpp")
+    overhead.count_ops(call, row)
+    kernels = 1 if direction == "forward" else 2
     assert (row.sk_kernels, row.launches, row.syncs) == (kernels, kernels, 0), row.leaf_ops
 
 

@@ -26,6 +26,7 @@ from stablekernels.backends.triton import (
     linear_cross_entropy,
     logsumexp,
     masked_softmax,
+    masked_softmax_backward,
     softmax,
     tiles,
 )
@@ -38,6 +39,7 @@ LAUNCHING_MODULES = (
     linear_cross_entropy,
     masked_softmax,
     tiles,
+    masked_softmax_backward,
 )
 # Dtype pairs (input, output) of softmax: one dtype, and halves written as float32.
 SOFTMAX_PAIRS = (
@@ -246,6 +248,10 @@ def launch_matrix(device: str = "cuda:0") -> list[Launch]:
                 additive = torch.empty(b, h, sq, n, dtype=acc, device=device)
                 for mask in (None, key.expand(x.shape), additive):
                     for causal_offset in (None, 0):
-                        for mode in (0, 1, 2) if n >= MASKED_ALL_MODES_FROM else (0,):
+                        for mode in (0, 1, 2, 3) if n >= MASKED_ALL_MODES_FROM else (0,):
                             ops._triton_masked_softmax(x, mask, 0.125, causal_offset, dtype, mode)
+                ops._triton_masked_softmax(x, None, 0.125, None, dtype, 0, 1)  # NaN rows
+                lse = torch.empty(b * h * sq, dtype=torch.float64, device=device)
+                for log in (False, True):
+                    ops._triton_masked_softmax_backward(x, x, lse, 0.125, log, dtype)
     return launches

@@ -86,16 +86,28 @@ std::tuple<at::Tensor, at::Tensor> fused_masked_softmax_cpu(const at::Tensor& x,
                                                             const c10::optional<at::Tensor>& mask,
                                                             double scale,
                                                             c10::optional<int64_t> causal_offset,
-                                                            at::ScalarType dtype, int64_t mode) {
-  const MaskedRows in = masked_softmax_args(x, mask, dtype, mode);
-  at::Tensor y = mode == 2 ? at::empty({0}, x.options().dtype(dtype))
-                           : at::empty(x.sizes(), x.options().dtype(dtype));
+                                                            at::ScalarType dtype, int64_t mode,
+                                                            int64_t masked_rows) {
+  const MaskedCall in = masked_softmax_args(x, mask, dtype, mode, masked_rows);
+  at::Tensor y = at::empty(in.y_shape(), x.options().dtype(dtype));
   at::Tensor lse = at::empty({in.rows}, x.options().dtype(at::kDouble));
   cpu_kernels().masked_softmax_forward(
-      x.const_data_ptr(), x.scalar_type(), mode == 2 ? nullptr : y.mutable_data_ptr(), dtype,
+      x.const_data_ptr(), x.scalar_type(), y.numel() == 0 ? nullptr : y.mutable_data_ptr(), dtype,
       in.rows, in.n, in.mask, scale, causal_offset.has_value(), in.query_len,
-      causal_offset.value_or(0), static_cast<int>(mode), lse.mutable_data_ptr<double>());
+      causal_offset.value_or(0), in.mode, in.masked_rows, lse.mutable_data_ptr<double>());
   return {y, lse};
+}
+
+at::Tensor fused_masked_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& output,
+                                             const at::Tensor& lse, double scale, bool log,
+                                             at::ScalarType input_dtype) {
+  const int64_t rows = masked_softmax_backward_args(grad, output, lse, input_dtype);
+  at::Tensor dx = at::empty(output.sizes(), output.options().dtype(input_dtype));
+  cpu_kernels().masked_softmax_backward(grad.const_data_ptr(), output.const_data_ptr(),
+                                        output.scalar_type(), lse.const_data_ptr<double>(),
+                                        dx.mutable_data_ptr(), input_dtype, rows, output.size(-1),
+                                        scale, log);
+  return dx;
 }
 
 // dx written over the logits (contiguous rows), which the kernel allows: each element is
@@ -188,6 +200,7 @@ TORCH_LIBRARY_IMPL(stablekernels, CPU, m) {
   m.impl("_fused_cross_entropy", &fused_cross_entropy_cpu);
   m.impl("_fused_cross_entropy_backward", &fused_cross_entropy_backward_cpu);
   m.impl("_fused_masked_softmax", &fused_masked_softmax_cpu);
+  m.impl("_fused_masked_softmax_backward", &fused_masked_softmax_backward_cpu);
   m.impl("_fused_cross_entropy_backward_inplace", &fused_cross_entropy_backward_inplace_cpu);
   m.impl("_fused_cross_entropy_loss", &fused_cross_entropy_loss_cpu);
   m.impl("_fused_cross_entropy_loss_backward", &fused_cross_entropy_loss_backward_cpu);

@@ -189,28 +189,29 @@ at::Tensor fused_cross_entropy_loss_backward_cuda(
 
 // The mask is read in place by its strides (masked_softmax_args coalesces its row dims); y is
 // written in `dtype` directly or, for the pairs the kernels do not write (fp32 -> fp16, say),
-// in the accumulation dtype and converted (one rounding, as _fused_softmax). Mode 2 computes
-// lse only: y is an empty (0,) tensor.
+// in the accumulation dtype and converted (one rounding, as _fused_softmax). The statistics
+// mode computes lse only: y is an empty (0,) tensor; the logsumexp mode writes y (rows,).
 std::tuple<at::Tensor, at::Tensor> fused_masked_softmax_cuda(const at::Tensor& x,
                                                              const c10::optional<at::Tensor>& mask,
                                                              double scale,
                                                              c10::optional<int64_t> causal_offset,
-                                                             at::ScalarType dtype, int64_t mode) {
-  const MaskedRows in = masked_softmax_args(x, mask, dtype, mode);
+                                                             at::ScalarType dtype, int64_t mode,
+                                                             int64_t masked_rows) {
+  const MaskedCall in = masked_softmax_args(x, mask, dtype, mode, masked_rows);
   const c10::cuda::CUDAGuard guard(x.device());
   // The kernels' y dtype; its accumulation dtype is the mask's (fp64 if x or dtype is).
   const at::ScalarType written = kernel_output_type(x.scalar_type(), dtype);
-  at::Tensor y = mode == 2 ? at::empty({0}, x.options().dtype(dtype))
-                           : at::empty(x.sizes(), x.options().dtype(written));
+  const bool statistics = in.mode == MaskedMode::kStatistics;
+  at::Tensor y = at::empty(in.y_shape(), x.options().dtype(statistics ? dtype : written));
   at::Tensor lse = at::empty({in.rows}, x.options().dtype(at::kDouble));
   check_launch(cuda::masked_softmax_forward(
                    in.x.const_data_ptr(), dtype_of(x.scalar_type()),
-                   mode == 2 ? nullptr : y.mutable_data_ptr(), dtype_of(written), in.rows, in.n,
+                   statistics ? nullptr : y.mutable_data_ptr(), dtype_of(written), in.rows, in.n,
                    in.mask, scale, causal_offset.has_value(), in.query_len,
-                   causal_offset.value_or(0), static_cast<int>(mode),
+                   causal_offset.value_or(0), in.mode, in.masked_rows,
                    lse.mutable_data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
                "_fused_masked_softmax");
-  if (mode != 2 && written != dtype) y = y.to(dtype);
+  if (!statistics && written != dtype) y = y.to(dtype);
   return {y, lse};
 }
 
@@ -253,6 +254,23 @@ void fused_cross_entropy_tile_backward_cuda(const at::Tensor& logits, const at::
                op);
 }
 
+// dx in input_dtype directly or, for the pairs the kernels do not write, in the accumulation
+// dtype and converted (as _fused_softmax_backward).
+at::Tensor fused_masked_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& output,
+                                              const at::Tensor& lse, double scale, bool log,
+                                              at::ScalarType input_dtype) {
+  const int64_t rows = masked_softmax_backward_args(grad, output, lse, input_dtype);
+  const c10::cuda::CUDAGuard guard(output.device());
+  const at::ScalarType written = kernel_output_type(output.scalar_type(), input_dtype);
+  at::Tensor dx = at::empty(output.sizes(), output.options().dtype(written));
+  check_launch(cuda::masked_softmax_backward(
+                   grad.const_data_ptr(), output.const_data_ptr(), dtype_of(output.scalar_type()),
+                   lse.const_data_ptr<double>(), dx.mutable_data_ptr(), dtype_of(written), rows,
+                   output.size(-1), scale, log, c10::cuda::getCurrentCUDAStream()),
+               "_fused_masked_softmax_backward");
+  return written == input_dtype ? dx : dx.to(input_dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
@@ -267,6 +285,7 @@ TORCH_LIBRARY_IMPL(stablekernels, CUDA, m) {
   m.impl("_fused_masked_softmax", &fused_masked_softmax_cuda);
   m.impl("_fused_cross_entropy_tile", &fused_cross_entropy_tile_cuda);
   m.impl("_fused_cross_entropy_tile_backward", &fused_cross_entropy_tile_backward_cuda);
+  m.impl("_fused_masked_softmax_backward", &fused_masked_softmax_backward_cuda);
 }
 
 }  // namespace stablekernels

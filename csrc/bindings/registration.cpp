@@ -49,13 +49,20 @@ TORCH_LIBRARY_FRAGMENT(stablekernels, m) {
   //   t_j = scale * x_j (in the accumulation dtype) + mask_j (an additive mask), or -inf where
   //   a bool mask is False or (causal_offset given) j > i + causal_offset, i = r % x.size(-2)
   //   (0 for 1-D x). mask: None or x's shape (an expanded view: any strides), bool (True
-  //   keeps) or of the accumulation dtype. mode 0: softmax, 1: log_softmax (y in `dtype`,
-  //   x's shape; 0 / -inf where dropped; a row with every t_j = -inf gives 0 / -inf
-  //   throughout), 2: statistics only (y empty). lse: float64 per row, m + log1p(s') over
-  //   the row, -inf for such a row.
+  //   keeps) or of the accumulation dtype. mode (MaskedMode, stablekernels/masked_rows.h):
+  //   0 softmax, 1 log_softmax (y in `dtype`, x's shape; 0 / -inf where dropped), 2
+  //   statistics only (y empty, (0,)), 3 logsumexp (y (rows,) in `dtype`). A row with every
+  //   t_j = -inf ("dead") gives 0 / -inf / -inf, or NaN for masked_rows 1 (MaskedRows::kNan;
+  //   0 is kZero). lse: float64 per row, m + log1p(s') over the row, -inf for a dead row.
   m.def(
       "_fused_masked_softmax(Tensor x, Tensor? mask, float scale, int? causal_offset, "
-      "ScalarType dtype, int mode) -> (Tensor, Tensor)");
+      "ScalarType dtype, int mode, int masked_rows) -> (Tensor, Tensor)");
+  // dx of _fused_masked_softmax (softmax, or log_softmax if `log`) from grad and output (one
+  // shape and dtype, contiguous) and its lse ((rows,) float64): per row, 0 where lse is -inf,
+  // else scale * the plain backward (log_softmax: 0 where output is -inf); in input_dtype.
+  m.def(
+      "_fused_masked_softmax_backward(Tensor grad, Tensor output, Tensor lse, float scale, "
+      "bool log, ScalarType input_dtype) -> Tensor");
   // The same dx written over the logits (contiguous), for a caller done with them: the
   // linear cross-entropy turns a chunk of logits into its gradient without a second buffer.
   m.def(

@@ -208,14 +208,25 @@ CrossEntropyOutputs cross_entropy_loss_outputs(const CrossEntropyCall& call,
           at::empty({call.in.rows}, doubles), at::empty({3}, doubles)};
 }
 
-MaskedRows masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
-                               at::ScalarType dtype, int64_t mode) {
+std::vector<int64_t> MaskedCall::y_shape() const {
+  if (mode == MaskedMode::kLogsumexp) return {rows};
+  if (mode == MaskedMode::kStatistics) return {0};
+  return x.sizes().vec();
+}
+
+MaskedCall masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                               at::ScalarType dtype, int64_t mode, int64_t masked_rows) {
   const char* op = "_fused_masked_softmax";
   expect_rows(op, "x", x, x.dim() - 1);
   expect_floating(op, "dtype", dtype);
   TORCH_CHECK(x.is_contiguous(), op, ": expects a contiguous x", kGuaranteed);
-  TORCH_CHECK(mode >= 0 && mode <= 2, op, ": expects mode 0, 1 or 2, got ", mode, kGuaranteed);
-  MaskedRows out;
+  TORCH_CHECK(valid_masked_mode(mode), op, ": expects mode 0, 1, 2 or 3 (MaskedMode), got ", mode,
+              kGuaranteed);
+  TORCH_CHECK(valid_masked_rows(masked_rows), op, ": expects masked_rows 0 or 1 (MaskedRows), got ",
+              masked_rows, kGuaranteed);
+  MaskedCall out;
+  out.mode = static_cast<MaskedMode>(mode);
+  out.masked_rows = static_cast<MaskedRows>(masked_rows);
   out.x = x;
   out.n = x.size(-1);
   out.rows = x.numel() / out.n;
@@ -254,6 +265,18 @@ MaskedRows masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tens
   std::copy(sizes.begin(), sizes.end(), out.mask.sizes);
   std::copy(strides.begin(), strides.end(), out.mask.strides);
   return out;
+}
+
+int64_t masked_softmax_backward_args(const at::Tensor& grad, const at::Tensor& output,
+                                     const at::Tensor& lse, at::ScalarType input_dtype) {
+  const char* op = "_fused_masked_softmax_backward";
+  expect_rows(op, "output", output, output.dim() - 1);
+  expect_floating(op, "the input dtype", input_dtype);
+  TORCH_CHECK(output.is_contiguous(), op, ": expects a contiguous output", kGuaranteed);
+  expect_alongside(op, "grad", grad, output.sizes(), output.scalar_type(), output);
+  const int64_t rows = output.numel() / output.size(-1);
+  expect_alongside(op, "lse", lse, {rows}, at::kDouble, output);
+  return rows;
 }
 
 }  // namespace stablekernels

@@ -16,9 +16,11 @@
 #include <ATen/ATen.h>
 #include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/layout.h>
+#include <stablekernels/masked_rows.h>
 #include <stablekernels/row_mask.h>
 
 #include <string_view>
+#include <vector>
 
 namespace stablekernels {
 
@@ -109,15 +111,26 @@ CrossEntropyCall cross_entropy_loss_backward_args(
 
 // _fused_masked_softmax: x contiguous (rows along the last dim), the mask (if any) of x's
 // shape read by its strides, never copied (stablekernels/row_mask.h: its row dims coalesced
-// where the mask's strides allow, at most RowMask::kMaxDims of them).
-struct MaskedRows {
+// where the mask's strides allow, at most RowMask::kMaxDims of them); mode and masked_rows
+// the values of the enums of stablekernels/masked_rows.h.
+struct MaskedCall {
   at::Tensor x;
   int64_t rows = 0, n = 0;
   int64_t query_len = 1;  // x.size(-2) (1 for 1-D x): row r is query r % query_len
   RowMask mask;
+  MaskedMode mode = MaskedMode::kSoftmax;
+  MaskedRows masked_rows = MaskedRows::kZero;
+
+  // y's shape: x's (softmax, log_softmax), (rows,) (logsumexp) or (0,) (statistics).
+  std::vector<int64_t> y_shape() const;
 };
 
-MaskedRows masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
-                               at::ScalarType dtype, int64_t mode);
+MaskedCall masked_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                               at::ScalarType dtype, int64_t mode, int64_t masked_rows);
+
+// _fused_masked_softmax_backward: grad and output of one shape and dtype, contiguous, rows
+// along the last dim; lse float64, contiguous, (rows,). Returns the rows' count.
+int64_t masked_softmax_backward_args(const at::Tensor& grad, const at::Tensor& output,
+                                     const at::Tensor& lse, at::ScalarType input_dtype);
 
 }  // namespace stablekernels

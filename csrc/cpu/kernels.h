@@ -8,12 +8,15 @@
 #include <c10/core/ScalarType.h>
 #include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/layout.h>
+#include <stablekernels/masked_rows.h>
 #include <stablekernels/row_mask.h>
 
 namespace stablekernels::cpu {
 
 using stablekernels::Layout;
 using stablekernels::CrossEntropyOptions;
+using stablekernels::MaskedMode;
+using stablekernels::MaskedRows;
 using stablekernels::RowMask;
 
 struct KernelTable {
@@ -67,13 +70,16 @@ struct KernelTable {
   // Masked softmax of `rows` contiguous rows of n elements of x: t_j = scale * x_j (in the
   // accumulation dtype) + mask_j if the mask is additive; -inf where a bool mask is false or,
   // if `causal`, where j > (r % query_len) + causal_offset (those past the limit are never
-  // computed). mode 0: y = softmax of t, 1: log_softmax (0 / -inf where dropped; a row with
-  // every t_j = -inf is 0 / -inf throughout; a NaN row NaN), 2: y untouched (may be null).
-  // lse[r] = logsumexp of t in fp64, -inf for such a row.
+  // computed). mode (stablekernels/masked_rows.h): kSoftmax: y = softmax of t, kLogSoftmax:
+  // log_softmax (0 / -inf where dropped; a NaN row NaN), kStatistics: y untouched (may be
+  // null), kLogsumexp: y[r] = the lse of row r (rows values of y_type). A row with every
+  // t_j = -inf ("dead") is 0 / -inf throughout, or NaN for MaskedRows::kNan. lse[r] =
+  // logsumexp of t in fp64, -inf for a dead row.
   void (*masked_softmax_forward)(const void* x, c10::ScalarType x_type, void* y,
                                  c10::ScalarType y_type, int64_t rows, int64_t n,
                                  const RowMask& mask, double scale, bool causal, int64_t query_len,
-                                 int64_t causal_offset, int mode, double* lse);
+                                 int64_t causal_offset, MaskedMode mode, MaskedRows masked_rows,
+                                 double* lse);
 
   // Cross-entropy's loss in one call (stablekernels/cross_entropy_rows.h): counted targets
   // checked in row order (IndexError), each row's pieces and its epilogue; loss (rows values
@@ -109,6 +115,14 @@ struct KernelTable {
                                       const int64_t* target, int64_t class_start,
                                       const void* weight, const void* terms, double softcap,
                                       double temperature, const void* grad_entropy);
+
+  // The masked softmax's dx (contiguous (rows, n), of dx_type) from grad and y (contiguous,
+  // y_type) and the forward's fp64 lse (rows): per row, 0 where lse is -inf; else scale * the
+  // softmax (log_softmax if `log`) backward above, and for log_softmax 0 where y is -inf
+  // (masked_gradient, stablekernels/masked_rows.h).
+  void (*masked_softmax_backward)(const void* grad, const void* y, c10::ScalarType y_type,
+                                  const double* lse, void* dx, c10::ScalarType dx_type,
+                                  int64_t rows, int64_t n, double scale, bool log);
 };
 
 namespace capability_default {

@@ -136,7 +136,8 @@ void cross_entropy_loss_backward(const void* grad, int64_t grad_stride, const do
 
 void masked_softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10::ScalarType y_type,
                             int64_t rows, int64_t n, const RowMask& mask, double scale, bool causal,
-                            int64_t query_len, int64_t causal_offset, int mode, double* lse) {
+                            int64_t query_len, int64_t causal_offset, MaskedMode mode,
+                            MaskedRows masked_rows, double* lse) {
   SK_DISPATCH(x_type, "stablekernels masked_softmax", [&] {
     using T = scalar_t;
     SK_DISPATCH(y_type, "stablekernels masked_softmax", [&] {
@@ -146,10 +147,10 @@ void masked_softmax_forward(const void* x, c10::ScalarType x_type, void* y, c10:
       auto* yt = static_cast<U*>(y);
       if (mask.data != nullptr && mask.additive) {
         masked_softmax_typed<T, U, acc_t>(xt, yt, rows, n, mask, scale, causal, query_len,
-                                          causal_offset, mode, lse);
+                                          causal_offset, mode, masked_rows, lse);
       } else {
         masked_softmax_typed<T, U, bool>(xt, yt, rows, n, mask, scale, causal, query_len,
-                                         causal_offset, mode, lse);
+                                         causal_offset, mode, masked_rows, lse);
       }
     });
   });
@@ -180,6 +181,18 @@ void cross_entropy_tile_backward(void* y, c10::ScalarType type, int64_t rows, in
   });
 }
 
+void masked_softmax_backward(const void* grad, const void* y, c10::ScalarType y_type,
+                             const double* lse, void* dx, c10::ScalarType dx_type, int64_t rows,
+                             int64_t n, double scale, bool log) {
+  SK_DISPATCH(y_type, "stablekernels masked_softmax_backward", [&] {
+    using T = scalar_t;
+    SK_DISPATCH(dx_type, "stablekernels masked_softmax_backward", [&] {
+      masked_softmax_backward_typed(static_cast<const T*>(grad), static_cast<const T*>(y), lse,
+                                    static_cast<scalar_t*>(dx), rows, n, scale, log);
+    });
+  });
+}
+
 #undef SK_DISPATCH
 
 }  // namespace
@@ -189,6 +202,6 @@ const KernelTable kTable = {SK_CAPABILITY_NAME,     softmax_forward,       logsu
                             softmax_backward,       logsumexp_backward,    cross_entropy_forward,
                             cross_entropy_backward, masked_softmax_forward, cross_entropy_loss,
                             cross_entropy_loss_backward, cross_entropy_tile,
-                            cross_entropy_tile_backward};
+                            cross_entropy_tile_backward, masked_softmax_backward};
 
 }  // namespace stablekernels::cpu::SK_CAPABILITY_NAMESPACE

@@ -10,6 +10,7 @@
 #endif
 
 #include <ATen/Parallel.h>
+#include <stablekernels/masked_rows.h>
 #include <stablekernels/online_softmax.h>
 
 #include <algorithm>
@@ -56,16 +57,20 @@ void masked_terms(const T* __restrict__ x, const M* __restrict__ mask, int64_t m
   }
 }
 
+// y by `mode`: softmax or log_softmax (rows x n), the logsumexp (rows; a dead row by
+// `masked_rows`), nothing (statistics); a dead row's y is dead_row_value (masked_rows.h).
 template <typename T, typename U, typename M>
 void masked_softmax_typed(const T* x, U* y, int64_t rows, int64_t n, const RowMask& mask,
                           double scale, bool causal, int64_t query_len, int64_t causal_offset,
-                          int mode, double* lse) {
+                          MaskedMode mode, MaskedRows masked_rows, double* lse) {
   using acc_t = acc_of<T, U>;
   const acc_t s = static_cast<acc_t>(scale);
   const M* mask_data = static_cast<const M*>(mask.data);
-  const bool log = mode == 1;
-  const Store store = store_for(mode == 2 ? 0 : rows * n * int64_t(sizeof(U)));
+  const bool log = mode == MaskedMode::kLogSoftmax;
+  const bool rows_out = writes_rows(mode);
+  const Store store = store_for(rows_out ? rows * n * int64_t(sizeof(U)) : 0);
   const acc_t dropped = log ? -infinity<acc_t>() : acc_t(0);
+  const acc_t dead_value = dead_row_value<acc_t>(log, masked_rows);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     thread_local std::vector<acc_t> terms;
@@ -76,18 +81,22 @@ void masked_softmax_typed(const T* x, U* y, int64_t rows, int64_t n, const RowMa
       if (causal) limit = std::clamp<int64_t>(r % query_len + causal_offset + 1, 0, n);
       const M* m = mask_data == nullptr ? nullptr : mask_data + mask.offset(r);
       masked_terms<T, M, acc_t>(x + r * n, m, mask.col_stride, s, t, limit);
-      U* yr = mode == 2 ? nullptr : y + r * n;
+      U* yr = rows_out ? y + r * n : nullptr;
       State st = State::empty();
       if (limit > 0) {
-        st = mode == 2 ? segment_stats<acc_t, acc_t>(t, limit)
-                       : softmax_row<acc_t, U>(t, yr, limit, log, store);
+        st = rows_out ? softmax_row<acc_t, U>(t, yr, limit, log, store)
+                      : segment_stats<acc_t, acc_t>(t, limit);
       }
-      // Nothing kept (every t_j = -inf): 0 / -inf throughout, lse -inf (not torch's NaN).
+      // Nothing kept (every t_j = -inf): 0 / -inf (or NaN) throughout, lse -inf (not torch's
+      // NaN).
       const bool dead = st.m == -std::numeric_limits<double>::infinity() && !std::isnan(st.s);
       lse[r] = dead ? st.m : finish_lse<double>(st);
-      if (mode == 2) continue;
+      if (mode == MaskedMode::kLogsumexp) {  // halves: round once, from acc_t (as logsumexp)
+        y[r] = static_cast<U>(static_cast<acc_t>(masked_logsumexp(lse[r], masked_rows)));
+      }
+      if (!rows_out) continue;
       if (dead) {
-        fill_row<acc_t>(yr, n, dropped, store);
+        fill_row<acc_t>(yr, n, dead_value, store);
       } else if (limit < n) {
         if (row_is_nan(st)) {
           store_nan<acc_t>(yr + limit, n - limit, store);
@@ -97,6 +106,61 @@ void masked_softmax_typed(const T* x, U* y, int64_t rows, int64_t n, const RowMa
       }
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------
+// The masked backward: per row, the plain backward of softmax_kernels.h (BackwardRow: its
+// dot and its values, the same arithmetic), then the rule of masked_rows.h on each value
+// (scale; 0 at a dropped element of log_softmax); a row whose lse is -inf is written as 0
+// without a read. grad, y and dx are contiguous (rows, n).
+template <bool kLog, typename T, typename U>
+void masked_softmax_backward_impl(const T* grad, const T* y, const double* lse, U* dx,
+                                  int64_t rows, int64_t n, double scale) {
+  using acc_t = acc_of<T, U>;
+  using io = IO<T, acc_t>;
+  using row = BackwardRow<kLog, T, acc_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kVec = V::size();
+  const acc_t s = static_cast<acc_t>(scale);
+  run_rows<double>(
+      rows, n,
+      [grad, y, lse, n](int64_t r, int64_t b, int64_t e) {
+        return masked_row_has_gradient(lse[r]) ? row::dot(grad + r * n + b, y + r * n + b, e - b)
+                                               : 0.0;
+      },
+      add_doubles,
+      [grad, y, lse, dx, n, s, mode = store_for(rows * n * int64_t(sizeof(U)))](
+          int64_t r, int64_t b, int64_t e, double dot) {
+        U* out = dx + r * n + b;
+        if (!masked_row_has_gradient(lse[r])) {
+          fill_row<acc_t>(out, e - b, acc_t(0), mode);
+          return;
+        }
+        const T* g = grad + r * n + b;
+        const T* yr = y + r * n + b;
+        const V vd(static_cast<acc_t>(dot));
+        store_each<acc_t>(
+            out, e - b,
+            [=](int64_t j, int64_t count) {
+              const V yv = io::load(yr + j, count);
+              alignas(64) acc_t d[kVec], ys[kVec];
+              row::result(io::load(g + j, count), yv, vd).store(d);
+              yv.store(ys);
+              for (int64_t i = 0; i < kVec; ++i) d[i] = masked_gradient(d[i], ys[i], s, kLog);
+              return V::loadu(d);
+            },
+            mode);
+      });
+}
+
+template <typename T, typename U>
+void masked_softmax_backward_typed(const T* grad, const T* y, const double* lse, U* dx,
+                                   int64_t rows, int64_t n, double scale, bool log) {
+  if (log) {
+    masked_softmax_backward_impl<true>(grad, y, lse, dx, rows, n, scale);
+  } else {
+    masked_softmax_backward_impl<false>(grad, y, lse, dx, rows, n, scale);
+  }
 }
 
 }  // namespace

@@ -378,4 +378,90 @@ __device__ __forceinline__ int64_t inside(int64_t j, int64_t n) {
   return hi > lo ? hi - lo : 0;
 }
 
+// ---------------------------------------------------------------------------------------
+// The softmax and log_softmax backward over a piece of a row held in registers (softmax.cu's
+// backward kernels, and the masked backward of masked_softmax.cu): softmax dx = y * (g -
+// sum(g * y)), log_softmax dx = g - exp(y) * sum(g).
+
+// Packs of grad and of y per thread of a backward row kernel.
+constexpr int kBackwardItems = 4;
+
+// Thread `lane` of a group of R holds packs k = 0 .. ITEMS - 1 at frame positions
+// (k * R + lane) * VEC of its piece; as element indices of the row, from `first` (the frame
+// position of the piece's start minus the row's pack shift):
+template <int R, int VEC>
+__device__ __forceinline__ int64_t slot(int64_t first, int k, int lane) {
+  return first + (static_cast<int64_t>(k) * R + lane) * VEC;
+}
+
+// The plain backward's epilogue: the value as computed.
+struct KeepValue {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A value, A) const {
+    return value;
+  }
+};
+
+template <typename A>
+__device__ __forceinline__ A backward_term(A g, A y, bool log) {
+  return log ? g : g * y;
+}
+
+template <typename A>
+__device__ __forceinline__ A backward_value(A g, A y, A total, bool log) {
+  return log ? g - exp(y) * total : y * (g - total);
+}
+
+// grad and y of one piece of a row, in registers as read (T), converted where used.
+template <typename T, typename A, int R, int ITEMS>
+struct BackwardPiece {
+  static constexpr int kVec = kPack<T>;
+  Pack<T, kVec> g[ITEMS], y[ITEMS];
+
+  // Loads both, then returns this thread's sum of the backward terms.
+  __device__ __forceinline__ A load(const T* __restrict__ grad, const T* __restrict__ out,
+                                    int64_t first, int64_t n, int lane, bool log) {
+    const T zero = from_acc<T>(0.0f);
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      const int64_t j = slot<R, kVec>(first, k, lane);
+      if (j < n) {
+        g[k] = load_pack(grad, j, n, zero);
+        y[k] = load_pack(out, j, n, zero);
+      }
+    }
+    A total = 0;
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      if (slot<R, kVec>(first, k, lane) < n) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          total += backward_term(to_acc<A>(g[k].v[e]), to_acc<A>(y[k].v[e]), log);
+        }
+      }
+    }
+    return total;
+  }
+
+  // dx from the row's total: each value backward_value, passed through `finish(value, y)`
+  // (the masked backward's rule; the plain backward keeps the value).
+  template <typename U, typename F = KeepValue>
+  __device__ __forceinline__ void store(U* __restrict__ dx, int64_t first, int64_t n, int lane,
+                                        A total, bool log, F finish = {}) const {
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      const int64_t j = slot<R, kVec>(first, k, lane);
+      if (j < n) {
+        A d[kVec];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const A yv = to_acc<A>(y[k].v[e]);
+          d[e] = finish(backward_value(to_acc<A>(g[k].v[e]), yv, total, log), yv);
+        }
+        store_values(dx, j, n, d);
+      }
+    }
+  }
+};
+
 }  // namespace stablekernels::cuda::detail

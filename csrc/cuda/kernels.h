@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <stablekernels/cross_entropy_rows.h>
 #include <stablekernels/layout.h>
+#include <stablekernels/masked_rows.h>
 #include <stablekernels/row_mask.h>
 
 #include <cstddef>
@@ -114,23 +115,37 @@ cudaError_t cross_entropy_loss_backward(const void* grad_loss, int64_t grad_loss
                                         const CrossEntropyOptions& options, void* dx,
                                         cudaStream_t stream);
 
+using stablekernels::MaskedMode;  // stablekernels/masked_rows.h
+using stablekernels::MaskedRows;
 using stablekernels::RowMask;  // stablekernels/row_mask.h
 
 // Masked softmax of `rows` contiguous rows of n elements of x (row r at x + r * n), in the
 // accumulation dtype A of (x_type, y_type): t_j = scale * x_j (+ mask_j if additive); -inf
 // where a bool mask is false or, if `causal`, where j > (r % query_len) + causal_offset (the
-// elements past that limit are neither read nor exponentiated). mode 0: y = softmax of t,
-// 1: log_softmax; y contiguous, of y_type (writes_directly(x_type, y_type) must hold), 0 /
-// -inf where dropped; a row with every t_j = -inf ("dead") 0 / -inf throughout, a row with a
-// NaN or a +inf t NaN throughout. mode 2: y unused (may be null), lse only. lse[r] (fp64) =
-// m + log1p(s') of row r: -inf for a dead row, NaN for a NaN row, +inf for a row with +inf.
+// elements past that limit are neither read nor exponentiated). mode kSoftmax: y = softmax
+// of t, kLogSoftmax: log_softmax; y contiguous, of y_type (writes_directly(x_type, y_type)
+// must hold), 0 / -inf where dropped; a row with every t_j = -inf ("dead") 0 / -inf
+// throughout (NaN for MaskedRows::kNan), a row with a NaN or a +inf t NaN throughout.
+// kStatistics: y unused (may be null), lse only. kLogsumexp: y[r] (rows values of y_type) =
+// lse[r] (NaN on a dead row for kNan). lse[r] (fp64) = m + log1p(s') of row r: -inf for a
+// dead row, NaN for a NaN row, +inf for a row with +inf.
 // Rows of up to 8192 elements are held in registers (a group of 4 to 512 threads per row);
 // longer rows are walked by one block of 512 threads, which reads x (and the mask) twice.
 // No workspace.
 cudaError_t masked_softmax_forward(const void* x, Dtype x_type, void* y, Dtype y_type, int64_t rows,
                                    int64_t n, const RowMask& mask, double scale, bool causal,
-                                   int64_t query_len, int64_t causal_offset, int mode, double* lse,
-                                   cudaStream_t stream);
+                                   int64_t query_len, int64_t causal_offset, MaskedMode mode,
+                                   MaskedRows masked_rows, double* lse, cudaStream_t stream);
+
+// dx (contiguous (rows, n), of dx_type with writes_directly(y_type, dx_type)) of the masked
+// softmax from grad and y (contiguous, y_type) and the forward's fp64 lse (rows): per row, 0
+// where lse is -inf, else masked_gradient (stablekernels/masked_rows.h) of the softmax
+// (log_softmax if `log`) backward of softmax_backward: scale times it, 0 where y is -inf for
+// log_softmax. One launch; no workspace (rows longer than a group of 512 threads holds are
+// walked twice by a block each).
+cudaError_t masked_softmax_backward(const void* grad, const void* y, Dtype y_type,
+                                    const double* lse, void* dx, Dtype dx_type, int64_t rows,
+                                    int64_t n, double scale, bool log, cudaStream_t stream);
 
 // The linear cross-entropy's tile epilogues (stablekernels/linear_tiles.h; linear_tiles.cu):
 // `rows` contiguous rows of n raw logits y of type (fp32 or fp64) for the classes

@@ -1,8 +1,9 @@
-// CUDA masked softmax (attention-ready): softmax, log_softmax or the row statistics only of
-// t = scale * x + mask along the last dim, with a bool or additive mask read in place by its
-// strides and an optional causal limit. The contract: kernels.h (masked_softmax_forward); the
-// numerics: stablekernels/online_softmax.h, the same (m, s') rule as softmax.cu. No torch
-// header.
+// CUDA masked softmax (attention-ready): softmax, log_softmax, the logsumexp or the row
+// statistics only of t = scale * x + mask along the last dim, with a bool or additive mask
+// read in place by its strides and an optional causal limit; and its backward. The contract:
+// kernels.h (masked_softmax_forward, masked_softmax_backward); the numerics:
+// stablekernels/online_softmax.h, the same (m, s') rule as softmax.cu, and
+// stablekernels/masked_rows.h (the modes, dead rows, the backward's rule). No torch header.
 //
 // x (T: fp32, fp64, fp16, bf16) is `rows` contiguous rows of n elements; y (U, contiguous, x's
 // shape) and t are in A = acc_of<T, U>; lse is fp64, one per row. Offsets are 64-bit.
@@ -27,7 +28,17 @@
 // call; statically indexed, so the parameter struct stays in constant memory), and the causal
 // limit L = clamp(r % query_len + offset + 1, 0, n): only [0, L) is read and exponentiated,
 // [L, n) is written as t = -inf (0 / -inf; NaN on a NaN row), and a row with L = 0 is dead
-// (lse -inf, y 0 / -inf) without a load.
+// (lse -inf, y 0 / -inf, or NaN with MaskedRows::kNan) without a load. The logsumexp mode
+// writes y[r] (rows values) from the lse, as the row kernels of softmax.cu do.
+//
+// The backward (masked_softmax_backward) reads no mask: grad and y of a row in registers as
+// softmax.cu's backward rows (BackwardPiece, common.cuh: kBackwardItems packs of each per
+// thread, the same group sizes), the row's sum reduced, then each value through
+// masked_gradient (masked_rows.h: the scale, 0 at a dropped element of log_softmax), 0
+// throughout a row whose lse is -inf. Rows longer than a group of 512 holds: one block per
+// row walks it twice (the sum, then dx), with no workspace, in one launch.
+#include <stablekernels/masked_rows.h>
+
 #include "common.cuh"
 
 namespace stablekernels::cuda {
@@ -87,6 +98,8 @@ struct MaskedArgs {
   bool causal;
   Divisor query_len;      // >= 1
   int64_t causal_offset;  // clamped to [-query_len, n]: L below cannot overflow
+  MaskedRows masked_rows;  // a dead row's outputs: 0 / -inf, or NaN
+  bool logsumexp;          // y[r] = the lse of row r (MaskedMode::kLogsumexp), not the rows
 };
 
 struct RowInfo {
@@ -235,11 +248,11 @@ struct RowOutput {
   A dropped;  // the output of t = -inf
   bool dead;
 
-  __device__ __forceinline__ explicit RowOutput(const RowState<A>& st) {
+  __device__ __forceinline__ RowOutput(const RowState<A>& st, MaskedRows masked_rows) {
     dead = isinf(st.m) && st.m < 0 && !isnan(st.s);
     factor = LOG ? log_softmax_shift(st) : softmax_scale(st);
-    dropped =
-        dead ? (LOG ? -infinity<A>() : A(0)) : (LOG ? -infinity<A>() - factor : A(0) * factor);
+    dropped = dead ? dead_row_value<A>(LOG, masked_rows)
+                   : (LOG ? -infinity<A>() - factor : A(0) * factor);
   }
 
   __device__ __forceinline__ A operator()(A held, bool kept) const {
@@ -248,11 +261,21 @@ struct RowOutput {
   }
 };
 
+// The row's fp64 lse and, in the logsumexp mode, its output y[row] (rounded once from A, as
+// softmax.cu's logsumexp; NaN on a dead row for MaskedRows::kNan).
+template <typename U, typename A>
+__device__ __forceinline__ void store_lse(U* y, double* lse, int64_t row, const RowState<A>& st,
+                                          const MaskedArgs<A>& a) {
+  const double value = finish_lse<double>(st);
+  lse[row] = value;
+  if (a.logsumexp) y[row] = from_acc<U>(static_cast<A>(masked_logsumexp(value, a.masked_rows)));
+}
+
 // ---------------------------------------------------------------------------------------
 // Rows in registers.
 
 // LOG a template argument: one exp per element in each instantiation (softmax.cu). y null:
-// lse only (mode 2).
+// lse only (statistics); a.logsumexp: y[r] the lse, in U.
 template <typename T, typename U, int R, bool LOG>
 __global__ void __launch_bounds__(block_threads(R))
     masked_softmax_rows_kernel(const T* __restrict__ x, U* __restrict__ y, double* __restrict__ lse,
@@ -283,9 +306,9 @@ __global__ void __launch_bounds__(block_threads(R))
     }
     const RowState<A> st =
         state_at_max(m, group_reduce_all<R>(sums, Sum{}), static_cast<A>(info.limit));
-    if (lane == 0) lse[row] = finish_lse<double>(st);
-    if (y == nullptr) continue;
-    const RowOutput<A, LOG> out(st);
+    if (lane == 0) store_lse(y, lse, row, st, a);
+    if (y == nullptr || a.logsumexp) continue;
+    const RowOutput<A, LOG> out(st, a.masked_rows);
     U* yr = y + row * a.n;
 #pragma unroll
     for (int k = 0; k < Piece::kN; ++k) {
@@ -341,9 +364,9 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     }
     const RowState<A> st =
         block_reduce_all<kMaxRowThreads>(state_at_max(m, sums, static_cast<A>(count)), Merge{});
-    if (lane == 0) lse[row] = finish_lse<double>(st);
-    if (y == nullptr) continue;
-    const RowOutput<A, LOG> out(st);
+    if (lane == 0) store_lse(y, lse, row, st, a);
+    if (y == nullptr || a.logsumexp) continue;
+    const RowOutput<A, LOG> out(st, a.masked_rows);
     U* yr = y + row * a.n;
 #pragma unroll 1
     for (int64_t first = start; first < a.n; first += kTile) {
@@ -367,15 +390,85 @@ __global__ void __launch_bounds__(kMaxRowThreads)
 }
 
 // ---------------------------------------------------------------------------------------
+// Backward: the plain backward's values (BackwardPiece, common.cuh) through masked_gradient
+// (masked_rows.h), 0 on a row whose lse is -inf. The row's sum is reduced on every row (the
+// group's control flow stays uniform), its lse read once per thread.
+
+template <typename A>
+struct MaskedGradient {
+  A scale;
+  bool log, live;  // live: the row has a gradient (its lse is not -inf)
+
+  __device__ __forceinline__ A operator()(A d, A y) const {
+    return live ? masked_gradient(d, y, scale, log) : A(0);
+  }
+};
+
+template <typename T, typename U, int R>
+__global__ void __launch_bounds__(block_threads(R))
+    masked_backward_rows_kernel(const T* __restrict__ grad, const T* __restrict__ y,
+                                const double* __restrict__ lse, U* __restrict__ dx, int64_t rows,
+                                int64_t n, acc_of<T, U> scale, bool log) {
+  using A = acc_of<T, U>;
+  constexpr int kRowsPerBlock = block_threads(R) / R;
+  const int lane = static_cast<int>(threadIdx.x) % R;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / R; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t first = -pack_shift(grad + row * n);
+    BackwardPiece<T, A, R, kBackwardItems> piece;
+    const A total =
+        group_reduce_all<R>(piece.load(grad + row * n, y + row * n, first, n, lane, log), Sum{});
+    const MaskedGradient<A> finish{scale, log, masked_row_has_gradient(lse[row])};
+    piece.store(dx + row * n, first, n, lane, total, log, finish);
+  }
+}
+
+// Long rows: a block per row, its pieces of kMaxRowThreads * kLongBackwardItems packs walked
+// twice (the threads' sums, reduced over the block, then dx). Two packs of each per thread:
+// with four, ptxas spills the half-type instantiations (the walk keeps the row's pointers,
+// bounds and sum live across both loops).
+constexpr int kLongBackwardItems = 2;
+
+template <typename T, typename U>
+__global__ void __launch_bounds__(kMaxRowThreads)
+    masked_backward_long_kernel(const T* __restrict__ grad, const T* __restrict__ y,
+                                const double* __restrict__ lse, U* __restrict__ dx, int64_t rows,
+                                int64_t n, acc_of<T, U> scale, bool log) {
+  using A = acc_of<T, U>;
+  using Piece = BackwardPiece<T, A, kMaxRowThreads, kLongBackwardItems>;
+  constexpr int64_t kSpan = int64_t(kMaxRowThreads) * kLongBackwardItems * kPack<T>;
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* g = grad + row * n;
+    const T* yr = y + row * n;
+    const int64_t start = -pack_shift(g);
+    A total = 0;
+#pragma unroll 1
+    for (int64_t first = start; first < n; first += kSpan) {
+      Piece piece;
+      total += piece.load(g, yr, first, n, lane, log);
+    }
+    total = block_reduce_all<kMaxRowThreads>(total, Sum{});
+    const MaskedGradient<A> finish{scale, log, masked_row_has_gradient(lse[row])};
+#pragma unroll 1
+    for (int64_t first = start; first < n; first += kSpan) {
+      Piece piece;
+      piece.load(g, yr, first, n, lane, log);
+      piece.store(dx + row * n, first, n, lane, total, log, finish);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Launch plan.
 
-// The smallest group (4 to kMaxRowThreads threads) that holds rows of n elements wherever
-// their packs start, or 0 (a block per row, walking it).
+// The smallest group (4 to kMaxRowThreads threads, `items` packs each) that holds rows of n
+// elements wherever their packs start, or 0 (a block per row, walking it).
 template <typename T>
-int row_threads(int64_t n, bool aligned_rows) {
+int row_threads(int64_t n, bool aligned_rows, int items = kItems<T>) {
   const int64_t packs = ceil_div(n + (aligned_rows ? 0 : kPack<T> - 1), int64_t(kPack<T>));
   for (int r = 4; r <= kMaxRowThreads; r *= 2) {
-    if (int64_t(r) * kItems<T> >= packs) return r;
+    if (int64_t(r) * items >= packs) return r;
   }
   return 0;
 }
@@ -406,15 +499,36 @@ cudaError_t masked_softmax_typed(const T* x, U* y, double* lse, const MaskedArgs
   });
 }
 
+template <typename T, typename U>
+cudaError_t masked_backward_typed(const T* grad, const T* y, const double* lse, U* dx, int64_t rows,
+                                  int64_t n, acc_of<T, U> scale, bool log, cudaStream_t s) {
+  const bool aligned = reinterpret_cast<uintptr_t>(grad) % 16 == 0 && n % kPack<T> == 0;
+  const int r = row_threads<T>(n, aligned, kBackwardItems);
+  if (r == 0) {
+    masked_backward_long_kernel<T, U>
+        <<<grid_size(rows), kMaxRowThreads, 0, s>>>(grad, y, lse, dx, rows, n, scale, log);
+    return cudaGetLastError();
+  }
+  return with_row_threads(r, [&](auto threads) {
+    constexpr int R = decltype(threads)::value;
+    const unsigned blocks = grid_size(ceil_div(rows, int64_t(block_threads(R) / R)));
+    masked_backward_rows_kernel<T, U, R>
+        <<<blocks, block_threads(R), 0, s>>>(grad, y, lse, dx, rows, n, scale, log);
+    return cudaGetLastError();
+  });
+}
+
 }  // namespace
 }  // namespace detail
 
 cudaError_t masked_softmax_forward(const void* x, Dtype x_type, void* y, Dtype y_type, int64_t rows,
                                    int64_t n, const RowMask& mask, double scale, bool causal,
-                                   int64_t query_len, int64_t causal_offset, int mode, double* lse,
-                                   cudaStream_t stream) {
-  if (mode < 0 || mode > 2 || rows < 0 || n <= 0 || (causal && query_len <= 0) || mask.dims < 0 ||
-      mask.dims > RowMask::kMaxDims || (mode != 2 && y == nullptr)) {
+                                   int64_t query_len, int64_t causal_offset, MaskedMode mode,
+                                   MaskedRows masked_rows, double* lse, cudaStream_t stream) {
+  if (!valid_masked_mode(static_cast<int>(mode)) ||
+      !valid_masked_rows(static_cast<int>(masked_rows)) || rows < 0 || n <= 0 ||
+      (causal && query_len <= 0) || mask.dims < 0 || mask.dims > RowMask::kMaxDims ||
+      (mode != MaskedMode::kStatistics && y == nullptr)) {
     return cudaErrorInvalidValue;
   }
   for (int d = 0; d < mask.dims; ++d) {
@@ -445,9 +559,25 @@ cudaError_t masked_softmax_forward(const void* x, Dtype x_type, void* y, Dtype y
     args.causal = causal;
     args.query_len = detail::Divisor::of(causal ? static_cast<uint64_t>(query_len) : 1);
     args.causal_offset = offset;
-    return detail::masked_softmax_typed(static_cast<const T*>(x),
-                                        mode == 2 ? nullptr : static_cast<U*>(y), lse, args,
-                                        mode == 1, stream);
+    args.masked_rows = masked_rows;
+    args.logsumexp = mode == MaskedMode::kLogsumexp;
+    return detail::masked_softmax_typed(
+        static_cast<const T*>(x), mode == MaskedMode::kStatistics ? nullptr : static_cast<U*>(y),
+        lse, args, mode == MaskedMode::kLogSoftmax, stream);
+  });
+}
+
+cudaError_t masked_softmax_backward(const void* grad, const void* y, Dtype y_type,
+                                    const double* lse, void* dx, Dtype dx_type, int64_t rows,
+                                    int64_t n, double scale, bool log, cudaStream_t stream) {
+  if (rows < 0 || n <= 0) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  return detail::with_pair(y_type, dx_type, [&](auto yt, auto dt) {
+    using T = decltype(yt);
+    using U = decltype(dt);
+    return detail::masked_backward_typed(static_cast<const T*>(grad), static_cast<const T*>(y),
+                                         lse, static_cast<U*>(dx), rows, n,
+                                         static_cast<acc_of<T, U>>(scale), log, stream);
   });
 }
 

@@ -28,21 +28,12 @@ constexpr int kMaxRowThreads = 512;  // threads of the largest group (a block pe
 constexpr int kStridedThreads = 256;
 
 // 16-byte packs per thread: 32 elements in fp32, bf16 and fp16 (16 in fp64) forward; the
-// backward holds grad and y, 4 packs of each.
+// backward holds grad and y, kBackwardItems (common.cuh) packs of each.
 template <typename T>
 constexpr int kForwardItems = sizeof(T) == 2 ? 4 : 8;
-constexpr int kBackwardItems = 4;
 
 // Threads of a block whose groups have R threads: 128 (several rows) up to R = 32, else R.
 __host__ __device__ constexpr int block_threads(int R) { return R <= 32 ? 128 : R; }
-
-// Thread `lane` of a group of R holds packs k = 0 .. ITEMS - 1 at frame positions
-// (k * R + lane) * VEC of its piece; as element indices of the row, from `first` (the frame
-// position of the piece's start minus the row's pack shift):
-template <int R, int VEC>
-__device__ __forceinline__ int64_t slot(int64_t first, int k, int lane) {
-  return first + (static_cast<int64_t>(k) * R + lane) * VEC;
-}
 
 // ---------------------------------------------------------------------------------------
 // The forward pass over one piece of a row held in registers: loads, max, exps, sums. The
@@ -365,66 +356,9 @@ __global__ void __launch_bounds__(kStridedThreads)
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward. softmax: dx = y * (g - sum(g * y)); log_softmax: dx = g - exp(y) * sum(g).
-
-template <typename A>
-__device__ __forceinline__ A backward_term(A g, A y, bool log) {
-  return log ? g : g * y;
-}
-
-template <typename A>
-__device__ __forceinline__ A backward_value(A g, A y, A total, bool log) {
-  return log ? g - exp(y) * total : y * (g - total);
-}
-
-// grad and y of one piece of a row, in registers as read (T), converted where used.
-template <typename T, typename A, int R, int ITEMS>
-struct BackwardPiece {
-  static constexpr int kVec = kPack<T>;
-  Pack<T, kVec> g[ITEMS], y[ITEMS];
-
-  // Loads both, then returns this thread's sum of the backward terms.
-  __device__ __forceinline__ A load(const T* __restrict__ grad, const T* __restrict__ out,
-                                    int64_t first, int64_t n, int lane, bool log) {
-    const T zero = from_acc<T>(0.0f);
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t j = slot<R, kVec>(first, k, lane);
-      if (j < n) {
-        g[k] = load_pack(grad, j, n, zero);
-        y[k] = load_pack(out, j, n, zero);
-      }
-    }
-    A total = 0;
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      if (slot<R, kVec>(first, k, lane) < n) {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          total += backward_term(to_acc<A>(g[k].v[e]), to_acc<A>(y[k].v[e]), log);
-        }
-      }
-    }
-    return total;
-  }
-
-  template <typename U>
-  __device__ __forceinline__ void store(U* __restrict__ dx, int64_t first, int64_t n, int lane,
-                                        A total, bool log) const {
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t j = slot<R, kVec>(first, k, lane);
-      if (j < n) {
-        A d[kVec];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          d[e] = backward_value(to_acc<A>(g[k].v[e]), to_acc<A>(y[k].v[e]), total, log);
-        }
-        store_values(dx, j, n, d);
-      }
-    }
-  }
-};
+// Backward. softmax: dx = y * (g - sum(g * y)); log_softmax: dx = g - exp(y) * sum(g)
+// (backward_term, backward_value and BackwardPiece in common.cuh, shared with the masked
+// backward of masked_softmax.cu).
 
 template <typename T, typename U, int R, int ITEMS>
 __global__ void __launch_bounds__(block_threads(R))

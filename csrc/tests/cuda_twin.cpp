@@ -7,11 +7,14 @@
 // on the GPU: the order of the sums (a tree over threads), exp (CUDA's expf, within 2 ulp),
 // and the float reciprocal (rcp.approx and a Newton step, within 1 ulp of the rounded one).
 // The masked kernels (csrc/cuda/masked_softmax.cu) are twinned below the plain ones: the
-// scores t, the causal limit, the long rows' walk with running maxima, and the dead rows.
+// scores t, the causal limit, the long rows' walk with running maxima, and the dead rows;
+// and the masked backward: the row's sum, the plain backward's value, and the rule of
+// stablekernels/masked_rows.h (scale, dead rows, dropped log_softmax elements).
 // Then the fused cross-entropy loss (csrc/cuda/cross_entropy.cu): its walk in tiles, the
 // block's tree of states, the epilogue and reduction of stablekernels/cross_entropy_rows.h,
 // and the backward's map.
 #include <stablekernels/cross_entropy_rows.h>
+#include <stablekernels/masked_rows.h>
 #include <stablekernels/online_softmax.h>
 
 #include <algorithm>
@@ -350,6 +353,39 @@ void ce_loss_backward_rows(const A* grad, int64_t grad_stride, const double* gra
   }
 }
 
+// The masked backward (masked_backward_rows_kernel, masked_backward_long_kernel): per row,
+// sum(g * y) (log_softmax: sum(g)) taken as the kernels' threads take it (each thread's
+// elements in sequence, the threads' sums pairwise), then each value softmax y * (g - total)
+// or log_softmax g - exp(y) * total through masked_gradient; 0 throughout a row whose lse is
+// -inf.
+template <typename A>
+A backward_sum(const A* g, const A* y, int64_t begin, int64_t end, bool log) {
+  if (end - begin <= kThreadElements) {
+    A total = 0;
+    for (int64_t j = begin; j < end; ++j) total += log ? g[j] : g[j] * y[j];
+    return total;
+  }
+  int64_t threads = 1;
+  while (threads * kThreadElements < end - begin) threads *= 2;
+  const int64_t half = begin + threads / 2 * kThreadElements;
+  return backward_sum(g, y, begin, half, log) + backward_sum(g, y, half, end, log);
+}
+
+template <typename A>
+void masked_backward_rows(const A* g, const A* y, const double* lse, A scale, int64_t rows,
+                          int64_t n, bool log, A* dx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* gr = g + r * n;
+    const A* yr = y + r * n;
+    const bool live = stablekernels::masked_row_has_gradient(lse[r]);
+    const A total = live ? backward_sum(gr, yr, 0, n, log) : A(0);
+    for (int64_t j = 0; j < n; ++j) {
+      const A d = log ? gr[j] - std::exp(yr[j]) * total : yr[j] * (gr[j] - total);
+      dx[r * n + j] = live ? stablekernels::masked_gradient(d, yr[j], scale, log) : A(0);
+    }
+  }
+}
+
 CrossEntropyOptions ce_options(int64_t classes, int64_t ignore_index, double label_smoothing,
                                double z_loss, int reduction) {
   return {classes, ignore_index, label_smoothing, z_loss, static_cast<Reduction>(reduction)};
@@ -358,6 +394,18 @@ CrossEntropyOptions ce_options(int64_t classes, int64_t ignore_index, double lab
 }  // namespace
 
 extern "C" {
+
+void sk_twin_masked_softmax_backward_f32(const float* g, const float* y, const double* lse,
+                                         double scale, int64_t rows, int64_t n, int log,
+                                         float* dx) {
+  masked_backward_rows(g, y, lse, static_cast<float>(scale), rows, n, log != 0, dx);
+}
+
+void sk_twin_masked_softmax_backward_f64(const double* g, const double* y, const double* lse,
+                                         double scale, int64_t rows, int64_t n, int log,
+                                         double* dx) {
+  masked_backward_rows(g, y, lse, scale, rows, n, log != 0, dx);
+}
 
 // keep (uint8) and add (the accumulation dtype) are per element of x, or null.
 void sk_twin_masked_softmax_f32(const float* x, const unsigned char* keep, const float* add,

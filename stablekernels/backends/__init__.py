@@ -14,7 +14,8 @@ A backend is one :class:`Kernels` record, 1:1 with the compiled ops of the exten
                        reduction) -> (loss, lse, counts)          [optional]
     cross_entropy_loss_backward(grad_loss, grad_lse, logits, target, weight, lse, counts,
                                 ignore_index, label_smoothing, z_loss, reduction) -> dx
-    masked_softmax(x, mask, scale, causal_offset, dtype, mode) -> (y, lse)
+    masked_softmax(x, mask, scale, causal_offset, dtype, mode, masked_rows) -> (y, lse)
+    masked_softmax_backward(grad, output, lse, scale, log, input_dtype) -> dx
     linear_cross_entropy(input, linear_weight, linear_bias, target, weight, softcap,
                          temperature, smoothing) -> (nll, smooth, lse), float64 rows
     cross_entropy_tile(logits, target, class_start, weight, softcap, temperature,
@@ -88,9 +89,17 @@ class Kernels:
     counts[2] with label smoothing only). None where a backend has none (the router then
     runs ``torch_ce.gradient_from_terms`` around its ``cross_entropy_backward``)."""
     masked_softmax: Callable | None = None
-    """softmax (mode 0), log_softmax (1) or the row statistics only (2) of
-    ``scale * x + mask`` along the last dim, dropped elements -inf (docs/masked_softmax.md);
-    None where a backend has none (the router then says so)."""
+    """Of ``t = scale * x + mask`` along the last dim, dropped elements -inf
+    (docs/masked_softmax.md), by ``mode`` (``stablekernels._masked.MaskedMode``): softmax,
+    log_softmax (y of x's shape), the statistics only (y empty, (0,)) or the logsumexp (y
+    (rows,)), y in ``dtype``; with the float64 lse (rows,). A row with nothing kept is
+    0 / -inf / -inf, or NaN throughout for ``masked_rows`` = ``MaskedRows.NAN``; its lse is
+    -inf either way. None where a backend has none (the router then says so)."""
+    masked_softmax_backward: Callable | None = None
+    """dx of ``masked_softmax`` (x's shape, ``input_dtype``) from grad and output (one dtype
+    and shape, contiguous) and the forward's lse (float64, (rows,)): per row, 0 if lse is
+    -inf, else ``scale *`` the softmax (log_softmax if ``log``) backward, and for log_softmax
+    0 where output is -inf. None only together with ``masked_softmax``."""
     linear_cross_entropy: Callable | None = None
     """The linear cross-entropy's forward pieces of cross_entropy (nll, smooth, lse per row)
     of the logits ``softcap * tanh((input W^T + b) / (temperature * softcap))`` made and
@@ -140,7 +149,8 @@ KERNEL_ARGUMENTS: dict[str, tuple[str, ...]] = {
         "z_loss",
         "reduction",
     ),
-    "masked_softmax": ("x", "mask", "scale", "causal_offset", "dtype", "mode"),
+    "masked_softmax": ("x", "mask", "scale", "causal_offset", "dtype", "mode", "masked_rows"),
+    "masked_softmax_backward": ("grad", "output", "lse", "scale", "log", "input_dtype"),
     "linear_cross_entropy": (
         "input",
         "linear_weight",
@@ -408,6 +418,7 @@ def _load_extension() -> Kernels:
         masked_softmax=ops._fused_masked_softmax.default,
         cross_entropy_tile=ops._fused_cross_entropy_tile.default,
         cross_entropy_tile_backward=ops._fused_cross_entropy_tile_backward.default,
+        masked_softmax_backward=ops._fused_masked_softmax_backward.default,
     )
 
 

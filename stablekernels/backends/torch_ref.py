@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._masked import MaskedMode, MaskedRows
 from .._numerics import accumulation_dtype, finish_lse, row_stats, split_lse
 from . import Kernels, torch_tiles
 from .torch_ce import (
@@ -88,11 +89,15 @@ def masked_softmax(
     causal_offset: int | None,
     dtype: torch.dtype,
     mode: int,
+    masked_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax (mode 0), log_softmax (1) or nothing (2: y empty) of t = scale * x + mask along
-    the last dim, with -inf where a bool mask is False or, causally, where
-    j > (row's query index) + causal_offset; and the float64 lse of each row (-inf for a row
-    with nothing kept, which gives 0 / -inf throughout). docs/masked_softmax.md."""
+    """Of t = scale * x + mask along the last dim, with -inf where a bool mask is False or,
+    causally, where j > (row's query index) + causal_offset, by ``mode`` (a MaskedMode):
+    softmax, log_softmax (x's shape), nothing (STATISTICS: y empty (0,)) or the logsumexp
+    (LOGSUMEXP: (rows,)), in ``dtype``; and the float64 lse of each row, (rows,). A row with
+    nothing kept ("dead") has lse -inf and y 0 / -inf / -inf, or NaN throughout where
+    ``masked_rows`` is MaskedRows.NAN. docs/masked_softmax.md."""
+    mode = MaskedMode(mode)
     acc = accumulation_dtype(x.dtype, dtype)
     t = x.to(acc) * scale
     if mask is not None:
@@ -102,17 +107,59 @@ def masked_softmax(
         j = torch.arange(n, device=x.device)
         i = torch.arange(queries, device=x.device)[:, None]
         t = t.masked_fill(j > i + causal_offset, float("-inf"))
-    m, shifted, e, s = row_stats(t, -1, keep_shifted=mode == 1)
+    m, shifted, e, s = row_stats(t, -1, keep_shifted=mode == MaskedMode.LOG_SOFTMAX)
     lse = finish_lse(m, s)
     dead = (m == float("-inf")) & ~s.isnan()
     rows = lse.reshape(-1)
-    if mode == 2:
+    nan_rows = MaskedRows(masked_rows) == MaskedRows.NAN
+    if mode == MaskedMode.STATISTICS:
         return torch.empty(0, dtype=dtype, device=x.device), rows
-    if mode == 1:
+    if mode == MaskedMode.LOGSUMEXP:
+        out = torch.where(dead, float("nan"), lse) if nan_rows else lse
+        return out.reshape(-1).to(dtype), rows
+    if mode == MaskedMode.LOG_SOFTMAX:
         y = _nan_where_max_not_finite(shifted, m) - s.log1p()
-        return torch.where(dead, float("-inf"), y).to(dtype), rows
-    y = _nan_where_max_not_finite(e, m) / (s + 1)
-    return torch.where(dead, 0.0, y).to(dtype), rows
+        fill = float("-inf")
+    else:
+        y = _nan_where_max_not_finite(e, m) / (s + 1)
+        fill = 0.0
+    return torch.where(dead, float("nan") if nan_rows else fill, y).to(dtype), rows
+
+
+def masked_gradient(
+    d: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, scale: float, log: bool
+) -> torch.Tensor:
+    """The masked backward's rule (the C++ and CUDA kernels': stablekernels/masked_rows.h;
+    Triton's: backends/triton/masked_softmax.py) on the plain backward ``d`` of the output
+    ``y`` (both (rows, n), accumulation dtype) and the rows' float64 ``lse`` ((rows,)):
+    ``scale * d``, 0 on a row whose lse is -inf (nothing kept) and, for log_softmax, 0 where
+    y is -inf (a dropped element)."""
+    drop = (lse == float("-inf")).unsqueeze(-1)
+    if log:
+        drop = drop | (y == float("-inf"))
+    return torch.where(drop, 0.0, d * scale)
+
+
+def masked_softmax_backward(
+    grad: torch.Tensor,
+    output: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    log: bool,
+    input_dtype: torch.dtype,
+) -> torch.Tensor:
+    """dx of the masked softmax (log_softmax if ``log``) along the last dim: the plain
+    backward of softmax_backward, then masked_gradient; grad and output of one dtype and
+    shape, contiguous, >= 1-D; lse float64, (rows,); returned in ``input_dtype``."""
+    acc = accumulation_dtype(output.dtype, input_dtype)
+    n = output.shape[-1]
+    g, y = grad.to(acc).reshape(-1, n), output.to(acc).reshape(-1, n)
+    if log:
+        d = g - torch.exp(y) * g.sum(dim=-1, keepdim=True)
+    else:
+        d = y * (g - (g * y).sum(dim=-1, keepdim=True))
+    dx = masked_gradient(d, y, lse.reshape(-1), scale, log)
+    return dx.to(input_dtype).reshape(output.shape)
 
 
 KERNELS = Kernels(
@@ -127,4 +174,5 @@ KERNELS = Kernels(
     masked_softmax=masked_softmax,
     cross_entropy_tile=torch_tiles.cross_entropy_tile,
     cross_entropy_tile_backward=torch_tiles.cross_entropy_tile_backward,
+    masked_softmax_backward=masked_softmax_backward,
 )

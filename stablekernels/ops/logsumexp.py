@@ -93,8 +93,8 @@ def logsumexp(
     name = resolve_backend(backend, x.device)
     masked = _masked_options("logsumexp", x, dims, scale, mask, causal, causal_offset, masked_rows)
     if masked is not None:
-        mask, scale, offset, nan_rows = masked
-        out = call_op("masked_logsumexp", x, mask, scale, offset, nan_rows, name)[0]
+        mask, scale, offset, masked_rows = masked
+        out = call_op("masked_logsumexp", x, mask, scale, offset, masked_rows, name)[0]
         return out.unsqueeze(-1) if keepdim and x.dim() else out
     if len(dims) == 1 or x.dim() == 0:
         return call_op("logsumexp", x, dims[0] if dims else 0, keepdim, name)[0]

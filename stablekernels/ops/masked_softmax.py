@@ -3,12 +3,16 @@ last dim (docs/masked_softmax.md), with the public options' checks, the ops' sch
 routers, fake kernels, autograd rules, vmap rules and autocast rules::
 
     masked_softmax(Tensor x, Tensor? mask, float scale, int? causal_offset,
-                   ScalarType? dtype, bool log, bool nan_rows, str backend)
+                   ScalarType? dtype, bool log, int masked_rows, str backend)
                    -> (Tensor y, Tensor lse)
     masked_softmax_backward(Tensor grad, Tensor output, Tensor lse, float scale, bool log,
                             ScalarType input_dtype, str backend) -> Tensor
     masked_logsumexp(Tensor x, Tensor? mask, float scale, int? causal_offset,
-                     bool nan_rows, str backend) -> (Tensor out, Tensor lse)
+                     int masked_rows, str backend) -> (Tensor out, Tensor lse)
+
+``masked_rows`` is the public argument of that name as a ``MaskedRows`` value
+(stablekernels/_masked.py: ZERO for "zero", NAN for "nan"). Each op is one call of its
+backend's kernel (the forward's ``mode`` a ``MaskedMode``), with nothing computed around it.
 
 The public functions are :func:`stablekernels.softmax`, :func:`~stablekernels.log_softmax` and
 :func:`~stablekernels.logsumexp` with ``scale``, ``mask`` or ``causal``.
@@ -20,6 +24,7 @@ import torch
 
 from .. import backends
 from .._api import _check_int
+from .._masked import MaskedMode, MaskedRows
 from .._numerics import accumulation_dtype
 from ._checks import (
     FLOATING_DTYPES,
@@ -29,7 +34,6 @@ from ._checks import (
     check_same_device,
 )
 from ._library import (
-    ROUTERS,
     _acc,
     _eligible,
     _not_written,
@@ -47,8 +51,9 @@ from ._library import (
 
 def _masked_options(op: str, x: torch.Tensor, dims, scale, mask, causal, causal_offset,
                     masked_rows):  # fmt: skip
-    """The masked op's ``(mask, scale, causal_offset, nan_rows)``, or None when none of
-    scale, mask and causal is given (the plain op serves the call)."""
+    """The masked op's ``(mask, scale, causal_offset, masked_rows)`` (the last a
+    MaskedRows), or None when none of scale, mask and causal is given (the plain op serves
+    the call)."""
     if masked_rows not in ("zero", "nan"):
         raise ValueError(f"{op}(): masked_rows must be 'zero' or 'nan', got {masked_rows!r}")
     if not isinstance(causal, bool):
@@ -72,7 +77,7 @@ def _masked_options(op: str, x: torch.Tensor, dims, scale, mask, causal, causal_
         mask,
         1.0 if scale is None else float(scale),
         causal_offset if causal else None,
-        masked_rows == "nan",
+        MaskedRows.of(masked_rows),
     )
 
 
@@ -91,9 +96,9 @@ def _unmasked(scale, mask, causal, causal_offset, masked_rows) -> bool:
 # Masked softmax, log_softmax and logsumexp along the last dim (docs/masked_softmax.md):
 # t = scale * x + mask (additive) or -inf where a bool mask is False or, causally, where
 # j > i + causal_offset (i the row's index along x's dim -2). A row with nothing kept is 0
-# (softmax), -inf (log_softmax, logsumexp) or, with nan_rows, NaN; its gradient is 0. The
-# ops' lse output (float64, x's shape without its last dim) is -inf on such rows whatever
-# nan_rows says: the backward finds them there.
+# (softmax), -inf (log_softmax, logsumexp) or, with masked_rows NAN, NaN (the kernel fills
+# it); its gradient is 0. The ops' lse output (float64, x's shape without its last dim) is
+# -inf on such rows whatever masked_rows says: the backward kernel finds them there.
 
 
 def _check_masked(op, x, mask):
@@ -116,6 +121,14 @@ def _check_masked(op, x, mask):
         )
 
 
+def _check_masked_rows(op, masked_rows):
+    if masked_rows not in tuple(MaskedRows):
+        raise ValueError(
+            f"{op}(): masked_rows must be a MaskedRows value (0: 'zero', 1: 'nan'), got "
+            f"{masked_rows!r}"
+        )
+
+
 def _masked_kernel(op, backend, x, mask):
     kernels = _kernels(op, backend, x, *(() if mask is None else (mask,)))
     if kernels.masked_softmax is None:
@@ -125,10 +138,11 @@ def _masked_kernel(op, backend, x, mask):
     return kernels.masked_softmax
 
 
-def _masked_rows(op, backend, x, mask, scale, causal_offset, dtype, mode):
+def _masked_call(op, backend, x, mask, scale, causal_offset, dtype, mode, masked_rows):
     """The kernel's (y, lse) on x as rows along its last dim (0-dim as one row of one); lse
-    shaped as x without its last dim. An additive mask is converted to the accumulation
-    dtype before it is expanded (a view), so no mask-sized copy is made."""
+    shaped as x without its last dim (y as the kernel returns it). An additive mask is
+    converted to the accumulation dtype before it is expanded (a view), so no mask-sized copy
+    is made."""
     kernel = _masked_kernel(op, backend, x, mask)
     rows_shape = x.shape[:-1]
     if x.dim() == 0:
@@ -138,15 +152,18 @@ def _masked_rows(op, backend, x, mask, scale, causal_offset, dtype, mode):
         if mask.dtype != torch.bool:
             mask = mask.to(accumulation_dtype(x.dtype, dtype))
         mask = mask.expand(x.shape)
-    y, lse = kernel(x.contiguous(), mask, float(scale), causal_offset, dtype, mode)
+    y, lse = kernel(
+        x.contiguous(), mask, float(scale), causal_offset, dtype, mode, MaskedRows(masked_rows)
+    )
     return y, lse.view(rows_shape)
 
 
 def _masked_softmax_family():
     op = "masked_softmax"
 
-    def route(x, mask, scale, causal_offset, dtype, log, nan_rows, backend):
+    def route(x, mask, scale, causal_offset, dtype, log, masked_rows, backend):
         _check_masked(op, x, mask)
+        _check_masked_rows(op, masked_rows)
         out_dtype = x.dtype if dtype is None else dtype
         check_floating(op, "the requested dtype", out_dtype)
         if x.numel() == 0:
@@ -155,16 +172,15 @@ def _masked_softmax_family():
                 torch.empty(x.shape, dtype=out_dtype, device=x.device),
                 torch.empty(x.shape[:-1], dtype=torch.float64, device=x.device),
             )
-        y, lse = _masked_rows(op, backend, x, mask, scale, causal_offset, out_dtype, int(log))
-        y = y.view(x.shape)
-        if nan_rows:
-            dead = lse == float("-inf")
-            if dead.any():
-                y = y.masked_fill(dead.unsqueeze(-1) if x.dim() else dead, float("nan"))
-        return y, lse
+        mode = MaskedMode.LOG_SOFTMAX if log else MaskedMode.SOFTMAX
+        y, lse = _masked_call(
+            op, backend, x, mask, scale, causal_offset, out_dtype, mode, masked_rows
+        )
+        return y.view(x.shape), lse
 
-    def fake(x, mask, scale, causal_offset, dtype, log, nan_rows, backend):
+    def fake(x, mask, scale, causal_offset, dtype, log, masked_rows, backend):
         _check_masked(op, x, mask)
+        _check_masked_rows(op, masked_rows)
         out_dtype = x.dtype if dtype is None else dtype
         check_floating(op, "the requested dtype", out_dtype)
         return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float64)
@@ -178,27 +194,38 @@ def _masked_softmax_backward_check(grad, output, lse, input_dtype):
     check_floating(op, "the input dtype", input_dtype)
     check_same_device(op, output, grad, lse)
     _check_same_shape(op, grad, output)
+    if lse.shape != output.shape[:-1]:
+        raise RuntimeError(
+            f"{op}(): lse has shape {tuple(lse.shape)}, expected {tuple(output.shape[:-1])} "
+            "(the output's shape without its last dim)"
+        )
 
 
 def _masked_softmax_backward_route(grad, output, lse, scale, log, input_dtype, backend):
     """scale * (softmax or log_softmax backward of y), 0 on dropped elements (log_softmax:
-    where y is -inf) and on rows with nothing kept (lse -inf): the plain backward op's router
-    (the backend's fused kernel; no mask read), then those fixes in place on its new
-    output."""
+    where y is -inf) and on rows with nothing kept (lse -inf): one call of the backend's
+    masked backward kernel (no mask read), on grad and y as one dtype, contiguous, at least
+    1-D, and the lse as float64 rows."""
+    op = "masked_softmax_backward"
     _masked_softmax_backward_check(grad, output, lse, input_dtype)
-    plain = ROUTERS["log_softmax_backward" if log else "softmax_backward"]
-    dx = plain(grad, output, -1, input_dtype, backend)
+    kernels = _kernels(op, backend, output, grad, lse)
+    if kernels.masked_softmax_backward is None:
+        raise backends.BackendUnavailableError(
+            f"{op}(): the {backend} backend has no masked softmax backward kernel"
+        )
     if output.numel() == 0:
-        return dx
-    if scale != 1.0:
-        dx.mul_(scale)  # one pass over the kernel's own output
-    if log:  # log_softmax's backward gives dx = g where y = -inf (exp(y) = 0): dropped
-        dx.masked_fill_(output == float("-inf"), 0.0)
-    # Rows with nothing kept (NaN under masked_rows="nan"): always filled, since asking
-    # whether there are any would be a host synchronisation on a GPU.
-    dead = lse == float("-inf")
-    dx.masked_fill_(dead.unsqueeze(-1) if output.dim() else dead, 0.0)
-    return dx
+        return output.new_empty(output.shape, dtype=input_dtype)
+    # One dtype, contiguous (autograd hands over expanded grads, e.g. of sum()).
+    if grad.dtype != output.dtype:
+        grad = grad.to(output.dtype)
+    shape = output.shape
+    if output.dim() == 0:  # one row of one
+        grad, output = grad.reshape(1), output.reshape(1)
+    lse = lse.to(torch.float64).reshape(-1).contiguous()
+    dx = kernels.masked_softmax_backward(
+        grad.contiguous(), output.contiguous(), lse, float(scale), log, input_dtype
+    )
+    return dx.view(shape)
 
 
 def _masked_softmax_backward_fake(grad, output, lse, scale, log, input_dtype, backend):
@@ -206,9 +233,12 @@ def _masked_softmax_backward_fake(grad, output, lse, scale, log, input_dtype, ba
     return output.new_empty(output.shape, dtype=input_dtype)
 
 
-def _masked_logsumexp_route(x, mask, scale, causal_offset, nan_rows, backend):
+def _masked_logsumexp_route(x, mask, scale, causal_offset, masked_rows, backend):
+    """The kernel's logsumexp mode: (out in x's dtype, lse float64), both x's shape without
+    its last dim, from one call."""
     op = "masked_logsumexp"
     _check_masked(op, x, mask)
+    _check_masked_rows(op, masked_rows)
     if x.numel() == 0:
         _masked_kernel(op, backend, x, mask)
         shape = x.shape[:-1]
@@ -216,21 +246,21 @@ def _masked_logsumexp_route(x, mask, scale, causal_offset, nan_rows, backend):
             torch.full(shape, float("-inf"), dtype=x.dtype, device=x.device),
             torch.full(shape, float("-inf"), dtype=torch.float64, device=x.device),
         )
-    _, lse = _masked_rows(op, backend, x, mask, scale, causal_offset, x.dtype, 2)
-    out = lse
-    if nan_rows:
-        out = torch.where(lse == float("-inf"), float("nan"), lse)
-    return out.to(x.dtype), lse
+    out, lse = _masked_call(
+        op, backend, x, mask, scale, causal_offset, x.dtype, MaskedMode.LOGSUMEXP, masked_rows
+    )
+    return out.view(lse.shape), lse
 
 
-def _masked_logsumexp_fake(x, mask, scale, causal_offset, nan_rows, backend):
+def _masked_logsumexp_fake(x, mask, scale, causal_offset, masked_rows, backend):
     _check_masked("masked_logsumexp", x, mask)
+    _check_masked_rows("masked_logsumexp", masked_rows)
     return x.new_empty(x.shape[:-1]), x.new_empty(x.shape[:-1], dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------
-# masked_softmax: inputs (x, mask, scale, causal_offset, dtype, log, nan_rows, backend),
-# outputs (y, lse); masked_logsumexp: inputs (x, mask, scale, causal_offset, nan_rows,
+# masked_softmax: inputs (x, mask, scale, causal_offset, dtype, log, masked_rows, backend),
+# outputs (y, lse); masked_logsumexp: inputs (x, mask, scale, causal_offset, masked_rows,
 # backend), outputs (out, lse). With t = scale * x + mask, dt/dx = scale and, for an additive
 # mask, dt/dmask = 1 (summed over the dims the mask is broadcast along). Dropped elements
 # and rows with nothing kept have no derivative (0). The backward op has no derivative of
@@ -243,7 +273,7 @@ def _mask_gradient(mask, dt):
 
 
 def _masked_softmax_setup(ctx, inputs, output):
-    x, mask, scale, _causal, _dtype, log, _nan_rows, backend = inputs
+    x, mask, scale, _causal, _dtype, log, _masked_rows, backend = inputs
     y, lse = output
     ctx.save_for_backward(y, lse, mask)
     ctx.save_for_forward(y, lse)
@@ -303,7 +333,7 @@ def _masked_softmax_jvp(ctx, tx, tmask, *_):
 
 
 def _masked_logsumexp_setup(ctx, inputs, output):
-    x, mask, scale, causal_offset, _nan_rows, backend = inputs
+    x, mask, scale, causal_offset, _masked_rows, backend = inputs
     ctx.save_for_backward(x, mask)
     ctx.save_for_forward(x, mask)
     ctx.scale, ctx.causal_offset, ctx.backend = scale, causal_offset, backend
@@ -314,8 +344,9 @@ def _masked_probabilities(ctx, x, mask):
     """softmax of t in the accumulation dtype (0 where dropped and on rows with nothing
     kept), by the forward op: the mask read again, the row's statistics recomputed."""
     acc = accumulation_dtype(x.dtype)
+    zero = MaskedRows.ZERO
     return call_op(
-        "masked_softmax", x, mask, ctx.scale, ctx.causal_offset, acc, False, False, ctx.backend
+        "masked_softmax", x, mask, ctx.scale, ctx.causal_offset, acc, False, zero, ctx.backend
     )[0]
 
 
@@ -360,7 +391,7 @@ def _masked_float32_input(x, *rest):
 register(
     "masked_softmax",
     "masked_softmax(Tensor x, Tensor? mask, float scale, int? causal_offset, "
-    "ScalarType? dtype, bool log, bool nan_rows, str backend) -> (Tensor y, Tensor lse)",
+    "ScalarType? dtype, bool log, int masked_rows, str backend) -> (Tensor y, Tensor lse)",
     *_masked_softmax_family(),
     autograd=(_masked_softmax_setup, _masked_softmax_vjp, _masked_softmax_jvp),
     vmap=_per_sample_rule("masked_softmax"),
@@ -382,17 +413,29 @@ register(
 register(
     "masked_logsumexp",
     "masked_logsumexp(Tensor x, Tensor? mask, float scale, "
-    "int? causal_offset, bool nan_rows, str backend) -> (Tensor out, Tensor lse)",
+    "int? causal_offset, int masked_rows, str backend) -> (Tensor out, Tensor lse)",
     _masked_logsumexp_route,
     _masked_logsumexp_fake,
     autograd=(_masked_logsumexp_setup, _masked_logsumexp_vjp, _masked_logsumexp_jvp),
     vmap=_per_sample_rule("masked_logsumexp"),
     autocast={"cuda": _masked_float32_input},
 )
+
+
+def _fused_masked_softmax_fake(x, mask, scale, causal_offset, dtype, mode, masked_rows):
+    rows = x.numel() // x.shape[-1]
+    shape = x.shape
+    if mode == MaskedMode.STATISTICS:  # (comparisons, not a lookup: mode may be symbolic)
+        shape = (0,)
+    elif mode == MaskedMode.LOGSUMEXP:
+        shape = (rows,)
+    return x.new_empty(shape, dtype=dtype), x.new_empty(rows, dtype=torch.float64)
+
+
+register_fused_fake("_fused_masked_softmax", _fused_masked_softmax_fake)
 register_fused_fake(
-    "_fused_masked_softmax",
-    lambda x, mask, scale, causal_offset, dtype, mode: (
-        x.new_empty((0,) if mode == 2 else x.shape, dtype=dtype),
-        x.new_empty(x.numel() // x.shape[-1], dtype=torch.float64),
+    "_fused_masked_softmax_backward",
+    lambda grad, output, lse, scale, log, input_dtype: output.new_empty(
+        output.shape, dtype=input_dtype
     ),
 )

@@ -105,9 +105,9 @@ def softmax(
         masked_rows,
     )  # fmt: skip
     if masked is not None:
-        mask, scale, offset, nan_rows = masked
+        mask, scale, offset, masked_rows = masked
         name = resolve_backend(backend, x.device)
-        return call_op("masked_softmax", x, mask, scale, offset, dtype, False, nan_rows, name)[0]
+        return call_op("masked_softmax", x, mask, scale, offset, dtype, False, masked_rows, name)[0]
     return call_op("softmax", x, dim, dtype, resolve_backend(backend, x.device))
 
 
@@ -145,9 +145,9 @@ def log_softmax(
         causal_offset, masked_rows,
     )  # fmt: skip
     if masked is not None:
-        mask, scale, offset, nan_rows = masked
+        mask, scale, offset, masked_rows = masked
         name = resolve_backend(backend, x.device)
-        return call_op("masked_softmax", x, mask, scale, offset, dtype, True, nan_rows, name)[0]
+        return call_op("masked_softmax", x, mask, scale, offset, dtype, True, masked_rows, name)[0]
     return call_op("log_softmax", x, dim, dtype, resolve_backend(backend, x.device))
 
 

@@ -5,8 +5,9 @@ softmax.py holds softmax and log_softmax, logsumexp.py logsumexp, each forward a
 backward; cross_entropy.py the cross-entropy from logits, its forward, and
 cross_entropy_backward.py its backward; linear_cross_entropy.py the fused forward of the
 linear cross-entropy (``tl.dot`` with the online lse in its epilogue);
-masked_softmax.py the masked (attention-ready) softmax, its forward; tiles.py the linear
-cross-entropy's tile epilogues (forward and backward);
+masked_softmax.py the masked (attention-ready) softmax, its forward, and
+masked_softmax_backward.py its backward; tiles.py the linear cross-entropy's tile epilogues
+(forward and backward);
 common.py the row view, launch heuristics and the (m, s') math. Computation is in fp32
 (fp64 for fp64 tensors); halves are read as fp32 and rounded once.
 
@@ -26,6 +27,7 @@ from . import (  # noqa: F401  (register the triton_ops)
     linear_cross_entropy,
     logsumexp,
     masked_softmax,
+    masked_softmax_backward,
     softmax,
     tiles,
 )
@@ -45,4 +47,5 @@ KERNELS = Kernels(
     masked_softmax=_ops._triton_masked_softmax,
     cross_entropy_tile=_ops._triton_cross_entropy_tile,
     cross_entropy_tile_backward=_ops._triton_cross_entropy_tile_backward,
+    masked_softmax_backward=_ops._triton_masked_softmax_backward,
 )

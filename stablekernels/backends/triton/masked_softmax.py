@@ -1,5 +1,5 @@
-"""Triton masked softmax along the last dim: softmax, log_softmax or the row statistics only
-of ``t = scale * x + mask`` (the kernel ``masked_softmax`` of
+"""Triton masked softmax along the last dim: softmax, log_softmax, the logsumexp or the row
+statistics only of ``t = scale * x + mask`` (the kernel ``masked_softmax`` of
 stablekernels.backends.Kernels).
 
 For row r of ``x.reshape(-1, n)`` (n = x.shape[-1]) and element j, in the accumulation
@@ -13,14 +13,18 @@ dtype (fp32; fp64 for fp64 x):
 then the row state (m, s') of docs/design.md over t (common.tile_stats / merge), and
 
     lse   = m + log1p(s')  (common.finish_lse, float64)
-    mode 0: y_j = exp(t_j - m) / (1 + s')  (IEEE division)
-    mode 1: y_j = (t_j - m) - log1p(s')
-    mode 2: no y (statistics only)
+    SOFTMAX:     y_j = exp(t_j - m) / (1 + s')  (IEEE division)
+    LOG_SOFTMAX: y_j = (t_j - m) - log1p(s')
+    STATISTICS:  no y
+    LOGSUMEXP:   y_r = lse, rounded to ``dtype``
 
-A dropped element has y = 0 (mode 0) or -inf (mode 1). A dead row (every t_j = -inf: fully
-masked) has lse = -inf and y = 0 / -inf throughout; a row with a NaN among its t (or +inf
-as its max) has y NaN throughout, its lse is NaN (+inf for a +inf max without a NaN, as
-finish_lse and torch.logsumexp).
+(the modes of stablekernels._masked.MaskedMode). A dropped element has y = 0 (softmax) or
+-inf (log_softmax). A dead row (every t_j = -inf: fully masked) has lse = -inf and y = 0 /
+-inf throughout (logsumexp -inf), or NaN throughout with masked_rows = MaskedRows.NAN; a
+row with a NaN among its t (or +inf as its max) has y NaN throughout, its lse is NaN (+inf
+for a +inf max without a NaN, as finish_lse and torch.logsumexp).
+
+The backward: masked_softmax_backward.py.
 
 The mask is read by its strides, broadcast (usually an expanded view with 0 strides, e.g. a
 (B, 1, 1, S) key-padding mask expanded to (B, H, S, S)): the launcher coalesces x's leading
@@ -47,6 +51,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..._masked import MaskedMode, MaskedRows
 from ..._numerics import accumulation_dtype
 from . import common
 from .common import MAX_BLOCK_N, SPLIT_CHUNK
@@ -89,20 +94,31 @@ def _scores(X_ptr, M_ptr, x_at, m_at, load, scale, MASK_KIND: tl.constexpr, ACC:
 
 
 @triton.jit
-def _normalised(t, m, s, LOG: tl.constexpr, ACC: tl.constexpr):
+def _normalised(t, m, s, LOG: tl.constexpr, ACC: tl.constexpr, NAN_ROWS: tl.constexpr):
     """softmax (log_softmax if LOG) of scores t of rows with states (m, s') (broadcast to t):
-    the formula where m is finite and s' not NaN; 0 / -inf throughout a dead row (m = -inf);
-    NaN throughout a row with a NaN or a +inf max."""
+    the formula where m is finite and s' not NaN; 0 / -inf throughout a dead row (m = -inf),
+    NaN if NAN_ROWS; NaN throughout a row with a NaN or a +inf max."""
     if LOG:
         y = (t - m) - common.log1p(s)
         fill = -float("inf")
     else:
         y = common.divide(tl.exp(t - m), 1.0 + s, ACC)
         fill = 0.0
+    if NAN_ROWS:
+        fill = float("nan")
     no_nan = s == s
     ok = no_nan & (m == m) & (tl.abs(m) != float("inf"))
     dead = no_nan & (m == -float("inf"))
     return tl.where(ok, y, tl.where(dead, fill, float("nan")))
+
+
+@triton.jit
+def _store_logsumexp(OUT_ptr, r, lse, valid, NAN_ROWS: tl.constexpr):
+    """The LOGSUMEXP mode's output: the float64 lse rounded to OUT's dtype, NaN on a dead
+    row (lse -inf) if NAN_ROWS."""
+    if NAN_ROWS:
+        lse = tl.where(lse == -float("inf"), float("nan"), lse)
+    tl.store(OUT_ptr + r, lse.to(OUT_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -127,11 +143,13 @@ def _masked_softmax_kernel(
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
     MODE: tl.constexpr,
+    NAN_ROWS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """BLOCK_R whole rows (n <= BLOCK_N) per program: lse, and y unless MODE == 2."""
+    """BLOCK_R whole rows (n <= BLOCK_N) per program: lse, and y by MODE (MaskedMode: 0
+    softmax, 1 log_softmax, 2 none, 3 the logsumexp)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
     in_tile = (r < rows)[:, None] & (cols < n)[None, :]
@@ -143,9 +161,12 @@ def _masked_softmax_kernel(
     x_at = (r * n)[:, None] + cols[None, :]
     t = _scores(X_ptr, M_ptr, x_at, m_at, load, tl.full([], scale, ACC), MASK_KIND, ACC)
     m, s = common.tile_stats(t, load)
-    tl.store(LSE_ptr + r, common.finish_lse(m, s), mask=r < rows)
-    if MODE != 2:
-        y = _normalised(t, m[:, None], s[:, None], MODE == 1, ACC)
+    lse = common.finish_lse(m, s)
+    tl.store(LSE_ptr + r, lse, mask=r < rows)
+    if MODE == 3:
+        _store_logsumexp(Y_ptr, r, lse, r < rows, NAN_ROWS)
+    elif MODE != 2:
+        y = _normalised(t, m[:, None], s[:, None], MODE == 1, ACC, NAN_ROWS)
         tl.store(Y_ptr + x_at, y.to(Y_ptr.dtype.element_ty), mask=in_tile)
 
 
@@ -212,12 +233,25 @@ def _masked_parts_kernel(
 
 
 @triton.jit
-def _masked_lse_kernel(ROW_M_ptr, ROW_S_ptr, LSE_ptr, rows, BLOCK_R: tl.constexpr):
-    """The float64 lse of BLOCK_R rows' merged (m, s')."""
+def _masked_lse_kernel(
+    ROW_M_ptr,
+    ROW_S_ptr,
+    LSE_ptr,
+    OUT_ptr,
+    rows,
+    LOGSUMEXP: tl.constexpr,
+    NAN_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The float64 lse of BLOCK_R rows' merged (m, s'), and with LOGSUMEXP the mode's
+    output."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     m = tl.load(ROW_M_ptr + r, mask=r < rows, other=0.0)
     s = tl.load(ROW_S_ptr + r, mask=r < rows, other=0.0)
-    tl.store(LSE_ptr + r, common.finish_lse(m, s), mask=r < rows)
+    lse = common.finish_lse(m, s)
+    tl.store(LSE_ptr + r, lse, mask=r < rows)
+    if LOGSUMEXP:
+        _store_logsumexp(OUT_ptr, r, lse, r < rows, NAN_ROWS)
 
 
 @triton.jit
@@ -243,6 +277,7 @@ def _masked_softmax_finish_kernel(
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
     LOG: tl.constexpr,
+    NAN_ROWS: tl.constexpr,
     ACC: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -265,12 +300,12 @@ def _masked_softmax_finish_kernel(
         t = _scores(
             X_ptr, M_ptr, x_base + cols, m_base + cols * msn, load, scale_acc, MASK_KIND, ACC
         )
-        y = _normalised(t, m, s, LOG, ACC)
+        y = _normalised(t, m, s, LOG, ACC, NAN_ROWS)
         tl.store(Y_ptr + x_base + cols, y.to(Y_ptr.dtype.element_ty), mask=cols < end)
     if CAUSAL:
         # The first tile wholly past the limit (the loop above wrote the one it falls in).
         tail = begin + tl.cdiv(tl.maximum(kept_end - begin, 0), BLOCK_N) * BLOCK_N
-        past = _normalised(tl.full([BLOCK_N], -float("inf"), ACC), m, s, LOG, ACC)
+        past = _normalised(tl.full([BLOCK_N], -float("inf"), ACC), m, s, LOG, ACC, NAN_ROWS)
         past = past.to(Y_ptr.dtype.element_ty)
         for start in range(tail, end, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -315,20 +350,24 @@ def masked_softmax(
     causal_offset: int | None,
     dtype: torch.dtype,
     mode: int,
+    masked_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The masked_softmax kernel of the contract (stablekernels.backends.Kernels).
 
     x: contiguous, floating, >= 1-D, non-empty; rows along the last dim. mask: None, or x's
     shape with any strides (read by them, never copied), bool (True keeps) or the
     accumulation dtype (additive). scale: multiplies x in the accumulation dtype.
-    causal_offset: None, or drop j > i + causal_offset (i = row % x.shape[-2]). mode 0:
-    softmax, 1: log_softmax, 2: statistics only.
+    causal_offset: None, or drop j > i + causal_offset (i = row % x.shape[-2]). mode (a
+    MaskedMode): 0 softmax, 1 log_softmax, 2 statistics only, 3 the logsumexp. masked_rows
+    (a MaskedRows; 0, "zero", by default): 1 makes a dead row's y NaN.
 
-    Returns (y, lse): y of x's shape and ``dtype``, contiguous (shape (0,) for mode 2), and
-    lse float64 of shape (rows,), rows = x.numel() // x.shape[-1].
+    Returns (y, lse): y of ``dtype``, contiguous, of x's shape (softmax, log_softmax),
+    (0,) (statistics) or (rows,) (logsumexp), and lse float64 of shape (rows,), rows =
+    x.numel() // x.shape[-1].
     """
     assert x.dim() >= 1 and x.numel() > 0 and x.is_floating_point() and x.is_contiguous()
-    assert mode in (0, 1, 2), mode
+    mode = MaskedMode(mode)
+    nan_rows = MaskedRows(masked_rows) == MaskedRows.NAN
     acc_dtype = accumulation_dtype(x.dtype, dtype)
     if mask is None:
         kind = NO_MASK
@@ -346,7 +385,7 @@ def masked_softmax(
     offset = max(-n - 1, min(offset, n))
     layout = mask_layout(x, mask)
     lse = torch.empty(rows, dtype=torch.float64, device=x.device)
-    shape = x.shape if mode != 2 else (0,)
+    shape = {MaskedMode.STATISTICS: (0,), MaskedMode.LOGSUMEXP: (rows,)}.get(mode, x.shape)
     y = torch.empty(shape, dtype=dtype, device=x.device)
     m_arg = x if mask is None else mask  # never read without a mask
     acc = common.accumulator(x.dtype, dtype)
@@ -367,7 +406,8 @@ def masked_softmax(
                 *layout,
                 MASK_KIND=kind,
                 CAUSAL=causal,
-                MODE=mode,
+                MODE=int(mode),
+                NAN_ROWS=nan_rows,
                 ACC=acc,
                 BLOCK_R=block_r,
                 BLOCK_N=block_n,
@@ -401,9 +441,17 @@ def masked_softmax(
             part_m, part_s, row_m, row_s, parts, BLOCK=common.PARTS_BLOCK, num_warps=4
         )
         wrap_triton(_masked_lse_kernel)[common.grid(triton.cdiv(rows, LSE_ROWS))](
-            row_m, row_s, lse, rows, BLOCK_R=LSE_ROWS, num_warps=4
+            row_m,
+            row_s,
+            lse,
+            y,
+            rows,
+            LOGSUMEXP=mode == MaskedMode.LOGSUMEXP,
+            NAN_ROWS=nan_rows,
+            BLOCK_R=LSE_ROWS,
+            num_warps=4,
         )
-        if mode != 2:
+        if mode in (MaskedMode.SOFTMAX, MaskedMode.LOG_SOFTMAX):
             wrap_triton(_masked_softmax_finish_kernel)[common.grid(rows * parts)](
                 x,
                 m_arg,
@@ -418,7 +466,8 @@ def masked_softmax(
                 parts,
                 MASK_KIND=kind,
                 CAUSAL=causal,
-                LOG=mode == 1,
+                LOG=mode == MaskedMode.LOG_SOFTMAX,
+                NAN_ROWS=nan_rows,
                 ACC=acc,
                 CHUNK=SPLIT_CHUNK,
                 BLOCK_N=SPLIT_BLOCK_N,
