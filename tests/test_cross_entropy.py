@@ -637,10 +637,10 @@ def _fused_kernels(backend):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_counts_are_what_the_contract_says(backend, reduction, weighted, label_smoothing):
-    """counts = (sum of counted w_t, counted rows, W): the first two where a backend writes
-    them (every backend for "sum" and "mean", cpp and torch for "none"); W with label
-    smoothing, and without it nothing a backward may read (cpp, torch and triton write 0: W
-    is not summed)."""
+    """counts = (sum of counted w_t, counted rows, W): the first two where a backend counts
+    them (every backend for "sum" and "mean", cpp and torch for "none"; cuda and triton
+    write 0 for "none"); W with label smoothing, 0 without it (not summed): every element
+    written."""
     loss_kernel, _ = _fused_kernels(backend)
     torch.manual_seed(0)
     x = torch.randn(23, 40)
@@ -655,10 +655,12 @@ def test_counts_are_what_the_contract_says(backend, reduction, weighted, label_s
     )
     if reduction != "none" or backend in ("cpp", "torch"):
         torch.testing.assert_close(counts[:2], want, rtol=1e-14, atol=0)
+    else:
+        assert (counts[:2] == 0).all()
     if label_smoothing:
         total = 40.0 if weight is None else weight.double().sum().item()
         torch.testing.assert_close(counts[2].item(), total, rtol=1e-14, atol=0)
-    elif backend != "cuda":  # (cuda leaves it unwritten)
+    else:
         assert counts[2].item() == 0.0
 
 

@@ -141,8 +141,8 @@ at::Tensor fused_cross_entropy_backward_cuda(const at::Tensor& logits, const at:
 
 // The loss in one call (cross_entropy_loss_forward): lse and counts float64; loss in the
 // accumulation dtype, (rows,) for "none", 0-dim otherwise, and for those a float64 scratch of
-// the rows' totals. For "none" counts[0] and counts[1] are left unwritten, and counts[2]
-// without label smoothing (kernels.h: the backward reads none of them then).
+// the rows' totals. For "none" counts[0] and counts[1] are 0, and counts[2] is 0 without
+// label smoothing (kernels.h: the backward reads none of them then).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_cross_entropy_loss_cuda(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, double z_loss, c10::string_view reduction) {

@@ -169,7 +169,6 @@ template <typename T, typename U, typename acc_t>
 void column_softmax_write(const T* x, U* y, int64_t n, int64_t stride, int64_t width,
                           const acc_t* m, const double* s, bool log) {
   using V = Vectorized<acc_t>;
-  constexpr int64_t kVec = V::size();
   // c: the denominator 1 + s', or log1p(s'). poison: 0, or NaN for rows with a +inf, a NaN
   // or nothing but -inf (torch makes those NaN throughout); added to every result.
   alignas(64) acc_t c[kMaxWidth], rcp[kMaxWidth], neg_c[kMaxWidth], poison[kMaxWidth];

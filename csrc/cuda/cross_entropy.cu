@@ -119,7 +119,8 @@ __device__ __forceinline__ LossTotals load_totals(const double* __restrict__ at)
 
 // cross_entropy_loss_forward: lse of every row; "none": the row's loss; "sum", "mean": the
 // row's LossTotals into scratch (added by cross_entropy_loss_reduce_kernel). Row 0 also
-// writes counts[2] = W when there is label smoothing (the walk sums the weights only then).
+// writes counts[2] = W with label smoothing (the walk sums the weights only then), else 0,
+// and for "none" counts[0] = counts[1] = 0 (the rows are not counted).
 template <typename A>
 struct RowLoss {
   const int64_t* target;
@@ -152,7 +153,10 @@ struct RowLoss {
       one.add(nll, smooth, row_lse, w_t, t.counted, options);
       store_totals(scratch + row * kTotalsFields, one);
     }
-    if (row == 0 && options.label_smoothing != 0) counts[2] = static_cast<double>(weights);
+    if (row == 0) {  // every element of counts written: no op output is left uninitialised
+      counts[2] = options.label_smoothing != 0 ? static_cast<double>(weights) : 0.0;
+      if (options.reduction == Reduction::kNone) counts[0] = counts[1] = 0.0;  // not counted
+    }
   }
 };
 

@@ -308,7 +308,10 @@ void ce_loss_rows(const A* x, const int64_t* target, const A* weight, int64_t ro
     } else {
       scratch[r].add(nll, smooth, lse[r], w_t, counted, o);
     }
-    if (r == 0 && smoothing) counts[2] = static_cast<double>(s.weights);
+    if (r == 0) {
+      counts[2] = smoothing ? static_cast<double>(s.weights) : 0.0;
+      if (o.reduction == Reduction::kNone) counts[0] = counts[1] = 0.0;
+    }
   }
   if (o.reduction == Reduction::kNone) return;
   std::vector<LossTotals> per_thread(kCeReduceThreads), per_warp;
@@ -445,7 +448,7 @@ void sk_twin_logsumexp_f64(const double* x, double* out, int64_t rows, int64_t n
 
 // The fused cross-entropy loss: x (rows, classes) contiguous, weight (classes) or null;
 // reduction 0 "none", 1 "mean", 2 "sum" (cross_entropy_rows.h). counts as the CUDA kernels
-// leave it: counts[0], counts[1] unwritten for "none", counts[2] without label smoothing.
+// write it: counts[0], counts[1] 0 for "none", counts[2] 0 without label smoothing.
 void sk_twin_cross_entropy_loss_f32(const float* x, const int64_t* target, const float* weight,
                                     int64_t rows, int64_t classes, int64_t ignore_index,
                                     double label_smoothing, double z_loss, int reduction,

@@ -78,9 +78,9 @@ class Kernels:
     class weight, smoothing, z-loss and the reduction "none"/"sum"/"mean") -> (loss per row
     or reduced, in the accumulation dtype; lse (R,) float64; counts (3,) float64 = (sum of
     counted w_t, counted rows, W)). counts[0] and counts[1] are needed for "mean" only,
-    counts[2] = W with label smoothing only: what is not needed may be left unwritten (cuda,
-    triton: the first two for "none"), W is formed only with label smoothing (cpp, torch,
-    triton: 0 without), and no backward reads any of them otherwise. None where a backend has none
+    counts[2] = W with label smoothing only: what is not needed may be 0 (cuda, triton: the
+    first two for "none"; every backend: W without label smoothing), never uninitialised,
+    and no backward reads any of them otherwise. None where a backend has none
     (the router then runs ``torch_ce.loss_from_pieces`` around its ``cross_entropy``)."""
     cross_entropy_loss_backward: Callable | None = None
     """dx of ``cross_entropy_loss`` in one call, from the loss's gradient (per row for

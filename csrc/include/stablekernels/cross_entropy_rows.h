@@ -32,9 +32,9 @@
 // and the weights' sum the smoothing term of the backward needs (W = C without weights); the
 // backward takes it back, so it never reduces anything itself. counts[0] and counts[1] are
 // needed for "mean" only and counts[2] with label smoothing only, and no backward reads them
-// otherwise: the CUDA and Triton kernels leave counts[0] and counts[1] unwritten for "none",
-// and every kernel forms W only with label smoothing (without it the CPU, torch and Triton
-// kernels write 0 there, the CUDA kernels leave it unwritten).
+// otherwise: the CUDA and Triton kernels do not count the rows for "none" (they write 0 to
+// counts[0] and counts[1]), and every kernel forms W only with label smoothing (0 without).
+// Every element is written: no op output holds uninitialised memory.
 //
 // Backward, with the loss's gradient g (per row for "none", one value otherwise): a counted
 // row's ce term gets g_ce and its z term g_z,
@@ -159,7 +159,7 @@ SK_HOST_DEVICE RowTerms<acc_t> row_terms(RowGradient g, double grad_lse, double 
                                          double total_weight, const CrossEntropyOptions& o) {
   const double e = o.label_smoothing;
   const double classes = static_cast<double>(o.classes);
-  // W is read only with smoothing (a kernel may leave counts[2] unwritten without it).
+  // W is read only with smoothing (counts[2] is 0 without it).
   const double spread = e != 0 ? e * total_weight / classes : 0.0;
   double coef = g.ce * ((1 - e) * w_t + spread) + grad_lse;
   if (o.z_loss != 0) coef = coef + g.z * (2 * o.z_loss) * lse;

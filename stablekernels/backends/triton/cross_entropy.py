@@ -139,9 +139,9 @@ def _write_counts(
     """Writes counts = (sum of counted w_t, counted rows, W) in float64, summed in a fixed
     order (each lane in row order, then one tree sum); returns the first two. Without
     ROW_COUNTS (reduction "none", whose backward reads W only) the rows are not walked and
-    counts[0] and counts[1] are left unwritten, so one program does not walk every target;
-    without SMOOTH (no label smoothing: no backward reads W) W is not summed and counts[2]
-    is 0."""
+    counts[0] and counts[1] are 0, so one program does not walk every target; without SMOOTH
+    (no label smoothing: no backward reads W) W is not summed and counts[2] is 0. Every
+    element is written: an op's output never holds uninitialised memory."""
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     weight = tl.zeros([BLOCK], tl.float64)
     number = tl.zeros([BLOCK], tl.float64)
@@ -159,9 +159,8 @@ def _write_counts(
         number += counted.to(tl.float64)
     weight = tl.sum(weight, axis=0)
     number = tl.sum(number, axis=0)
-    if ROW_COUNTS:
-        tl.store(COUNTS_ptr, weight)
-        tl.store(COUNTS_ptr + 1, number)
+    tl.store(COUNTS_ptr, weight)
+    tl.store(COUNTS_ptr + 1, number)
     if SMOOTH:
         if HAS_WEIGHT:
             total = tl.zeros([BLOCK], tl.float64)
@@ -380,7 +379,7 @@ def cross_entropy_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, counts) of the contract's fused forward: the loss per row ("none") or
     reduced (0-dim), in the accumulation dtype; lse (R,) float64; counts (3,) float64 =
-    (sum of counted w_t, counted rows, W), the first two unwritten for "none", W 0 without
+    (sum of counted w_t, counted rows, W), the first two 0 for "none", W 0 without
     label smoothing (no backward reads them then). One launch for "none", two otherwise."""
     op = "_triton_cross_entropy_loss"
     code = _reduction_code(op, reduction)
