@@ -13,7 +13,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import stablekernels as sk
+from stablekernels import _api as sk_api
 from stablekernels import backends
+from stablekernels.ops import _checks as sk_checks
 
 from .conftest import CPU_BACKENDS, SUBPROCESS_TIMEOUT_S
 
@@ -172,6 +174,10 @@ def test_a_triton_that_fails_to_import_is_passed_over_with_one_warning(monkeypat
     monkeypatch.setattr(backends, "_TRITON_IMPORTS", [])
     monkeypatch.setattr(backends, "_SERVES", {})
     monkeypatch.setattr(backends, "_AUTOMATIC", {})
+    # The answers kept from earlier calls in this process (the served pairs' kernels and the
+    # prepared checks), which would skip the support check.
+    monkeypatch.setattr(sk_checks, "_SERVED", {})
+    monkeypatch.setattr(sk_api, "_PREPARED", {})
     monkeypatch.setattr(backends, "TRITON_INTERPRETER", True)  # triton would serve CPU tensors
     monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
     x = torch.randn(3, 5)
